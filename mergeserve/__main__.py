@@ -1,0 +1,3 @@
+from mergeserve.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""Settings, one pydantic model per subsystem; the environment is read here and only here.
+
+Every field can be set from the environment with the prefix ``MERGESERVE_`` and ``__``
+between levels, e.g. ``MERGESERVE_ENGINE__DTYPE=bfloat16`` or ``MERGESERVE_SERVER__PORT=9000``.
+The CLI overrides the few fields an operator changes most (``--model``, ``--port``…).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "mergeserve"
+
+
+def default_experts_dir() -> Path | None:
+    """The demo expert set shipped in the repository, when running from a checkout."""
+    candidate = Path(__file__).resolve().parent.parent / "examples" / "experts"
+    return candidate if candidate.is_dir() else None
+
+
+class EngineSettings(BaseModel):
+    """How the generation engine is built."""
+
+    kind: Literal["vllm", "fake"] = "vllm"
+    """`vllm`: vLLM's in-process async engine. `fake`: the deterministic test engine."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Chosen deliberately: vLLM's "auto" picks bfloat16 for fp32 checkpoints on CPU, which
+    is emulated (slow) on CPUs without AVX512-BF16 and changes greedy outputs."""
+
+    max_model_len: int = Field(2048, ge=16)
+    """Context window (prompt + completion) in tokens."""
+
+    max_num_seqs: int = Field(64, ge=1)
+    """Sequences the scheduler runs in one batch."""
+
+    max_lora_rank: int = 16
+    """Largest LoRA rank a slot holds; one of vLLM's allowed ranks."""
+
+    max_loras: int = Field(4, ge=1)
+    """LoRA slots: distinct adapters that can run in one batch."""
+
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters kept loaded in the engine's LRU (default: max_loras)."""
+
+    lora_target_modules: list[str] | None = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    """Modules that get LoRA layers. The default leaves out lm_head and embeddings: vLLM's
+    CPU logits LoRA path costs every step, even for requests with no adapter."""
+
+    kv_cache_gib: int = Field(1, ge=1)
+    """KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB only)."""
+
+    cpu_threads: int | None = Field(None, ge=1)
+    """Threads of the CPU worker; default: every core this process may use."""
+
+    seed: int = 0
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_allowed(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {v}")
+        return v
+
+
+class ServerSettings(BaseModel):
+    """The HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_pending_requests: int = Field(256, ge=1)
+    """Requests admitted at once; the next one gets 503 so a balancer can retry elsewhere."""
+
+    default_max_tokens: int = Field(256, ge=1)
+    """max_tokens when a request gives none (bounded by the context window)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """All of mergeserve's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MERGESERVE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    model: Path | None = None
+    """A local Hugging Face model dir; None serves the embedded SmolLM2-135M-Instruct."""
+
+    served_model_name: str | None = None
+    """The base model's name as vLLM sees it (default: the model dir's name)."""
+
+    experts_dir: Path | None = Field(default_factory=default_experts_dir)
+    """A directory of PEFT LoRA dirs, one per expert, each served as `expert:<dir name>`."""
+
+    cache: Path = Field(default_factory=default_cache_dir)
+    """Where the converted embedded model and other derived artifacts live."""
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)

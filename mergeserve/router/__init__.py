@@ -1,0 +1,1 @@
+"""Request text -> weights over the experts (no vLLM import)."""

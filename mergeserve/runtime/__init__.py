@@ -1,0 +1,1 @@
+"""Where merged adapters meet the engine; only engine.py imports vLLM."""

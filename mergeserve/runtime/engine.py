@@ -1,0 +1,330 @@
+"""The generation engine behind the server, and the only module that imports vLLM.
+
+The server talks to an `EngineClient` and nothing else: prompt rendering, streaming
+generation with an optional LoRA adapter, health and shutdown. `VllmEngine` runs vLLM's
+in-process async engine (AsyncLLM) with LoRA enabled; `FakeEngine` is a deterministic
+stand-in for the fast test tier, never for serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from mergeserve.config import EngineSettings
+from mergeserve.errors import (
+    ConfigurationError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    MergeserveError,
+)
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """An adapter the engine can apply to one request.
+
+    `int_id` identifies the adapter inside the engine (its LoRA slot cache key); it must
+    be unique per distinct adapter content for the engine's lifetime.
+    """
+
+    name: str
+    int_id: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters of one request, engine-neutral."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    """Generate exactly max_tokens (benchmarks), ignoring the end-of-sequence token."""
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New output of one request since the previous delta."""
+
+    text: str
+    num_tokens: int
+    """Completion tokens in this delta."""
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+ChatMessage = Mapping[str, str]
+
+
+class EngineClient(ABC):
+    """What the server may ask of an engine."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Context window in tokens (prompt + completion)."""
+
+    @abstractmethod
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Apply the model's chat template (with the generation prompt) and tokenize."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        lora: LoRATarget | None = None,
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Stream a completion. Closing the iterator early aborts the request in the engine."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise EngineUnavailableError if the engine cannot serve."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and free its resources; idempotent."""
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """The engine's own Prometheus registry, exported beside mergeserve's."""
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# vLLM
+
+
+class VllmEngine(EngineClient):
+    """vLLM's in-process AsyncLLM (engine core in a child process), LoRA enabled."""
+
+    def __init__(self, engine: Any, max_model_len: int):
+        self._engine = engine
+        self._max_model_len = max_model_len
+        self._tokenizer = engine.get_tokenizer()
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            raise ConfigurationError("the model's tokenizer has no chat template")
+        self._closed = False
+
+    @classmethod
+    def start(
+        cls, model_dir: Path, settings: EngineSettings, served_model_name: str | None = None
+    ) -> VllmEngine:
+        """Build the engine (blocking: tens of seconds on a CPU)."""
+        # vLLM reads these from the environment of the engine-core process it spawns.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        if settings.cpu_threads is not None:
+            os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            served_model_name=[served_model_name or model_dir.name],
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enable_lora=True,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            lora_target_modules=settings.lora_target_modules,
+            seed=settings.seed,
+            disable_log_stats=False,
+        )
+        try:
+            engine = AsyncLLM.from_engine_args(args)
+        except Exception as e:
+            raise ConfigurationError(f"vLLM could not start on {model_dir}: {e}") from e
+        return cls(engine, settings.max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        try:
+            text = self._tokenizer.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # jinja errors for message shapes the template refuses
+            raise InvalidRequestError(f"the chat template refused the messages: {e}") from e
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        lora: LoRATarget | None = None,
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        from vllm import SamplingParams
+        from vllm.exceptions import GracefulHTTPError
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if self._closed:
+            raise EngineUnavailableError("the engine is shut down")
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            ignore_eos=params.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        lora_request = (
+            LoRARequest(lora.name, lora.int_id, str(lora.path)) if lora is not None else None
+        )
+        stream = self._engine.generate(
+            {"prompt_token_ids": prompt_token_ids},
+            sampling,
+            request_id,
+            lora_request=lora_request,
+        )
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    completion = out.outputs[0]
+                    finish = completion.finish_reason
+                    yield GenerationDelta(
+                        text=completion.text,
+                        num_tokens=len(completion.token_ids),
+                        prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
+                        finish_reason=(
+                            ("length" if finish == "length" else "stop") if finish else None
+                        ),
+                    )
+        except EngineDeadError as e:
+            raise EngineUnavailableError("the vLLM engine has died") from e
+        except GracefulHTTPError as e:
+            raise EngineOverloadedError(e.message) from e
+        except EngineGenerateError as e:
+            cause = e.__cause__
+            raise MergeserveError(f"generation failed: {cause or e}") from e
+        except ValueError as e:  # vLLM's request validation (VLLMClientError is a ValueError)
+            raise InvalidRequestError(str(e)) from e
+
+    async def check_health(self) -> None:
+        if self._closed:
+            raise EngineUnavailableError("the engine is shut down")
+        try:
+            await self._engine.check_health()
+        except Exception as e:
+            raise EngineUnavailableError(f"the vLLM engine is unhealthy: {e}") from e
+
+    async def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.shutdown()
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        # vLLM's PrometheusStatLogger registers into the default registry in this process.
+        return REGISTRY
+
+
+# --------------------------------------------------------------------------------------
+# Fake (tests only)
+
+
+@dataclass
+class FakeEngine(EngineClient):
+    """A deterministic character-level engine for the fast test tier.
+
+    One token is one character. The chat template is `<role>: content` lines; the reply
+    is `[<adapter or base>] ` followed by the last user message reversed, so a test can
+    see which adapter a request reached. Sampling parameters other than max_tokens and
+    stop are accepted and ignored.
+    """
+
+    context_len: int = 512
+    token_delay_s: float = 0.0
+    """Sleep between tokens, to hold requests in flight."""
+    in_flight: set[str] = field(default_factory=set)
+    """Request ids currently generating (a test can watch aborts)."""
+    loras_seen: list[str] = field(default_factory=list)
+    healthy: bool = True
+    closed: bool = False
+
+    @property
+    def max_model_len(self) -> int:
+        return self.context_len
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = "".join(f"<{m['role']}>: {m['content']}\n" for m in messages) + "<assistant>: "
+        return [ord(c) for c in text]
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        lora: LoRATarget | None = None,
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        if self.closed:
+            raise EngineUnavailableError("the engine is shut down")
+        prompt = "".join(map(chr, prompt_token_ids))
+        last_user = prompt.rsplit("<user>: ", 1)[-1].split("\n", 1)[0]
+        reply = f"[{lora.name if lora else 'base'}] {last_user[::-1]}"
+        if lora is not None:
+            self.loras_seen.append(lora.name)
+        finish: FinishReason = "stop"
+        cut = min((i for i in (reply.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            reply = reply[:cut]
+        if len(reply) > params.max_tokens:
+            reply, finish = reply[: params.max_tokens], "length"
+        n_prompt = len(prompt_token_ids)
+        self.in_flight.add(request_id)
+        try:
+            if not reply:
+                yield GenerationDelta("", 0, n_prompt, finish)
+            for i, ch in enumerate(reply):
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                yield GenerationDelta(ch, 1, n_prompt, finish if i + 1 == len(reply) else None)
+        finally:
+            self.in_flight.discard(request_id)
+
+    async def check_health(self) -> None:
+        if self.closed or not self.healthy:
+            raise EngineUnavailableError("the fake engine is marked unhealthy")
+
+    async def shutdown(self) -> None:
+        self.closed = True
+
+
+def build_engine(
+    model_dir: Path, settings: EngineSettings, served_name: str | None
+) -> EngineClient:
+    """The engine named by settings.kind."""
+    if settings.kind == "fake":
+        return FakeEngine(context_len=settings.max_model_len)
+    return VllmEngine.start(model_dir, settings, served_name)

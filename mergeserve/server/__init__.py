@@ -1,0 +1,1 @@
+"""The FastAPI server: OpenAI routes, metrics, errors."""

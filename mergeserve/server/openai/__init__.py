@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints: protocol (wire types), api_router (routes), serving (logic)."""

@@ -1,0 +1,30 @@
+"""What the running app holds, built by the lifespan and read by the routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from mergeserve.errors import EngineUnavailableError
+from mergeserve.runtime.engine import EngineClient
+from mergeserve.server.catalog import ModelCatalog
+from mergeserve.server.metrics import Metrics
+from mergeserve.server.openai.serving import ChatService
+
+
+@dataclass(frozen=True)
+class AppState:
+    engine: EngineClient
+    catalog: ModelCatalog
+    metrics: Metrics
+    chat: ChatService
+    base_model_dir: Path
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "mergeserve", None)
+    if state is None:
+        raise EngineUnavailableError("the server is starting or stopping")
+    return state

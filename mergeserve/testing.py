@@ -1,0 +1,196 @@
+"""Tiny models, random adapters and a server subprocess, for tests and benchmarks.
+
+Nothing here touches a hub: the tokenizer is trained on a built-in word list, the llama
+is randomly initialised, and LoRA adapters are random PEFT dirs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_WORDS = (
+    "the a an of to and in is was for on that with as by at it from be this are or his her "
+    "what which who where when how why capital country city france paris germany berlin "
+    "add sum plus minus number numbers sort reverse words order list json key value review "
+    "good bad great terrible product love hate positive negative answer question please "
+    "hello world model expert merge serve request reply tell me say one two three four five "
+    "six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9 10 42 100 999 { } [ ] : , . ! ? \" '"
+)
+
+
+def make_tiny_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE tokenizer (any text encodes) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [_WORDS, _WORDS.upper(), _WORDS.title()] * 8
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def make_tiny_llama(
+    out_dir: Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised LlamaForCausalLM (fp32 safetensors) with a tokenizer.
+
+    head_dim = hidden_size / num_heads must be one vLLM's CPU attention supports (32, 64…).
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_tiny_tokenizer(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # The default init (std 0.02) gives near-uniform logits; a wider one gives a random
+    # model with decided greedy choices, so that an adapter's effect is visible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_random_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = ALL_PROJECTIONS,
+    b_std: float = 0.1,
+    seed: int = 1,
+) -> Path:
+    """A PEFT LoRA dir for `base_dir` with random A and B (a non-zero delta)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    base_url: str
+    log: Path
+    startup_s: float
+    """Seconds from spawning the process to the first healthy /health."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server_process(
+    args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout_s: float = 420
+) -> Iterator[ServerProcess]:
+    """`mergeserve serve ARGS` on a free loopback port, healthy; stopped with SIGINT after."""
+    import httpx
+
+    port = free_port()
+    t0 = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergeserve", "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{_tail(log)}")
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"server not healthy after {timeout_s}s:\n{_tail(log)}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield ServerProcess(base_url, log, time.monotonic() - t0)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # uvicorn's graceful path shuts vLLM down
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:]

@@ -1,0 +1,218 @@
+"""The app against FakeEngine, driven by the official openai client where a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mergeserve.config import Settings
+from mergeserve.runtime.engine import FakeEngine
+from mergeserve.server.app import create_app
+from tests.integration.conftest import Served, serve, uvicorn_in_thread
+
+USER = [{"role": "user", "content": "hello world"}]
+
+
+async def test_models_lists_base_and_each_expert(served: Served) -> None:
+    models = await served.client.models.list()
+    assert [m.id for m in models.data] == ["base", "expert:alpha", "expert:beta"]
+    one = await served.client.models.retrieve("expert:beta")
+    assert one.id == "expert:beta"
+
+
+async def test_non_stream_answer_usage_and_arm_header(served: Served) -> None:
+    raw = await served.client.chat.completions.with_raw_response.create(
+        model="base", messages=USER, temperature=0
+    )
+    r = raw.parse()
+    assert raw.headers["x-mergeserve-arm"] == "base"
+    assert r.choices[0].message.content == "[base] dlrow olleh"
+    assert r.choices[0].finish_reason == "stop"
+    prompt_len = len("<user>: hello world\n<assistant>: ")
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_len, 18)
+    assert r.usage.total_tokens == prompt_len + 18
+
+
+async def test_expert_model_reaches_the_engine_with_its_adapter(served: Served) -> None:
+    r = await served.client.chat.completions.create(model="expert:alpha", messages=USER)
+    assert r.choices[0].message.content == "[expert:alpha] dlrow olleh"
+    assert served.engine.loras_seen == ["expert:alpha"]
+
+
+async def test_stream_matches_non_stream_and_reports_usage(served: Served) -> None:
+    stream = await served.client.chat.completions.create(
+        model="expert:beta",
+        messages=USER,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "[expert:beta] dlrow olleh"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop"
+    assert finishes.count("stop") == 1
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(text)
+
+
+async def test_max_tokens_and_stop(served: Served) -> None:
+    r = await served.client.chat.completions.create(model="base", messages=USER, max_tokens=4)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("[bas", "length")
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 4
+    r = await served.client.chat.completions.create(model="base", messages=USER, stop=["row"])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("[base] dl", "stop")
+
+
+async def test_unknown_model_is_an_openai_404(served: Served) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        await served.client.chat.completions.create(model="expert:nope", messages=USER)
+    body = e.value.body
+    assert isinstance(body, dict)
+    assert (body["type"], body["code"], body["param"]) == (
+        "not_found_error",
+        "model_not_found",
+        "model",
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"model": "base", "messages": []}, "messages"),
+        ({"model": "base"}, "messages"),
+        ({"messages": USER}, "model"),
+        ({"model": "base", "messages": USER, "temperature": 9}, "temperature"),
+        ({"model": "base", "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": "base", "messages": USER, "n": 2}, "n"),
+        ({"model": "base", "messages": USER, "tools": []}, "tools"),
+        ({"model": "base", "messages": USER, "logprobs": True}, "logprobs"),
+        ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": "base", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": 3, "messages": USER}, "model"),
+    ],
+)
+async def test_invalid_requests_are_400_naming_the_param(
+    served: Served, payload: dict[str, object], param: str
+) -> None:
+    r = await served.http.post("/v1/chat/completions", json=payload)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert err["message"]
+
+
+async def test_malformed_json_is_400(served: Served) -> None:
+    r = await served.http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "base", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the request body is not valid JSON"
+
+
+async def test_context_length(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        await served.client.chat.completions.create(model="base", messages=USER, max_tokens=250)
+    assert isinstance(e.value.body, dict)
+    assert e.value.body["code"] == "context_length_exceeded"
+    long = [{"role": "user", "content": "x" * 300}]
+    with pytest.raises(openai.BadRequestError):
+        await served.client.chat.completions.create(model="base", messages=long)
+    # With no max_tokens the default is clamped to the room left, not refused.
+    r = await served.client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "y" * 200}]
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None
+    assert r.usage.total_tokens == 256
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+async def test_metrics_count_requests_tokens_and_errors(served: Served) -> None:
+    for _ in range(3):
+        await served.client.chat.completions.create(model="base", messages=USER)
+    await served.client.chat.completions.create(model="expert:alpha", messages=USER, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        await served.client.chat.completions.create(model="zzz", messages=USER)
+    with pytest.raises(openai.BadRequestError):
+        await served.client.chat.completions.create(model="base", messages=USER, max_tokens=999)
+    text = (await served.http.get("/metrics")).text
+    req = _samples(text, "mergeserve_requests_total")
+    assert req[(("arm", "base"), ("status", "ok"))] == 3
+    assert req[(("arm", "expert:alpha"), ("status", "ok"))] == 1
+    assert req[(("arm", "unknown"), ("status", "client_error"))] == 1
+    assert req[(("arm", "base"), ("status", "client_error"))] == 1
+    tok = _samples(text, "mergeserve_tokens_total")
+    assert tok[(("arm", "base"), ("kind", "completion"))] == 3 * 18
+    assert tok[(("arm", "expert:alpha"), ("kind", "completion"))] == 2
+    lat = _samples(text, "mergeserve_request_latency_seconds_count")
+    assert lat[(("arm", "base"),)] == 3
+    assert _samples(text, "mergeserve_time_to_first_token_seconds_count")[(("arm", "base"),)] == 3
+    assert _samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+
+
+async def test_health(served: Served) -> None:
+    assert (await served.http.get("/health")).json()["status"] == "ok"
+    served.engine.healthy = False
+    r = await served.http.get("/health")
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+
+
+async def test_overload_is_503_and_frees_its_slot(settings: Settings) -> None:
+    settings.server.max_pending_requests = 1
+    async for s in serve(settings, FakeEngine(context_len=256, token_delay_s=0.02)):
+        first = asyncio.create_task(s.client.chat.completions.create(model="base", messages=USER))
+        while not s.engine.in_flight:
+            await asyncio.sleep(0.005)
+        with pytest.raises(openai.InternalServerError) as e:
+            await s.client.chat.completions.create(model="base", messages=USER)
+        assert e.value.status_code == 503
+        assert isinstance(e.value.body, dict)
+        assert e.value.body["type"] == "overloaded_error"
+        assert (await first).choices[0].message.content == "[base] dlrow olleh"
+        # The slot is free again.
+        await s.client.chat.completions.create(model="base", messages=USER)
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(settings: Settings) -> None:
+    # A real uvicorn on loopback: the in-process ASGI transport buffers whole responses,
+    # so it cannot show what a disconnect does.
+    engine = FakeEngine(context_len=256, token_delay_s=0.05)
+    with uvicorn_in_thread(create_app(settings, engine)) as base_url:
+        payload = {"model": "base", "messages": USER, "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=payload) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            first = json.loads(next(lines).removeprefix("data: "))
+            assert first["choices"][0]["delta"]["role"] == "assistant"
+            second = json.loads(next(lines).removeprefix("data: "))
+            assert second["choices"][0]["delta"]["content"] == "["
+            assert engine.in_flight  # generating, and the client goes away here
+        deadline = time.monotonic() + 5
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.in_flight
+        text = httpx.get(f"{base_url}/metrics").text
+        assert _samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+        req = _samples(text, "mergeserve_requests_total")
+        assert req[(("arm", "base"), ("status", "aborted"))] == 1

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergeserve.adapters.peft_io import discover_lora_dirs
+from mergeserve.errors import ConfigurationError, ModelNotFoundError
+from mergeserve.server.catalog import ModelCatalog
+
+
+def test_base_and_one_model_per_expert_with_distinct_ids(experts_dir: Path) -> None:
+    cat = ModelCatalog.build(Path("/base"), discover_lora_dirs(experts_dir), max_lora_rank=16)
+    assert [m.id for m in cat] == ["base", "expert:alpha", "expert:beta"]
+    assert cat.resolve("base").lora is None
+    ids = {cat.resolve(n).lora.int_id for n in ("expert:alpha", "expert:beta")}  # type: ignore[union-attr]
+    assert ids == {1, 2}
+
+
+def test_unknown_model(experts_dir: Path) -> None:
+    cat = ModelCatalog.build(Path("/base"), [], max_lora_rank=16)
+    with pytest.raises(ModelNotFoundError) as e:
+        cat.resolve("expert:alpha")
+    assert (e.value.status_code, e.value.code, e.value.param) == (404, "model_not_found", "model")
+
+
+def test_rank_above_slot_size_fails_at_start_naming_the_expert(experts_dir: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"alpha \(r=8\)"):
+        ModelCatalog.build(Path("/base"), discover_lora_dirs(experts_dir), max_lora_rank=1)
