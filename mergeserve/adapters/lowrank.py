@@ -1,0 +1,302 @@
+"""Low-rank adapter deltas and the exact algebra on them.
+
+A LoRA delta of one linear module is Δ = B A with A: r×in, B: out×r (the LoRA scale
+alpha/r, or alpha/√r under rsLoRA, folded into B). Two facts carry the whole design:
+
+* A weighted sum of low-rank terms is low-rank, exactly:
+      Σ_i w_i B_i A_i = [w_1 B_1 | w_2 B_2 | …] · [A_1; A_2; …]
+  so merging is concatenation along the rank axis: no dense matrix, no error.
+  (Never Σ w B_i · Σ w A_i: that product has cross terms B_i A_j.)
+* Truncating B A to rank k needs no SVD of the out×in matrix: with B = Q_b R_b and
+  Aᵀ = Q_a R_a (thin QR), B A = Q_b (R_b R_aᵀ) Q_aᵀ, and the SVD of the r×r core gives
+  the best rank-k approximation (Eckart–Young) in O((in+out)·r²).
+
+Factors are stored per *module kind* (e.g. `self_attn.q_proj`) stacked over layers,
+`A: [L, r, in]`, `B: [L, out, r]`, so that merging a whole adapter is a few batched tensor
+ops (one cat per kind), not one Python step per module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from mergeserve.errors import AdapterError
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.layers\.(?P<idx>\d+)\.(?P<kind>.+)$")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Δ[l] = B[l] @ A[l] for L same-shaped modules. A: [L, r, in], B: [L, out, r]."""
+
+    A: Tensor
+    B: Tensor
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 3 or self.B.dim() != 3:
+            raise ValueError(
+                f"A and B must be 3-D, got {tuple(self.A.shape)}, {tuple(self.B.shape)}"
+            )
+        if self.A.shape[0] != self.B.shape[0] or self.A.shape[1] != self.B.shape[2]:
+            raise ValueError(
+                f"A {tuple(self.A.shape)} and B {tuple(self.B.shape)} do not compose: "
+                "need A [L, r, in] and B [L, out, r]"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[1])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[2])
+
+    def to_dense(self) -> Tensor:
+        """[L, out, in]."""
+        return torch.bmm(self.B, self.A)
+
+    def scaled(self, c: float) -> LowRank:
+        """c·Δ (the factor goes on B)."""
+        return LowRank(self.A, self.B * c)
+
+    def to(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.A.to(dtype), self.B.to(dtype))
+
+
+def weighted_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
+    """Σ w_i Δ_i exactly, by concatenation: rank Σ r_i over the non-zero weights.
+
+    All terms must share (L, out, in). Zero weights are dropped, not concatenated.
+    """
+    if len(terms) != len(weights):
+        raise ValueError(f"{len(terms)} terms but {len(weights)} weights")
+    kept = [(t, float(w)) for t, w in zip(terms, weights, strict=True) if w != 0.0]
+    if not kept:
+        t0 = terms[0]
+        return LowRank(t0.A[:, :0], t0.B[:, :, :0])
+    shape = (kept[0][0].num_layers, kept[0][0].out_features, kept[0][0].in_features)
+    for t, _ in kept:
+        if (t.num_layers, t.out_features, t.in_features) != shape:
+            raise ValueError(
+                f"cannot add deltas of shapes {shape} and "
+                f"{(t.num_layers, t.out_features, t.in_features)}"
+            )
+    A = torch.cat([t.A for t, _ in kept], dim=1)
+    B = torch.cat([t.B * w if w != 1.0 else t.B for t, w in kept], dim=2)
+    return LowRank(A, B)
+
+
+def subtract(x: LowRank, y: LowRank) -> LowRank:
+    """x − y, exactly (rank r_x + r_y)."""
+    return weighted_sum([x, y], [1.0, -1.0])
+
+
+def truncate(lr: LowRank, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """Best approximation of each Δ[l] of rank ≤ k (Frobenius norm), via thin-factor QR + SVD.
+
+    Give `rank` (k), or `energy` in (0, 1]: the smallest k keeping that fraction of
+    Σσ² in every layer (the largest such k over layers, since the stack shares one rank).
+    With both, the smaller k wins. The singular values are split evenly between the
+    factors (B' = Q_b U √S, A' = √S Vᵀ Q_aᵀ), which keeps both well scaled.
+    Cost: O(L·(in+out)·r²), never an SVD of an out×in matrix.
+    """
+    if rank is None and energy is None:
+        raise ValueError("give rank and/or energy")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if rank is not None and rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    dtype = lr.A.dtype
+    A = lr.A.to(torch.float64) if dtype != torch.float64 else lr.A
+    B = lr.B.to(torch.float64) if dtype != torch.float64 else lr.B
+    q_b, r_b = torch.linalg.qr(B)  # [L, out, r], [L, r, r]
+    q_a, r_a = torch.linalg.qr(A.transpose(1, 2))  # [L, in, r], [L, r, r]
+    core = r_b @ r_a.transpose(1, 2)  # [L, r, r]
+    u, s, vh = torch.linalg.svd(core)
+    k = min(lr.rank, rank if rank is not None else lr.rank)
+    if energy is not None:
+        k = min(k, rank_for_energy(s, energy))
+    root = s[:, :k].sqrt()
+    new_b = q_b @ (u[:, :, :k] * root[:, None, :])
+    new_a = (vh[:, :k, :] * root[:, :, None]) @ q_a.transpose(1, 2)
+    return LowRank(new_a.to(dtype), new_b.to(dtype))
+
+
+def rank_for_energy(s: Tensor, energy: float) -> int:
+    """Smallest k with Σ_{i<k} σ_i² ≥ energy·Σσ² in every row of s ([L, r], descending)."""
+    sq = s.to(torch.float64) ** 2
+    total = sq.sum(dim=1, keepdim=True)
+    cum = sq.cumsum(dim=1)
+    # Per layer: number of leading values needed; a zero layer needs none.
+    needed = (cum < energy * total * (1 - 1e-12)).sum(dim=1) + 1
+    needed = torch.where(total.squeeze(1) > 0, needed, torch.zeros_like(needed))
+    return int(needed.max().item()) if needed.numel() else 0
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def split_module_name(name: str) -> tuple[str, str, int]:
+    """'base_model.model.model.layers.3.self_attn.q_proj'
+    -> ('base_model.model.model', 'self_attn.q_proj', 3)."""
+    m = _LAYER.match(name)
+    if m is None:
+        raise AdapterError(f"module {name!r} is not inside a '.layers.<i>.' block")
+    return m.group("prefix"), m.group("kind"), int(m.group("idx"))
+
+
+@dataclass(frozen=True)
+class AdapterFactors:
+    """A whole adapter: one LowRank per module kind, over layers `layers[kind]`.
+
+    Layers a kind does not touch are simply absent from its stack; merging adapters
+    with different layer sets is done on the union, with zero factors for the missing.
+    """
+
+    groups: Mapping[str, LowRank]
+    layers: Mapping[str, tuple[int, ...]]
+    prefix: str = "base_model.model.model"
+    """What precedes `.layers.<i>.` in the module names (kept for the round trip)."""
+
+    def __post_init__(self) -> None:
+        if set(self.groups) != set(self.layers):
+            raise ValueError("groups and layers must name the same module kinds")
+        for kind, lr in self.groups.items():
+            if lr.num_layers != len(self.layers[kind]):
+                raise ValueError(f"{kind}: {lr.num_layers} stacked but layers {self.layers[kind]}")
+        object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, tuple[Tensor, Tensor]]) -> AdapterFactors:
+        """From per-module (A [r, in], B [out, r]) factors keyed by full module name.
+
+        Modules of one kind may have different ranks (rank_pattern); they are padded with
+        zero rows/columns to the kind's largest rank, which leaves every Δ unchanged.
+        """
+        by_kind: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+        prefixes = set()
+        for name, (a, b) in modules.items():
+            prefix, kind, idx = split_module_name(name)
+            prefixes.add(prefix)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not compose"
+                )
+            by_kind.setdefault(kind, []).append((idx, a, b))
+        groups: dict[str, LowRank] = {}
+        layers: dict[str, tuple[int, ...]] = {}
+        for kind, items in sorted(by_kind.items()):
+            items.sort(key=lambda t: t[0])
+            shapes = {(a.shape[1], b.shape[0]) for _, a, b in items}
+            if len(shapes) != 1:
+                raise AdapterError(f"{kind}: layers disagree on (in, out) shapes {sorted(shapes)}")
+            r = max(a.shape[0] for _, a, _ in items)
+            groups[kind] = LowRank(
+                torch.stack([_pad_rows(a, r) for _, a, _ in items]),
+                torch.stack([_pad_rows(b.T, r).T for _, _, b in items]),
+            )
+            layers[kind] = tuple(i for i, _, _ in items)
+        if len(prefixes) > 1:
+            raise AdapterError(f"modules under several prefixes: {sorted(prefixes)}")
+        return cls(groups, layers, *prefixes)
+
+    def modules(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-module (A [r, in], B [out, r]) keyed by full module name (the inverse)."""
+        out = {}
+        for kind, lr in self.groups.items():
+            for j, idx in enumerate(self.layers[kind]):
+                out[f"{self.prefix}.layers.{idx}.{kind}"] = (lr.A[j], lr.B[j])
+        return out
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {k: g.rank for k, g in self.groups.items()}
+
+    def to_dense(self) -> dict[str, Tensor]:
+        """{kind: [L, out, in]} dense deltas (for tests and references; costly)."""
+        return {k: g.to_dense() for k, g in self.groups.items()}
+
+    def scaled(self, c: float) -> AdapterFactors:
+        groups = {k: g.scaled(c) for k, g in self.groups.items()}
+        return AdapterFactors(groups, self.layers, self.prefix)
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _aligned(adapter: AdapterFactors, kind: str, layers: tuple[int, ...]) -> LowRank | None:
+    """The adapter's stack for `kind` laid out over `layers` (zeros where it has none)."""
+    lr = adapter.groups.get(kind)
+    if lr is None:
+        return None
+    own = adapter.layers[kind]
+    if own == layers:
+        return lr
+    pos = {idx: j for j, idx in enumerate(own)}
+    A = lr.A.new_zeros(len(layers), lr.rank, lr.in_features)
+    B = lr.B.new_zeros(len(layers), lr.out_features, lr.rank)
+    for j, idx in enumerate(layers):
+        if idx in pos:
+            A[j], B[j] = lr.A[pos[idx]], lr.B[pos[idx]]
+    return LowRank(A, B)
+
+
+def merge_adapters(adapters: Sequence[AdapterFactors], weights: Sequence[float]) -> AdapterFactors:
+    """Σ w_i adapter_i, exactly, by rank concatenation per module kind.
+
+    Module kinds and layers are the union over the adapters with non-zero weight.
+    """
+    if len(adapters) != len(weights):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    active = [(a, float(w)) for a, w in zip(adapters, weights, strict=True) if w != 0.0]
+    prefixes = {a.prefix for a in adapters}
+    if len(prefixes) > 1:
+        raise AdapterError(f"adapters of different module layouts: {sorted(prefixes)}")
+    kinds = sorted({k for a, _ in active for k in a.groups})
+    groups: dict[str, LowRank] = {}
+    layers: dict[str, tuple[int, ...]] = {}
+    for kind in kinds:
+        lay = tuple(sorted({i for a, _ in active if kind in a.layers for i in a.layers[kind]}))
+        terms, ws = [], []
+        for a, w in active:
+            lr = _aligned(a, kind, lay)
+            if lr is not None:
+                terms.append(lr)
+                ws.append(w)
+        groups[kind] = weighted_sum(terms, ws)
+        layers[kind] = lay
+    return AdapterFactors(groups, layers, adapters[0].prefix if adapters else "")
+
+
+def truncate_adapter(
+    adapter: AdapterFactors, rank: int | None = None, energy: float | None = None
+) -> AdapterFactors:
+    """Each module kind truncated (see `truncate`)."""
+    groups = {k: truncate(g, rank, energy) for k, g in adapter.groups.items()}
+    return AdapterFactors(groups, adapter.layers, adapter.prefix)
+
+
+def relative_error(approx: Mapping[str, Tensor], exact: Mapping[str, Tensor]) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F over all modules (dense dicts of equal keys)."""
+    num = sum(float((approx[k].double() - exact[k].double()).pow(2).sum()) for k in exact)
+    den = sum(float(exact[k].double().pow(2).sum()) for k in exact)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
