@@ -6,10 +6,19 @@ Only safetensors weights are accepted: a pickled `adapter_model.bin` can run cod
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from mergeserve.adapters.lowrank import AdapterFactors
 from mergeserve.errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,3 +99,112 @@ def discover_lora_dirs(root: Path) -> list[LoraAdapterInfo]:
         for p in sorted(root.iterdir())
         if p.is_dir() and (p / ADAPTER_CONFIG).is_file()
     ]
+
+
+# ------------------------------------------------------------------ factors in and out
+
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
+    """PEFT's rule: a pattern matches a module name that ends with it (after a dot)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def lora_scaling(config: Mapping[str, Any], module: str) -> float:
+    """The factor PEFT applies to B A for `module`: alpha/r, or alpha/√r under rsLoRA."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module) or config["r"]
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module) or config.get("lora_alpha", r)
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else float(r))
+
+
+def load_lora_factors(
+    path: Path, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, dtype: torch.dtype = torch.float32
+) -> AdapterFactors:
+    """A PEFT LoRA dir as AdapterFactors, with each module's scaling folded into B."""
+    from safetensors.torch import load_file
+
+    read_lora_dir(path)  # the config-level checks
+    weights = path / ADAPTER_WEIGHTS
+    size = weights.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(f"{weights}: {size} bytes is over the limit of {max_bytes}")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: DoRA adapters are not LoRA deltas and are not supported")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{weights}: unreadable safetensors file ({e})") from e
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"{weights}: unexpected tensor {key!r} (only lora_A/lora_B)")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{weights}: tensor {key!r} contains NaN or Inf")
+        pairs.setdefault(m.group("module"), {})[m.group("ab")] = t.to(dtype)
+    modules = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{weights}: {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        modules[module] = (ab["A"], ab["B"] * lora_scaling(config, module))
+    if not modules:
+        raise AdapterError(f"{weights}: no LoRA tensors")
+    return AdapterFactors.from_modules(modules)
+
+
+def save_lora_factors(
+    factors: AdapterFactors,
+    out_dir: Path,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a PEFT LoRA dir whose scaling is exactly 1 for every module.
+
+    Each module kind keeps its own rank (rank_pattern), with alpha = rank (alpha_pattern),
+    so PEFT and vLLM both compute B A unscaled. Written into a temp dir, then renamed:
+    a reader never sees a half-written adapter.
+    """
+    from safetensors.torch import save_file
+
+    if out_dir.exists():
+        raise AdapterError(f"{out_dir} already exists")
+    ranks = {k: r for k, r in factors.ranks.items() if r > 0}
+    if not ranks:
+        raise AdapterError("the adapter is empty (rank 0 everywhere)")
+    r = max(ranks.values())
+    pattern = {k: v for k, v in ranks.items() if v != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted({k.rsplit(".", 1)[-1] for k in ranks}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    tensors = {}
+    for name, (a, b) in factors.modules().items():
+        if a.shape[0] == 0:
+            continue
+        tensors[f"{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{name}.lora_B.weight"] = b.to(dtype).contiguous()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
