@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -58,6 +58,13 @@ class _Accounting:
             self.first_token_at = time.perf_counter()
         self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.num_tokens
+
+    def usage(self) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,18 +162,16 @@ class ChatService:
 
     # --------------------------------------------------------------------- execution
 
+    def _generate(self, p: PreparedChat) -> AsyncGenerator[GenerationDelta, None]:
+        return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, p.model.lora)
+
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared, acct = self.start(req)
         status: StatusClass = "server_error"
         text: list[str] = []
         finish = None
         try:
-            stream = self.engine.generate(
-                prepared.prompt_token_ids,
-                prepared.params,
-                prepared.request_id,
-                prepared.model.lora,
-            )
+            stream = self._generate(prepared)
             async with aclosing(stream):
                 async for delta in stream:
                     acct.saw(delta)
@@ -189,11 +194,7 @@ class ChatService:
                     message=AssistantMessage(content="".join(text)), finish_reason=finish
                 )
             ],
-            usage=UsageInfo(
-                prompt_tokens=acct.prompt_tokens,
-                completion_tokens=acct.completion_tokens,
-                total_tokens=acct.prompt_tokens + acct.completion_tokens,
-            ),
+            usage=acct.usage(),
         )
 
     async def stream(
@@ -218,12 +219,7 @@ class ChatService:
         status: StatusClass = "server_error"
         try:
             yield chunk(DeltaMessage(role="assistant", content=""))
-            gen = self.engine.generate(
-                prepared.prompt_token_ids,
-                prepared.params,
-                prepared.request_id,
-                prepared.model.lora,
-            )
+            gen = self._generate(prepared)
             async with aclosing(gen):
                 async for delta in gen:
                     acct.saw(delta)
@@ -234,11 +230,7 @@ class ChatService:
                     id=prepared.request_id,
                     model=req.model,
                     choices=[],
-                    usage=UsageInfo(
-                        prompt_tokens=acct.prompt_tokens,
-                        completion_tokens=acct.completion_tokens,
-                        total_tokens=acct.prompt_tokens + acct.completion_tokens,
-                    ),
+                    usage=acct.usage(),
                 )
                 yield f"data: {usage.model_dump_json()}\n\n"
             status = "ok"
