@@ -74,9 +74,6 @@ class LowRank:
         """c·Δ (the factor goes on B)."""
         return LowRank(self.A, self.B * c)
 
-    def to(self, dtype: torch.dtype) -> LowRank:
-        return LowRank(self.A.to(dtype), self.B.to(dtype))
-
 
 def weighted_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
     """Σ w_i Δ_i exactly, by concatenation: rank Σ r_i over the non-zero weights.
@@ -122,8 +119,7 @@ def truncate(lr: LowRank, rank: int | None = None, energy: float | None = None) 
     if rank is not None and rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     dtype = lr.A.dtype
-    A = lr.A.to(torch.float64) if dtype != torch.float64 else lr.A
-    B = lr.B.to(torch.float64) if dtype != torch.float64 else lr.B
+    A, B = lr.A.to(torch.float64), lr.B.to(torch.float64)  # no copy when already fp64
     q_b, r_b = torch.linalg.qr(B)  # [L, out, r], [L, r, r]
     q_a, r_a = torch.linalg.qr(A.transpose(1, 2))  # [L, in, r], [L, r, r]
     core = r_b @ r_a.transpose(1, 2)  # [L, r, r]

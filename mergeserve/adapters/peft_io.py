@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class LoraAdapterInfo:
     lora_alpha: float
     target_modules: tuple[str, ...]
     base_model_name_or_path: str | None
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed adapter_config.json."""
 
 
 def validate_adapter_name(name: str) -> str:
@@ -87,6 +89,7 @@ def read_lora_dir(path: Path, name: str | None = None) -> LoraAdapterInfo:
         lora_alpha=alpha,
         target_modules=tuple(str(t) for t in targets),
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        config=cfg,
     )
 
 
@@ -128,12 +131,11 @@ def load_lora_factors(
     """A PEFT LoRA dir as AdapterFactors, with each module's scaling folded into B."""
     from safetensors.torch import load_file
 
-    read_lora_dir(path)  # the config-level checks
+    config = read_lora_dir(path).config  # parsed once, with the config-level checks
     weights = path / ADAPTER_WEIGHTS
     size = weights.stat().st_size
     if size > max_bytes:
         raise AdapterError(f"{weights}: {size} bytes is over the limit of {max_bytes}")
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
     if config.get("use_dora"):
         raise AdapterError(f"{path}: DoRA adapters are not LoRA deltas and are not supported")
     try:
