@@ -74,6 +74,9 @@ class LowRank:
         """c·Δ (the factor goes on B)."""
         return LowRank(self.A, self.B * c)
 
+    def astype(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.A.to(dtype), self.B.to(dtype))
+
 
 def weighted_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
     """Σ w_i Δ_i exactly, by concatenation: rank Σ r_i over the non-zero weights.
@@ -96,6 +99,22 @@ def weighted_sum(terms: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
     A = torch.cat([t.A for t, _ in kept], dim=1)
     B = torch.cat([t.B * w if w != 1.0 else t.B for t, w in kept], dim=2)
     return LowRank(A, B)
+
+
+def inner(x: LowRank, y: LowRank) -> Tensor:
+    """⟨Δx[l], Δy[l]⟩_F per layer, [L], without forming a dense matrix.
+
+    ⟨B_x A_x, B_y A_y⟩ = tr(A_xᵀ B_xᵀ B_y A_y) = Σ (B_xᵀ B_y) ⊙ (A_x A_yᵀ): two r_x×r_y
+    Gram matrices, O(L·(in+out)·r_x·r_y).
+    """
+    gb = x.B.transpose(1, 2) @ y.B  # [L, r_x, r_y]
+    ga = x.A @ y.A.transpose(1, 2)  # [L, r_x, r_y]
+    return (gb * ga).sum(dim=(1, 2))
+
+
+def frobenius_sq(x: LowRank) -> Tensor:
+    """‖Δ[l]‖_F² per layer, [L] (see `inner`)."""
+    return inner(x, x)
 
 
 def subtract(x: LowRank, y: LowRank) -> LowRank:
@@ -232,6 +251,48 @@ class AdapterFactors:
         groups = {k: g.scaled(c) for k, g in self.groups.items()}
         return AdapterFactors(groups, self.layers, self.prefix)
 
+    def astype(self, dtype: torch.dtype) -> AdapterFactors:
+        groups = {k: g.astype(dtype) for k, g in self.groups.items()}
+        return AdapterFactors(groups, self.layers, self.prefix)
+
+
+@dataclass(frozen=True)
+class DenseDelta:
+    """A dense per-module delta τ = θ_ft − θ_base (a full fine-tune), laid out like
+    AdapterFactors: `groups[kind]` is [L, out, in] over layers `layers[kind]`."""
+
+    groups: Mapping[str, Tensor]
+    layers: Mapping[str, tuple[int, ...]]
+    prefix: str = "base_model.model.model"
+
+    def __post_init__(self) -> None:
+        if set(self.groups) != set(self.layers):
+            raise ValueError("groups and layers must name the same module kinds")
+        for kind, t in self.groups.items():
+            if t.dim() != 3 or t.shape[0] != len(self.layers[kind]):
+                raise ValueError(
+                    f"{kind}: {tuple(t.shape)} is not [L, out, in] over {self.layers[kind]}"
+                )
+        object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    def to_factors(self) -> AdapterFactors:
+        """The exact full-rank factorization: B = τ, A = I (or B = I, A = τ when out < in).
+
+        Rank min(out, in): exact and valid anywhere a LoRA is, but large; compress with
+        `truncate_adapter` or `extract.dense_to_lora` (SVD) when size matters.
+        """
+        groups = {}
+        for kind, t in self.groups.items():
+            n, out, inn = t.shape
+            if inn <= out:
+                eye = torch.eye(inn, dtype=t.dtype).expand(n, inn, inn).contiguous()
+                groups[kind] = LowRank(eye, t)
+            else:
+                eye = torch.eye(out, dtype=t.dtype).expand(n, out, out).contiguous()
+                groups[kind] = LowRank(t, eye)
+        return AdapterFactors(groups, self.layers, self.prefix)
+
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
     if t.shape[0] == rows:
@@ -239,7 +300,7 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _aligned(adapter: AdapterFactors, kind: str, layers: tuple[int, ...]) -> LowRank | None:
+def aligned(adapter: AdapterFactors, kind: str, layers: tuple[int, ...]) -> LowRank | None:
     """The adapter's stack for `kind` laid out over `layers` (zeros where it has none)."""
     lr = adapter.groups.get(kind)
     if lr is None:
@@ -256,6 +317,19 @@ def _aligned(adapter: AdapterFactors, kind: str, layers: tuple[int, ...]) -> Low
     return LowRank(A, B)
 
 
+def aligned_or_empty(
+    adapter: AdapterFactors, kind: str, layers: tuple[int, ...], like: LowRank
+) -> LowRank:
+    """`aligned`, or a rank-0 stack shaped like `like` where the adapter lacks `kind`."""
+    lr = aligned(adapter, kind, layers)
+    if lr is not None:
+        return lr
+    return LowRank(
+        like.A.new_zeros(len(layers), 0, like.in_features),
+        like.B.new_zeros(len(layers), like.out_features, 0),
+    )
+
+
 def merge_adapters(adapters: Sequence[AdapterFactors], weights: Sequence[float]) -> AdapterFactors:
     """Σ w_i adapter_i, exactly, by rank concatenation per module kind.
 
@@ -267,20 +341,17 @@ def merge_adapters(adapters: Sequence[AdapterFactors], weights: Sequence[float])
     prefixes = {a.prefix for a in adapters}
     if len(prefixes) > 1:
         raise AdapterError(f"adapters of different module layouts: {sorted(prefixes)}")
-    kinds = sorted({k for a, _ in active for k in a.groups})
+    layout = union_layout([a for a, _ in active])
     groups: dict[str, LowRank] = {}
-    layers: dict[str, tuple[int, ...]] = {}
-    for kind in kinds:
-        lay = tuple(sorted({i for a, _ in active if kind in a.layers for i in a.layers[kind]}))
+    for kind, lay in layout.items():
         terms, ws = [], []
         for a, w in active:
-            lr = _aligned(a, kind, lay)
+            lr = aligned(a, kind, lay)
             if lr is not None:
                 terms.append(lr)
                 ws.append(w)
         groups[kind] = weighted_sum(terms, ws)
-        layers[kind] = lay
-    return AdapterFactors(groups, layers, adapters[0].prefix if adapters else "")
+    return AdapterFactors(groups, layout, adapters[0].prefix if adapters else "")
 
 
 def truncate_adapter(
@@ -289,6 +360,20 @@ def truncate_adapter(
     """Each module kind truncated (see `truncate`)."""
     groups = {k: truncate(g, rank, energy) for k, g in adapter.groups.items()}
     return AdapterFactors(groups, adapter.layers, adapter.prefix)
+
+
+def union_layout(adapters: Sequence[AdapterFactors]) -> dict[str, tuple[int, ...]]:
+    """{kind: sorted union of the layers} over `adapters`: the layout a merge of them has."""
+    kinds = sorted({k for a in adapters for k in a.groups})
+    return {
+        kind: tuple(sorted({i for a in adapters if kind in a.layers for i in a.layers[kind]}))
+        for kind in kinds
+    }
+
+
+def adapter_norm_sq(adapter: AdapterFactors) -> float:
+    """‖Δ‖_F² summed over every module of the adapter, computed from the factors."""
+    return float(sum(frobenius_sq(g).sum() for g in adapter.groups.values()))
 
 
 def relative_error(approx: Mapping[str, Tensor], exact: Mapping[str, Tensor]) -> float:

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -158,6 +159,103 @@ def load_lora_factors(
     if not modules:
         raise AdapterError(f"{weights}: no LoRA tensors")
     return AdapterFactors.from_modules(modules)
+
+
+# ------------------------------------------------------------------ fit to the base model
+
+_BLOCK_WEIGHT = re.compile(r"^(?:.*\.)?layers\.(?P<idx>\d+)\.(?P<kind>.+)\.weight$")
+_DIGEST_SUFFIX = re.compile(r"-[0-9a-f]{8,}$")
+
+
+def _model_label(name_or_path: str) -> str:
+    """'HuggingFaceTB/SmolLM2-135M-Instruct', '/cache/SmolLM2-135M-Instruct-1a2b3c4d'
+    -> 'smollm2-135m-instruct': what two spellings of one base model have in common."""
+    return _DIGEST_SUFFIX.sub("", name_or_path.rstrip("/").rsplit("/", 1)[-1]).lower()
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter must fit: the base's block linear layers, read from its checkpoint
+    headers (no weights are loaded), so it holds for any architecture."""
+
+    name: str
+    num_layers: int
+    shapes: Mapping[str, tuple[int, int]]
+    """Module kind ('self_attn.q_proj') -> (out, in) of its weight."""
+    labels: frozenset[str] = frozenset()
+    """Normalized names this base goes by (see `_model_label`)."""
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: Path) -> BaseModelSpec:
+        from safetensors import safe_open
+
+        from mergeserve.adapters.extract import checkpoint_files
+
+        shapes: dict[str, tuple[int, int]] = {}
+        layers = set()
+        for f in checkpoint_files(model_dir):
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    m = _BLOCK_WEIGHT.match(key)
+                    if m is None:
+                        continue
+                    shape = sf.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        shapes[m.group("kind")] = (int(shape[0]), int(shape[1]))
+                        layers.add(int(m.group("idx")))
+        labels = {_model_label(str(model_dir))}
+        cfg = model_dir / "config.json"
+        if cfg.is_file():
+            name = json.loads(cfg.read_text()).get("_name_or_path")
+            if name:
+                labels.add(_model_label(str(name)))
+        return cls(model_dir.name, len(layers), MappingProxyType(shapes), frozenset(labels))
+
+    def check(self, factors: AdapterFactors, info: LoraAdapterInfo) -> None:
+        """Raise AdapterError unless the adapter fits: known targets, shapes, layers, name."""
+        base_name = info.base_model_name_or_path
+        if base_name and self.labels and _model_label(base_name) not in self.labels:
+            raise AdapterError(
+                f"{info.name}: trained on {base_name!r}, but the base model is {self.name!r}"
+            )
+        known = {k.rsplit(".", 1)[-1] for k in self.shapes}
+        if isinstance(info.config.get("target_modules"), list):
+            unknown = sorted(set(info.target_modules) - known - set(self.shapes))
+            if unknown:
+                raise AdapterError(
+                    f"{info.name}: target modules {unknown} do not exist in {self.name} "
+                    f"(it has {sorted(known)})"
+                )
+        for kind, lr in factors.groups.items():
+            want = self.shapes.get(kind)
+            if want is None:
+                raise AdapterError(f"{info.name}: module {kind!r} does not exist in {self.name}")
+            got = (lr.out_features, lr.in_features)
+            if got != want:
+                raise AdapterError(
+                    f"{info.name}: {kind} is {got[0]}x{got[1]} (out x in) in the adapter "
+                    f"but {want[0]}x{want[1]} in {self.name}; a different base model?"
+                )
+            bad = [i for i in factors.layers[kind] if i >= self.num_layers]
+            if bad:
+                raise AdapterError(
+                    f"{info.name}: {kind} on layers {bad}, but {self.name} has "
+                    f"{self.num_layers} layers"
+                )
+
+
+def load_checked(
+    path: Path,
+    base: BaseModelSpec | None = None,
+    name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+) -> AdapterFactors:
+    """`load_lora_factors` plus, given the base, every fit check (one call to validate)."""
+    info = read_lora_dir(path, name)
+    factors = load_lora_factors(path, max_bytes=max_bytes)
+    if base is not None:
+        base.check(factors, info)
+    return factors
 
 
 def save_lora_factors(

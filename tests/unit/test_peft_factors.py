@@ -12,7 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mergeserve.adapters.lowrank import merge_adapters
-from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
+from mergeserve.adapters.peft_io import (
+    BaseModelSpec,
+    load_checked,
+    load_lora_factors,
+    save_lora_factors,
+)
 from mergeserve.errors import AdapterError
 from mergeserve.testing import make_tiny_llama
 
@@ -121,3 +126,49 @@ def test_size_limit(tiny: Path, tmp_path: Path) -> None:
     _peft_lora(tiny, tmp_path / "ok", seed=1, r=2, lora_alpha=2)
     with pytest.raises(AdapterError, match="over the limit"):
         load_lora_factors(tmp_path / "ok", max_bytes=100)
+
+
+# ----------------------------------------------------------------------------- fit to the base
+
+
+def _set_config(d: Path, **changes: object) -> Path:
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return d
+
+
+def test_an_adapter_of_the_base_fits(tiny: Path, tmp_path: Path) -> None:
+    _peft_lora(tiny, tmp_path / "ok", seed=1, r=2, lora_alpha=2)
+    spec = BaseModelSpec.from_checkpoint(tiny)
+    assert spec.num_layers == 2
+    assert spec.shapes["self_attn.q_proj"] == (64, 64)
+    assert spec.shapes["mlp.down_proj"] == (64, 96)
+    factors = load_checked(tmp_path / "ok", spec)
+    assert set(factors.groups) == {"self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"}
+
+
+def test_adapters_that_do_not_fit_the_base_are_refused(
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    spec = BaseModelSpec.from_checkpoint(tiny)
+    root = tmp_path_factory.mktemp("others")
+    wider = make_tiny_llama(root / "wider", hidden_size=64, num_heads=2, intermediate_size=128)
+    deeper = make_tiny_llama(
+        root / "deeper", hidden_size=64, num_heads=2, intermediate_size=96, num_layers=3
+    )
+    _peft_lora(wider, tmp_path / "wider", seed=1, r=2)
+    with pytest.raises(AdapterError, match=r"down_proj is 64x128 .* a different base model"):
+        load_checked(_set_config(tmp_path / "wider", base_model_name_or_path=str(tiny)), spec)
+    _peft_lora(deeper, tmp_path / "deeper", seed=1, r=2)
+    with pytest.raises(AdapterError, match=r"on layers \[2\], but .* has 2 layers"):
+        load_checked(_set_config(tmp_path / "deeper", base_model_name_or_path=str(tiny)), spec)
+    _peft_lora(tiny, tmp_path / "ok", seed=1, r=2)
+    _set_config(tmp_path / "ok", target_modules=["q_proj", "v_proj", "down_proj", "attn_qkv"])
+    with pytest.raises(AdapterError, match=r"target modules \['attn_qkv'\] do not exist"):
+        load_checked(tmp_path / "ok", spec)
+    _set_config(tmp_path / "ok", target_modules=["q_proj"], base_model_name_or_path="org/Other-7B")
+    with pytest.raises(AdapterError, match="trained on 'org/Other-7B'"):
+        load_checked(tmp_path / "ok", spec)
+    # The same model under another spelling (hub id vs local dir) is accepted.
+    _set_config(tmp_path / "ok", base_model_name_or_path=f"someorg/{tiny.name}")
+    load_checked(tmp_path / "ok", spec)
