@@ -2,6 +2,9 @@
 
     mergeserve serve [--model DIR] [--experts-dir DIR] [--host H] [--port P]
     mergeserve prepare-model     convert the embedded GGUF base model once, print its dir
+    mergeserve merge --method NAME [--weights w1,w2,…] [--density d] [--rank r] DIR… --out DIR
+    mergeserve decompose DIR… --out DIR [--shared-method M] [--exclusive-rank k]
+    mergeserve extract-lora --base DIR --finetuned DIR [--rank r] --out DIR
 
 With no arguments `serve` serves the embedded SmolLM2-135M-Instruct with the demo experts.
 """
@@ -12,7 +15,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mergeserve.config import Settings
 from mergeserve.errors import MergeserveError
@@ -59,6 +64,100 @@ def _prepare_model(args: argparse.Namespace) -> None:
     print(ensure_embedded_model(Settings().cache))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _bar(desc: str) -> Callable[[int], Any]:
+    from tqdm import tqdm
+
+    return lambda total: tqdm(total=total, desc=desc, unit="module", file=sys.stderr)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from mergeserve.adapters.methods import MergeOptions, merge_dirs
+
+    opts = MergeOptions(
+        weights=args.weights,
+        scale=args.scale,
+        density=args.density,
+        normalize=args.normalize,
+        majority_sign=args.majority_sign,
+        t=args.t,
+        seed=args.seed,
+        rank=args.rank,
+        energy=args.energy,
+    )
+    if args.base is not None:
+        from mergeserve.adapters.peft_io import BaseModelSpec, load_checked
+
+        spec = BaseModelSpec.from_checkpoint(args.base)
+        for d in args.dirs:
+            load_checked(d, spec)
+    out = merge_dirs(args.method, args.dirs, args.out, opts, progress=_bar(args.method))
+    print(out)
+
+
+def _decompose(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from mergeserve.adapters.methods import MergeOptions
+    from mergeserve.adapters.peft_io import load_lora_factors, read_lora_dir
+    from mergeserve.adapters.twin import TwinConfig, decompose
+
+    if args.out.exists():
+        raise MergeserveError(f"{args.out} already exists")
+    infos = [read_lora_dir(d) for d in args.dirs]
+    experts = {i.name: load_lora_factors(i.path) for i in infos}
+    if len(experts) != len(infos):
+        raise MergeserveError("expert dir names must be distinct (they name the experts)")
+    shared = MergeOptions(scale=args.scale, density=args.density, seed=args.seed)
+    config = TwinConfig(
+        shared_method=args.shared_method,
+        shared_options=shared,
+        exclusive_rank=args.exclusive_rank,
+        exclusive_energy=args.exclusive_energy,
+        shared_rank=args.shared_rank,
+    )
+    total = len(experts) * len({k for e in experts.values() for k in e.groups})
+    with tqdm(total=total, desc="decompose", unit="module", file=sys.stderr) as bar:
+        twin = decompose(experts, config, progress=bar)
+    base = next((i.base_model_name_or_path for i in infos if i.base_model_name_or_path), None)
+    twin.save(args.out, base_model_name_or_path=base)
+    print(f"{'expert':<20} {'rank':>5} {'k':>4} {'exclusive err':>14} {'recon err':>10}")
+    for r in twin.report:
+        print(
+            f"{r.name:<20} {r.rank:>5} {r.exclusive_rank:>4} "
+            f"{r.exclusive_error:>14.4f} {r.reconstruction_error:>10.4f}"
+        )
+    print(args.out)
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from mergeserve.adapters.extract import dense_deltas, dense_to_lora
+    from mergeserve.adapters.peft_io import save_lora_factors
+
+    if args.out.exists():
+        raise MergeserveError(f"{args.out} already exists")
+    targets = args.targets.split(",") if args.targets else None
+    delta, skipped = dense_deltas(args.base, args.finetuned, targets)
+    total = sum(len(v) for v in delta.layers.values())
+    with tqdm(total=total, desc="extract", unit="module", file=sys.stderr) as bar:
+        factors, err = dense_to_lora(delta, args.rank, args.energy, progress=bar)
+    save_lora_factors(factors, args.out, base_model_name_or_path=str(args.base))
+    if skipped:
+        print(f"not representable as LoRA (changed, left out): {', '.join(skipped)}")
+    print(f"relative error {err:.4g}, ranks {factors.ranks}")
+    print(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +178,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("prepare-model", help="convert the embedded base model once; print its dir")
     m.set_defaults(func=_prepare_model)
+
+    from mergeserve.adapters.methods import METHODS
+
+    g = sub.add_parser("merge", help="statically merge LoRA experts into one PEFT LoRA dir")
+    g.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="PEFT LoRA dirs")
+    g.add_argument("--method", required=True, choices=METHODS.names())
+    g.add_argument("--out", required=True, type=Path, help="output dir (must not exist)")
+    g.add_argument("--weights", type=_floats, help="one per DIR, comma-separated (default 1)")
+    g.add_argument("--scale", type=float, help="λ, multiplies the merged delta (default 1)")
+    g.add_argument("--density", type=float, help="ties/dare: fraction kept (default 0.5)")
+    g.add_argument("--rank", type=int, help="output rank (default: exact, or Σ ranks)")
+    g.add_argument("--energy", type=float, help="truncate to keep this fraction of Σσ²")
+    g.add_argument("--t", type=float, help="slerp: interpolation point (default 0.5)")
+    g.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0)")
+    g.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ties/dare: divide by the (agreeing) weights",
+    )
+    g.add_argument("--majority-sign", choices=["total", "frequency"], help="ties sign election")
+    g.add_argument("--base", type=Path, help="check that every DIR fits this base model dir")
+    g.set_defaults(func=_merge)
+
+    d = sub.add_parser("decompose", help="Twin decomposition: shared + rank-k exclusives")
+    d.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="PEFT LoRA expert dirs")
+    d.add_argument("--out", required=True, type=Path, help="output dir (must not exist)")
+    d.add_argument(
+        "--shared-method",
+        default="task_arithmetic",
+        choices=METHODS.names(),
+        help="how the shared adapter is merged (default task_arithmetic)",
+    )
+    d.add_argument("--scale", "--lambda", type=float, default=0.3, help="λ of the shared merge")
+    d.add_argument("--density", type=float, help="ties/dare shared: fraction kept")
+    d.add_argument("--seed", type=int, help="dare shared: seed")
+    d.add_argument("--exclusive-rank", type=int, default=8, help="k (default 8)")
+    d.add_argument("--exclusive-energy", type=float, help="or keep this fraction of Σσ²")
+    d.add_argument("--shared-rank", type=int, help="truncate the shared adapter to this rank")
+    d.set_defaults(func=_decompose)
+
+    x = sub.add_parser("extract-lora", help="a LoRA from a full fine-tune (truncated SVD)")
+    x.add_argument("--base", required=True, type=Path, help="base model dir (safetensors)")
+    x.add_argument("--finetuned", required=True, type=Path, help="fine-tuned model dir")
+    x.add_argument("--out", required=True, type=Path, help="output PEFT dir (must not exist)")
+    x.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    x.add_argument("--energy", type=float, help="smallest rank keeping this fraction of Σσ²")
+    x.add_argument("--targets", help="comma-separated module names (default: all linear)")
+    x.set_defaults(func=_extract)
     return p
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +20,15 @@ ENGINE_ENV = {
     "MERGESERVE_ENGINE__MAX_LORAS": "2",
     "MERGESERVE_ENGINE__KV_CACHE_GIB": "1",
 }
+
+
+def mergeserve_cli(*args: str) -> str:
+    """Run the real `mergeserve` command line; its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mergeserve", *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 @dataclass
@@ -45,6 +56,21 @@ def real_server(
         base = ensure_embedded_model(Settings().cache)
         args = []
     make_random_lora(base, experts / "rand", rank=8)
+    make_random_lora(base, experts / "rand2", rank=4, seed=2)
+    # Adapters written by `mergeserve merge` (scaling folded, rank/alpha patterns) must load
+    # in vLLM as they do in PEFT: one re-saved expert, one dense (TIES) merge.
+    mergeserve_cli(
+        "merge",
+        "--method",
+        "task_arithmetic",
+        str(experts / "rand"),
+        "--out",
+        str(experts / "refolded"),
+    )
+    mergeserve_cli(
+        "merge", "--method", "ties", "--density", "0.5", "--rank", "8",
+        str(experts / "rand"), str(experts / "rand2"), "--out", str(experts / "ties"),
+    )  # fmt: skip
     with server_process(
         [*args, "--experts-dir", str(experts)], tmp / "server.log", ENGINE_ENV
     ) as p:
