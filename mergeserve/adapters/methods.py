@@ -355,15 +355,21 @@ DenseCombine = Callable[[Tensor, Tensor, str, int], Tensor]
 
 
 def magnitude_prune(deltas: Tensor, density: float) -> Tensor:
-    """Keep each expert's top int(density·numel) entries by |value| (TIES' trim). [T, …]."""
+    """Keep each expert's int(density·numel) largest entries by |value| (TIES' trim). [T, …].
+
+    A selection (kthvalue, O(n)) finds each expert's threshold; entries tied with it are
+    all kept, which only matters for exactly equal magnitudes.
+    """
     flat = deltas.reshape(deltas.shape[0], -1)
-    k = int(density * flat.shape[1])
-    if k >= flat.shape[1]:
+    n = flat.shape[1]
+    k = int(density * n)
+    if k >= n:
         return deltas
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    return (flat * mask).reshape(deltas.shape)
+    if k == 0:
+        return torch.zeros_like(deltas)
+    mag = flat.abs()
+    threshold = mag.kthvalue(n - k + 1, dim=1, keepdim=True).values
+    return (flat * (mag >= threshold)).reshape(deltas.shape)
 
 
 def random_prune(deltas: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -575,7 +581,7 @@ def merge_dirs(
     if out.exists():
         raise InvalidRequestError(f"{out} already exists", param="out")
     opts = options or MergeOptions()
-    infos = [read_lora_dir(d, name=_safe_name(d)) for d in dirs]
+    infos = [read_lora_dir(d, check_name=False) for d in dirs]
     bases = {i.base_model_name_or_path for i in infos if i.base_model_name_or_path}
     if len(bases) > 1:
         raise InvalidRequestError(
@@ -589,8 +595,3 @@ def merge_dirs(
     return save_lora_factors(
         merged, out, base_model_name_or_path=next(iter(bases), None), dtype=dtype
     )
-
-
-def _safe_name(d: Path) -> str:
-    """A valid adapter label for any dir name (the name is only used in messages here)."""
-    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in d.name)[:64] or "expert"

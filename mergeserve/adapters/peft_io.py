@@ -51,9 +51,17 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def read_lora_dir(path: Path, name: str | None = None) -> LoraAdapterInfo:
-    """Read and check a PEFT LoRA dir's config; raises AdapterError saying what is wrong."""
-    name = validate_adapter_name(name or path.name)
+def read_lora_dir(
+    path: Path, name: str | None = None, *, check_name: bool = True
+) -> LoraAdapterInfo:
+    """Read and check a PEFT LoRA dir's config; raises AdapterError saying what is wrong.
+
+    The name (default: the dir's name) must be a valid adapter name unless `check_name` is
+    False, for callers that only need the config (a merge input may live in any dir).
+    """
+    name = name or path.name
+    if check_name:
+        validate_adapter_name(name)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter dir")
@@ -132,7 +140,7 @@ def load_lora_factors(
     """A PEFT LoRA dir as AdapterFactors, with each module's scaling folded into B."""
     from safetensors.torch import load_file
 
-    config = read_lora_dir(path).config  # parsed once, with the config-level checks
+    config = read_lora_dir(path, check_name=False).config  # parsed once, with its checks
     weights = path / ADAPTER_WEIGHTS
     size = weights.stat().st_size
     if size > max_bytes:
@@ -251,7 +259,7 @@ def load_checked(
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
 ) -> AdapterFactors:
     """`load_lora_factors` plus, given the base, every fit check (one call to validate)."""
-    info = read_lora_dir(path, name)
+    info = read_lora_dir(path, name, check_name=name is not None)
     factors = load_lora_factors(path, max_bytes=max_bytes)
     if base is not None:
         base.check(factors, info)

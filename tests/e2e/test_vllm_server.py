@@ -22,7 +22,7 @@ def _greedy(server: RealServer, model: str, max_tokens: int = 12) -> str:
 
 def test_models_list(real_server: RealServer) -> None:
     ids = [m.id for m in real_server.client.models.list().data]
-    assert ids == ["base", "expert:rand", "expert:rand2", "expert:refolded", "expert:ties"]
+    assert ids == ["base", "expert:pair", "expert:rand", "expert:rand2", "expert:refolded"]
 
 
 def test_non_stream(real_server: RealServer) -> None:
@@ -66,11 +66,12 @@ def test_expert_lora_changes_greedy_output(real_server: RealServer) -> None:
 
 def test_adapters_written_by_mergeserve_merge_load_in_vllm(real_server: RealServer) -> None:
     # `refolded` is `rand` re-saved with its scaling folded into B: the same delta, so the
-    # same greedy text. `ties` is a dense merge refactored to rank 8: it must load and act.
+    # same greedy text. `pair` is a merge of two experts truncated to rank 8: it must load
+    # and change the output.
     assert _greedy(real_server, "expert:refolded", 16) == _greedy(real_server, "expert:rand", 16)
-    ties = _greedy(real_server, "expert:ties", 16)
-    assert ties != _greedy(real_server, "base", 16)
-    assert _greedy(real_server, "expert:ties", 16) == ties
+    pair = _greedy(real_server, "expert:pair", 16)
+    assert pair != _greedy(real_server, "base", 16)
+    assert _greedy(real_server, "expert:pair", 16) == pair
 
 
 def test_unknown_model_is_404(real_server: RealServer) -> None:
