@@ -354,6 +354,77 @@ def merge_adapters(adapters: Sequence[AdapterFactors], weights: Sequence[float])
     return AdapterFactors(groups, layout, adapters[0].prefix if adapters else "")
 
 
+@dataclass(frozen=True)
+class ConcatBasis:
+    """Terms concatenated once along the rank axis, so that a request's merge is a gather.
+
+    Per module kind, over the union layout: A [L, R, in] and B [L, out, R] hold every
+    term's factors side by side (R = Σ ranks), and `owner[kind]` [R] says which term owns
+    each rank column. Then, exactly,
+
+        Σ_t w_t B_t A_t = B · diag(w[owner]) · A
+
+    so merging for new weights computes one [R] scale vector per kind (a gather of T
+    numbers) and touches no factor: the merged adapter is (A, B, scale), and A is shared
+    by every merge. Built once per expert-set version (O(size of the factors)).
+    """
+
+    names: tuple[str, ...]
+    groups: Mapping[str, LowRank]
+    owner: Mapping[str, Tensor]
+    layers: Mapping[str, tuple[int, ...]]
+    prefix: str
+
+    @classmethod
+    def build(cls, terms: Mapping[str, AdapterFactors]) -> ConcatBasis:
+        names = tuple(terms)
+        values = [terms[n] for n in names]
+        whole = merge_adapters(values, [1.0] * len(values))
+        owner = {}
+        for kind in whole.groups:
+            ranks = torch.tensor([t.groups[kind].rank if kind in t.groups else 0 for t in values])
+            owner[kind] = torch.repeat_interleave(torch.arange(len(values)), ranks)
+        return cls(
+            names,
+            MappingProxyType(dict(whole.groups)),
+            MappingProxyType(owner),
+            whole.layers,
+            whole.prefix,
+        )
+
+    def merged(self, weights: Sequence[float] | Tensor) -> ScaledFactors:
+        """Σ w_t term_t, lazily: one gather per module kind, no factor copied."""
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (len(self.names),):
+            raise ValueError(f"{w.numel()} weights for {len(self.names)} terms")
+        scales = {k: w[o] for k, o in self.owner.items()}
+        return ScaledFactors(self, MappingProxyType(scales))
+
+
+@dataclass(frozen=True)
+class ScaledFactors:
+    """Δ = B · diag(scale) · A per module kind over a ConcatBasis (see there)."""
+
+    basis: ConcatBasis
+    scales: Mapping[str, Tensor]
+
+    def materialize(self, drop_zero: bool = True) -> AdapterFactors:
+        """Plain factors for an engine: B·scale (A shared when nothing is dropped).
+
+        With `drop_zero`, rank columns of zero weight are removed (smaller rank, but A is
+        then gathered too). Cost O(L·(in+out)·R): what writing any adapter costs.
+        """
+        groups = {}
+        for kind, lr in self.basis.groups.items():
+            s = self.scales[kind].to(lr.B.dtype)
+            if drop_zero and bool((s == 0).any()):
+                keep = torch.nonzero(s).squeeze(1)
+                groups[kind] = LowRank(lr.A[:, keep], lr.B[:, :, keep] * s[keep])
+            else:
+                groups[kind] = LowRank(lr.A, lr.B * s)
+        return AdapterFactors(groups, self.basis.layers, self.basis.prefix)
+
+
 def truncate_adapter(
     adapter: AdapterFactors, rank: int | None = None, energy: float | None = None
 ) -> AdapterFactors:

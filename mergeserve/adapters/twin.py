@@ -23,6 +23,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -32,8 +33,10 @@ from torch import Tensor
 
 from mergeserve.adapters.lowrank import (
     AdapterFactors,
+    ConcatBasis,
     DenseDelta,
     LowRank,
+    ScaledFactors,
     aligned_or_empty,
     frobenius_sq,
     inner,
@@ -56,6 +59,7 @@ from mergeserve.adapters.methods import (
 from mergeserve.errors import AdapterError, InvalidRequestError
 
 TWIN_FILE = "twin.json"
+_SHARED = "\0shared"  # not a valid expert name, so it cannot collide
 SHARED_DENSE_FILE = "shared_dense.safetensors"
 DEFAULT_LAMBDA = 0.3
 
@@ -126,6 +130,25 @@ class TwinDecomposition:
         if not terms:
             raise InvalidRequestError("all weights are zero", param="merge_weights")
         return merge_adapters(terms, ws)
+
+    @cached_property
+    def basis(self) -> ConcatBasis:
+        """Shared and exclusives concatenated once: `merged_view` gathers over it."""
+        terms = dict(self.exclusives)
+        if self.shared is not None:
+            terms = {_SHARED: self.shared, **terms}
+        return ConcatBasis.build(terms)
+
+    def merged_view(self, weights: Mapping[str, float]) -> ScaledFactors:
+        """`merged(weights)` without copying a factor: the hot-path form (see ConcatBasis).
+
+        Zero-weight experts stay in the basis with scale 0 (rank r_s + Σ k over all
+        experts); `.materialize()` drops them.
+        """
+        self._weights(weights)  # validates
+        w = [1.0] if self.shared is not None else []
+        w += [float(weights.get(n, 0.0)) for n in self.names]
+        return self.basis.merged(w)
 
     def merged_exact(self, weights: Mapping[str, float]) -> AdapterFactors:
         """Σ w_t Δ_t of the uncompressed experts (rank Σ r_t over the non-zero weights)."""

@@ -171,3 +171,21 @@ def test_dense_experts_with_a_compressed_shared() -> None:
         s = best_rank(0.3 * sum(e[mod] for e in d.values()), 7)
         ref = s + best_rank(d["add"][mod] - s, 5)
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_merged_view_is_the_same_merge_without_copying_factors() -> None:
+    twin = decompose(EXPERTS, TwinConfig(exclusive_rank=3))
+    view = twin.merged_view(W)
+    full = view.materialize(drop_zero=False)
+    dropped = view.materialize()
+    ref = dense(twin.merged(W))
+    assert relative_error(dense(full), ref) < 1e-12
+    assert relative_error(dense(dropped), ref) < 1e-12
+    assert set(full.ranks.values()) == {16 + 4 * 3}  # "caps" kept at scale 0
+    assert set(dropped.ranks.values()) == {16 + 3 * 3}
+    kind = "self_attn.q_proj"
+    # The view shares the basis' factors; a second merge reuses them.
+    assert full.groups[kind].A.data_ptr() == twin.basis.groups[kind].A.data_ptr()
+    assert twin.merged_view({"caps": 1.0}).basis is view.basis
+    with pytest.raises(InvalidRequestError):
+        twin.merged_view({"nope": 1.0})
