@@ -12,6 +12,7 @@ With no arguments `serve` serves the embedded SmolLM2-135M-Instruct with the dem
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -158,6 +159,51 @@ def _extract(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def _train_expert(args: argparse.Namespace) -> None:
+    from mergeserve.runtime.base_model import resolve_base_model
+    from mergeserve.tasks.training import ALL_PROJECTIONS, TrainConfig, train_expert
+
+    base = resolve_base_model(args.base, Settings().cache)
+    config = TrainConfig(
+        task=args.task,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(args.targets.split(",")) if args.targets else ALL_PROJECTIONS,
+        seed=args.seed,
+        threads=args.threads,
+        dev_n=args.dev_n,
+    )
+    try:
+        card = train_expert(base, args.out, config)
+    except (ValueError, FileExistsError) as e:
+        raise MergeserveError(str(e)) from e
+    print(json.dumps(card, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mergeserve.tasks.evaluate import evaluate, markdown_table, write_results
+
+    try:
+        result = evaluate(
+            args.base_url,
+            [m.strip() for m in args.models.split(",") if m.strip()],
+            None if args.tasks == "all" else args.tasks.split(","),
+            n=args.n,
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens,
+            split=args.split,
+            api_key=args.api_key,
+        )
+    except ValueError as e:
+        raise MergeserveError(str(e)) from e
+    paths = write_results(result, args.out)
+    print(markdown_table(result))
+    print("written:", ", ".join(str(p) for p in paths.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +273,39 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--energy", type=float, help="smallest rank keeping this fraction of Σσ²")
     x.add_argument("--targets", help="comma-separated module names (default: all linear)")
     x.set_defaults(func=_extract)
+
+    from mergeserve.tasks import TASKS
+
+    t = sub.add_parser("train-expert", help="train a LoRA expert on one demo task (CPU, PEFT)")
+    t.add_argument("--task", required=True, choices=sorted(TASKS))
+    t.add_argument("--base", type=Path, help="base model dir (default: the embedded SmolLM2)")
+    t.add_argument("--out", required=True, type=Path, help="output expert dir (must not exist)")
+    t.add_argument("--steps", type=int, default=150)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--targets", help="comma-separated modules (default: all 7 projections)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--dev-n", type=int, default=50, help="dev samples scored at the end")
+    t.set_defaults(func=_train_expert)
+
+    e = sub.add_parser("eval", help="exact-match table of served models on the demo tasks")
+    e.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
+    e.add_argument(
+        "--models",
+        default="base,expert:*",
+        help="comma-separated model ids; 'prefix*' expands against /v1/models",
+    )
+    e.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    e.add_argument("--n", type=int, default=100, help="test samples per task (default 100)")
+    e.add_argument("--split", default="test", choices=["dev", "test"])
+    e.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    e.add_argument("--max-tokens", type=int, default=48)
+    e.add_argument("--api-key", default="unused")
+    e.add_argument("--out", type=Path, default=Path("eval-results"), help="output dir")
+    e.set_defaults(func=_eval)
     return p
 
 

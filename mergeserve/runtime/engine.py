@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -272,6 +272,8 @@ class FakeEngine(EngineClient):
     loras_seen: list[str] = field(default_factory=list)
     healthy: bool = True
     closed: bool = False
+    reply_fn: Callable[[str | None, str], str] | None = None
+    """(adapter name or None, last user message) -> reply, replacing the default."""
 
     @property
     def max_model_len(self) -> int:
@@ -291,8 +293,11 @@ class FakeEngine(EngineClient):
         if self.closed:
             raise EngineUnavailableError("the engine is shut down")
         prompt = "".join(map(chr, prompt_token_ids))
-        last_user = prompt.rsplit("<user>: ", 1)[-1].split("\n", 1)[0]
-        reply = f"[{lora.name if lora else 'base'}] {last_user[::-1]}"
+        last_user = prompt.rsplit("<user>: ", 1)[-1].split("\n<", 1)[0]
+        if self.reply_fn is not None:
+            reply = self.reply_fn(lora.name if lora else None, last_user)
+        else:
+            reply = f"[{lora.name if lora else 'base'}] {last_user[::-1]}"
         if lora is not None:
             self.loras_seen.append(lora.name)
         finish: FinishReason = "stop"

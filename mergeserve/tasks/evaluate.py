@@ -1,0 +1,249 @@
+"""Score served models on the demo tasks through the OpenAI API (the official client).
+
+Greedy (temperature 0), a fixed test split (unseen templates included), a set number of
+requests in flight. Writes `results.json`, `results.md` (the exact-match table) and
+`results.png` (a bar chart). The normalized score of a model is its accuracy on each task
+divided by that task's own expert's accuracy (`expert:<task>`), averaged over tasks; it is
+left out when the experts were not evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeserve.tasks.generators import TASKS, Sample, generate, get_task
+
+EXPERT_PREFIX = "expert:"
+
+
+@dataclass(frozen=True)
+class Cell:
+    accuracy: float
+    held_out_accuracy: float | None
+    """Accuracy on the test-only (unseen) templates alone."""
+    n: int
+    errors: int
+    """Requests that failed (counted wrong)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    models: tuple[str, ...]
+    tasks: tuple[str, ...]
+    n: int
+    split: str
+    cells: dict[str, dict[str, Cell]]
+    """model -> task -> Cell."""
+    normalized: dict[str, float | None]
+    examples: dict[str, dict[str, list[dict[str, str]]]]
+    """model -> task -> a few (prompt, answer, reply) for reading the failures."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "models": list(self.models),
+            "tasks": list(self.tasks),
+            "n": self.n,
+            "split": self.split,
+            "accuracy": {
+                m: {t: asdict(c) for t, c in row.items()} for m, row in self.cells.items()
+            },
+            "normalized": self.normalized,
+            "examples": self.examples,
+        }
+
+
+def expand_models(patterns: Sequence[str], served: Sequence[str]) -> list[str]:
+    """'expert:*' (any 'prefix*') expands to the served ids with that prefix, in order."""
+    out: list[str] = []
+    for p in patterns:
+        if p.endswith("*"):
+            matches = [m for m in served if m.startswith(p[:-1])]
+            if not matches:
+                raise ValueError(f"{p!r} matches no served model; served: {', '.join(served)}")
+            out += [m for m in matches if m not in out]
+        else:
+            if p not in served:
+                raise ValueError(f"{p!r} is not served; served: {', '.join(served)}")
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def normalized_scores(
+    cells: dict[str, dict[str, Cell]], tasks: Sequence[str]
+) -> dict[str, float | None]:
+    """mean over tasks of acc(model, task) / acc(expert:task, task); None without experts."""
+    refs: dict[str, float] = {}
+    for t in tasks:
+        ref = cells.get(f"{EXPERT_PREFIX}{t}", {}).get(t)
+        if ref is not None and ref.accuracy > 0:
+            refs[t] = ref.accuracy
+    if not refs:
+        return dict.fromkeys(cells)
+    return {m: sum(row[t].accuracy / refs[t] for t in refs) / len(refs) for m, row in cells.items()}
+
+
+async def _run(
+    base_url: str,
+    models: Sequence[str],
+    samples: dict[str, list[Sample]],
+    concurrency: int,
+    max_tokens: int,
+    api_key: str,
+    timeout: float,
+) -> dict[tuple[str, str], list[str | None]]:
+    import openai
+    from tqdm import tqdm
+
+    client = openai.AsyncOpenAI(
+        base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, timeout=timeout, max_retries=2
+    )
+    sem = asyncio.Semaphore(concurrency)
+    replies: dict[tuple[str, str], list[str | None]] = {
+        (m, t): [None] * len(ss) for m in models for t, ss in samples.items()
+    }
+    total = len(models) * sum(len(s) for s in samples.values())
+    bar = tqdm(total=total, desc="eval", unit="req")
+
+    async def one(model: str, task: str, i: int, prompt: str) -> None:
+        async with sem:
+            try:
+                r = await client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": prompt}],
+                    temperature=0,
+                    max_tokens=max_tokens,
+                )
+                replies[(model, task)][i] = r.choices[0].message.content or ""
+            except openai.APIError:
+                replies[(model, task)][i] = None
+            finally:
+                bar.update(1)
+
+    try:
+        await asyncio.gather(
+            *(
+                one(m, t, i, s.prompt)
+                for m in models
+                for t, ss in samples.items()
+                for i, s in enumerate(ss)
+            )
+        )
+    finally:
+        bar.close()
+        await client.close()
+    return replies
+
+
+def evaluate(
+    base_url: str,
+    models: Sequence[str],
+    tasks: Sequence[str] | None = None,
+    n: int = 100,
+    concurrency: int = 8,
+    max_tokens: int = 48,
+    split: str = "test",
+    api_key: str = "unused",
+    timeout: float = 600.0,
+) -> EvalResult:
+    """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all)."""
+    import openai
+
+    task_names = list(tasks or TASKS)
+    for t in task_names:
+        get_task(t)
+    with openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key) as c:
+        served = [m.id for m in c.models.list().data]
+    chosen = expand_models(models, served)
+    samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
+    replies = asyncio.run(
+        _run(base_url, chosen, samples, concurrency, max_tokens, api_key, timeout)
+    )
+    cells: dict[str, dict[str, Cell]] = {}
+    examples: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for m in chosen:
+        cells[m], examples[m] = {}, {}
+        for t in task_names:
+            task, ss, rs = TASKS[t], samples[t], replies[(m, t)]
+            ok = [r is not None and task.matches(r, s.answer) for r, s in zip(rs, ss, strict=True)]
+            held = [o for o, s in zip(ok, ss, strict=True) if s.held_out]
+            cells[m][t] = Cell(
+                accuracy=sum(ok) / len(ok),
+                held_out_accuracy=sum(held) / len(held) if held else None,
+                n=len(ok),
+                errors=sum(r is None for r in rs),
+            )
+            examples[m][t] = [
+                {"prompt": s.prompt, "answer": s.answer, "reply": r if r is not None else "<error>"}
+                for r, s in list(zip(rs, ss, strict=True))[:3]
+            ]
+    return EvalResult(
+        tuple(chosen),
+        tuple(task_names),
+        n,
+        split,
+        cells,
+        normalized_scores(cells, task_names),
+        examples,
+    )
+
+
+def markdown_table(result: EvalResult) -> str:
+    """Exact match (%) per model and task, held-out-template accuracy, normalized score."""
+    head = ["model", *result.tasks, "mean", "unseen templates", "normalized"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in result.models:
+        row = result.cells[m]
+        accs = [row[t].accuracy for t in result.tasks]
+        held = [row[t].held_out_accuracy for t in result.tasks]
+        held_v = [h for h in held if h is not None]
+        norm = result.normalized.get(m)
+        cols = [
+            f"`{m}`",
+            *(f"{100 * a:.0f}" for a in accs),
+            f"{100 * sum(accs) / len(accs):.1f}",
+            f"{100 * sum(held_v) / len(held_v):.1f}" if held_v else "–",
+            f"{norm:.2f}" if norm is not None else "–",
+        ]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: EvalResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(result.tasks) + 3), 4.5))
+    width = 0.8 / max(1, len(result.models))
+    for i, m in enumerate(result.models):
+        xs = [j + i * width for j in range(len(result.tasks))]
+        ax.bar(xs, [100 * result.cells[m][t].accuracy for t in result.tasks], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(result.tasks))], list(result.tasks))
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"mergeserve demo tasks, {result.split} split, n={result.n} per task")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(result: EvalResult, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "chart": out_dir / "results.png",
+    }
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2))
+    paths["markdown"].write_text(markdown_table(result))
+    bar_chart(result, paths["chart"])
+    return paths

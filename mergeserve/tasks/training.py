@@ -1,0 +1,200 @@
+"""Train one LoRA expert on one task, on a CPU, with PEFT.
+
+The recipe: the chat template applied exactly as the server applies it, loss on the
+answer tokens (and the end-of-turn token) only, AdamW with warm-up and linear decay,
+fixed seed, fp32. The output dir is a PEFT LoRA dir (fp16 safetensors) plus
+`examples.jsonl` (training prompts: the router's prototypes) and `card.json` (how it
+was trained and how it scored on the dev split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeserve.tasks.generators import Sample, Task, generate, get_task, score
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    seed: int = 0
+    threads: int | None = None
+    dev_n: int = 50
+    n_examples: int = 20
+    base_model_name: str | None = None
+    """Written as base_model_name_or_path (default: the base dir's name)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one chat turn; labels are IGNORE except on the answer turn."""
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*user, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    if not full.startswith(head):
+        raise ValueError("the chat template does not extend the prompt with the answer")
+    head_ids = tokenizer.encode(head, add_special_tokens=False)
+    tail_ids = tokenizer.encode(full[len(head) :].rstrip("\n"), add_special_tokens=False)
+    return head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids
+
+
+def _batch(
+    tokenizer: Any, samples: Sequence[Sample]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pairs = [encode_example(tokenizer, s.prompt, s.answer) for s in samples]
+    width = max(len(ids) for ids, _ in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
+
+
+@torch.no_grad()
+def greedy_replies(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch: int = 16
+) -> list[str]:
+    """Greedy completions of chat prompts (left-padded batches)."""
+    out: list[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(prompts), batch):
+        rows = []
+        for p in prompts[i : i + batch]:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            rows.append(tokenizer.encode(text, add_special_tokens=False))
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
+def train_expert(
+    base_dir: Path, out_dir: Path, config: TrainConfig, progress: bool = True
+) -> dict[str, Any]:
+    """Train, evaluate on dev, write the expert dir atomically; returns the card."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task: Task = get_task(config.task)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=list(config.targets),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(model, lora)
+    train = generate(task, "train", config.steps * config.batch_size, seed=1000 + config.seed)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=config.lr)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        rest = max(1, config.steps - config.warmup_steps)
+        return max(0.05, 1.0 - (step - config.warmup_steps) / rest)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    pm.train()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc=f"train {task.name}", disable=not progress)
+    for step in bar:
+        chunk = train[step * config.batch_size : (step + 1) * config.batch_size]
+        ids, labels, mask = _batch(tokenizer, chunk)
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}")
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(value)
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    train_s = time.perf_counter() - t0
+    pm.eval()
+    dev = generate(task, "dev", config.dev_n)
+    replies = greedy_replies(pm, tokenizer, [s.prompt for s in dev])
+    dev_acc = score(task, replies, dev)
+    card = {
+        "task": task.name,
+        "base": config.base_model_name or _label(base_dir),
+        "config": {k: v for k, v in asdict(config).items() if k not in ("extra",)} | config.extra,
+        "steps": config.steps,
+        "train_wall_s": round(train_s, 1),
+        "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5),
+        "dev_accuracy": dev_acc,
+        "dev_n": len(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+    card = dict(json.loads(json.dumps(card)))  # exactly what card.json will hold
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        pm.save_pretrained(tmp)
+        weights = tmp / "adapter_model.safetensors"
+        save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = card["base"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        with (tmp / "examples.jsonl").open("w") as f:
+            for s in train[: config.n_examples]:
+                f.write(json.dumps({"prompt": s.prompt, "answer": s.answer}) + "\n")
+        (tmp / "card.json").write_text(json.dumps(card, indent=2))
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def _label(base_dir: Path) -> str:
+    """The base dir's name without the converted-model digest suffix."""
+    return re.sub(r"-[0-9a-f]{8,}$", "", base_dir.resolve().name)

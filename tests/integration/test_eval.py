@@ -1,0 +1,70 @@
+"""`mergeserve eval` against the real app on a FakeEngine whose experts know their task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mergeserve.cli import main
+from mergeserve.config import Settings
+from mergeserve.runtime.engine import FakeEngine
+from mergeserve.server.app import create_app
+from mergeserve.tasks import TASKS, generate
+from mergeserve.tasks.evaluate import Cell, expand_models, normalized_scores
+from tests.conftest import write_fake_lora_dir
+from tests.integration.conftest import uvicorn_in_thread
+
+N = 12
+
+
+def _oracle() -> FakeEngine:
+    """expert:<task> answers its own task right; `base` answers only `add` right."""
+    answers = {s.prompt: (t, s.answer) for t in TASKS for s in generate(t, "test", N)}
+
+    def reply(lora: str | None, prompt: str) -> str:
+        task, answer = answers.get(prompt, ("?", "?"))
+        if lora == f"expert:{task}" or (lora is None and task == "add"):
+            return answer + "."  # the scorer strips one trailing period
+        return "I don't know"
+
+    return FakeEngine(context_len=4096, reply_fn=reply)
+
+
+def test_eval_table_json_markdown_and_chart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experts = tmp_path / "experts"
+    for t in ("add", "capital"):
+        write_fake_lora_dir(experts / t)
+    settings = Settings(model=None, experts_dir=experts, cache=tmp_path / "cache")
+    app = create_app(settings, _oracle())
+    out = tmp_path / "eval"
+    with uvicorn_in_thread(app) as url:
+        main(["eval", "--base-url", url, "--models", "base,expert:*", "--n", str(N),
+              "--tasks", "add,capital,sentiment", "--out", str(out)])  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    assert data["models"] == ["base", "expert:add", "expert:capital"]
+    acc = {m: {t: c["accuracy"] for t, c in row.items()} for m, row in data["accuracy"].items()}
+    assert acc["base"] == {"add": 1.0, "capital": 0.0, "sentiment": 0.0}
+    assert acc["expert:add"] == {"add": 1.0, "capital": 0.0, "sentiment": 0.0}
+    assert acc["expert:capital"] == {"add": 0.0, "capital": 1.0, "sentiment": 0.0}
+    assert data["accuracy"]["expert:capital"]["capital"]["held_out_accuracy"] == 1.0
+    # normalized over the tasks that have an expert (add, capital)
+    assert data["normalized"] == {"base": 0.5, "expert:add": 0.5, "expert:capital": 0.5}
+    table = (out / "results.md").read_text()
+    assert "| `expert:capital` | 0 | 100 | 0 |" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_model_patterns_and_errors() -> None:
+    served = ["base", "expert:a", "expert:b", "static:ties"]
+    assert expand_models(["base", "expert:*"], served) == ["base", "expert:a", "expert:b"]
+    with pytest.raises(ValueError, match="matches no served model"):
+        expand_models(["dynamic:*"], served)
+    with pytest.raises(ValueError, match="is not served"):
+        expand_models(["expert:c"], served)
+    cell = Cell(accuracy=0.5, held_out_accuracy=None, n=2, errors=0)
+    assert normalized_scores({"m": {"add": cell}}, ["add"]) == {"m": None}

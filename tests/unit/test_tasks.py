@@ -1,0 +1,121 @@
+"""The demo tasks: generators, split hygiene, the scorer, and the training recipe's pieces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeserve.tasks import TASKS, generate, get_task, normalize_reply, score
+from mergeserve.tasks.generators import capitals
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_templates_and_held_out_phrasings(name: str) -> None:
+    task = TASKS[name]
+    assert len(task.templates) >= 6
+    assert len(task.seen_templates) >= 5
+    train = generate(task, "train", 300)
+    dev = generate(task, "dev", 60)
+    test = generate(task, "test", 120)
+    assert not any(s.held_out for s in train + dev)
+    assert {s.template for s in train} == set(task.seen_templates)
+    held = [s for s in test if s.held_out]
+    # round robin over all templates: the unseen phrasing is 1/6 of the test split
+    assert len(held) == 120 // len(task.templates)
+    # Disjoint splits: no prompt of dev or test was ever a training prompt.
+    train_prompts = {s.prompt for s in generate(task, "train", 3000)}
+    assert not train_prompts & {s.prompt for s in dev + test}
+
+
+def test_splits_are_deterministic_and_seeded() -> None:
+    a = generate("add", "test", 20)
+    assert a == generate("add", "test", 20)
+    assert a != generate("add", "test", 20, seed=99)
+
+
+def test_answers_follow_the_spec() -> None:
+    for s in generate("add", "train", 50):
+        a, b = (int(x) for x in __import__("re").findall(r"\d+", s.prompt)[:2])
+        assert s.answer == str(a + b)
+        assert 10 <= a <= 999
+    for s in generate("sort_numbers", "train", 50):
+        nums = [int(x) for x in s.answer.split(" ")]
+        assert nums == sorted(nums)
+        assert 3 <= len(nums) <= 6
+    for s in generate("reverse_words", "train", 50):
+        assert 3 <= len(s.answer.split(" ")) <= 6
+    for s in generate("to_json", "train", 50):
+        obj = json.loads(s.answer)
+        assert s.answer == json.dumps(obj)
+        words = s.prompt.replace(",", " ").replace(";", " ").split()
+        pairs = [p for p in words if "=" in p and p != "key=value"]
+        assert [p.split("=")[0] for p in pairs] == list(obj)
+        for k, v in obj.items():
+            assert isinstance(v, int | str)
+            assert f"{k}={v}" in s.prompt
+    assert {s.answer for s in generate("sentiment", "train", 100)} == {"positive", "negative"}
+    caps = dict(capitals())
+    assert len(caps) == 60
+    assert caps["France"] == "Paris"
+    assert all(s.answer in caps.values() for s in generate("capital", "train", 30))
+
+
+def test_scorer_rule() -> None:
+    assert normalize_reply("  846.\n") == "846"
+    assert normalize_reply("846..") == "846."
+    add, cap = get_task("add"), get_task("capital")
+    assert add.matches(" 846. ", "846")
+    assert not add.matches("The answer is 846", "846")
+    assert cap.matches("paris", "Paris")
+    assert not get_task("reverse_words").matches("B a", "b a")
+    samples = generate(add, "dev", 4)
+    assert score(add, [s.answer for s in samples], samples) == 1.0
+    assert score(add, ["0"] * 4, samples) == 0.0
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")
+
+
+def test_loss_is_on_the_answer_turn_only(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from mergeserve.tasks.training import IGNORE, encode_example
+    from mergeserve.testing import make_tiny_tokenizer
+
+    make_tiny_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids, labels = encode_example(tok, "What is 2 + 3?", "5")
+    assert len(ids) == len(labels)
+    kept = [t for t in labels if t != IGNORE]
+    assert tok.decode(kept).replace(" ", "") == "5<|im_end|>"
+    assert labels[: len(ids) - len(kept)] == [IGNORE] * (len(ids) - len(kept))
+    assert ids[-len(kept) :] == kept
+
+
+def test_train_expert_writes_a_servable_expert(tmp_path: Path) -> None:
+    from mergeserve.adapters.peft_io import BaseModelSpec, load_checked
+    from mergeserve.tasks.training import TrainConfig, train_expert
+    from mergeserve.testing import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", hidden_size=64, intermediate_size=96)
+    cfg = TrainConfig(task="capital", steps=3, batch_size=2, dev_n=3, rank=4)
+    card = train_expert(base, tmp_path / "capital", cfg, progress=False)
+    out = tmp_path / "capital"
+    assert card["steps"] == 3
+    assert card["dev_n"] == 3
+    assert 0.0 <= card["dev_accuracy"] <= 1.0
+    assert json.loads((out / "card.json").read_text()) == card
+    examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 3 * 2  # min(n_examples, what was trained on)
+    assert set(examples[0]) == {"prompt", "answer"}
+    factors = load_checked(out, BaseModelSpec.from_checkpoint(base), name="capital")
+    assert set(factors.ranks.values()) == {4}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {
+        torch.float16
+    }
+    with pytest.raises(FileExistsError):
+        train_expert(base, out, cfg, progress=False)
