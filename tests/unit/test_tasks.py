@@ -119,3 +119,24 @@ def test_train_expert_writes_a_servable_expert(tmp_path: Path) -> None:
     }
     with pytest.raises(FileExistsError):
         train_expert(base, out, cfg, progress=False)
+
+
+def test_answer_loss_equals_the_full_model_loss(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeserve.tasks.training import _batch, answer_loss
+    from mergeserve.testing import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "b", hidden_size=64, intermediate_size=96)
+    tok = AutoTokenizer.from_pretrained(base)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    ids, labels, mask = _batch(tok, generate("add", "train", 4))
+    ours = answer_loss(pm.base_model.model, ids, labels, mask)
+    ref = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    ours.backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if "lora_" in n)
