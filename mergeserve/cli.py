@@ -94,13 +94,12 @@ def _merge(args: argparse.Namespace) -> None:
         rank=args.rank,
         energy=args.energy,
     )
+    base = None
     if args.base is not None:
-        from mergeserve.adapters.peft_io import BaseModelSpec, load_checked
+        from mergeserve.adapters.peft_io import BaseModelSpec
 
-        spec = BaseModelSpec.from_checkpoint(args.base)
-        for d in args.dirs:
-            load_checked(d, spec)
-    out = merge_dirs(args.method, args.dirs, args.out, opts, progress=_bar(args.method))
+        base = BaseModelSpec.from_checkpoint(args.base)
+    out = merge_dirs(args.method, args.dirs, args.out, opts, progress=_bar(args.method), base=base)
     print(out)
 
 
@@ -160,8 +159,9 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def _train_expert(args: argparse.Namespace) -> None:
+    from mergeserve.config import LLAMA_PROJECTIONS
     from mergeserve.runtime.base_model import resolve_base_model
-    from mergeserve.tasks.training import ALL_PROJECTIONS, TrainConfig, train_expert
+    from mergeserve.tasks.training import TrainConfig, train_expert
 
     base = resolve_base_model(args.base, Settings().cache)
     config = TrainConfig(
@@ -171,7 +171,7 @@ def _train_expert(args: argparse.Namespace) -> None:
         lr=args.lr,
         rank=args.rank,
         alpha=args.alpha,
-        targets=tuple(args.targets.split(",")) if args.targets else ALL_PROJECTIONS,
+        targets=tuple(args.targets.split(",")) if args.targets else LLAMA_PROJECTIONS,
         seed=args.seed,
         threads=args.threads,
         dev_n=args.dev_n,

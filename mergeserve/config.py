@@ -27,6 +27,10 @@ def default_experts_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven linear layers of a llama block: the default LoRA targets everywhere."""
+
+
 class EngineSettings(BaseModel):
     """How the generation engine is built."""
 
@@ -52,15 +56,7 @@ class EngineSettings(BaseModel):
     max_cpu_loras: int | None = Field(None, ge=1)
     """Adapters kept loaded in the engine's LRU (default: max_loras)."""
 
-    lora_target_modules: list[str] | None = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
+    lora_target_modules: list[str] | None = list(LLAMA_PROJECTIONS)
     """Modules that get LoRA layers. The default leaves out lm_head and embeddings: vLLM's
     CPU logits LoRA path costs every step, even for requests with no adapter."""
 

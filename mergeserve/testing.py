@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeserve.config import LLAMA_PROJECTIONS
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -24,7 +26,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _WORDS = (
     "the a an of to and in is was for on that with as by at it from be this are or his her "
@@ -117,7 +118,7 @@ def make_random_lora(
     *,
     rank: int = 8,
     alpha: float = 16.0,
-    target_modules: Sequence[str] = ALL_PROJECTIONS,
+    target_modules: Sequence[str] = LLAMA_PROJECTIONS,
     b_std: float = 0.1,
     seed: int = 1,
 ) -> Path:

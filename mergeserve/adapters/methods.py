@@ -41,7 +41,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -59,6 +59,9 @@ from mergeserve.adapters.lowrank import (
     union_layout,
 )
 from mergeserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from mergeserve.adapters.peft_io import BaseModelSpec
 
 MajoritySign = Literal["total", "frequency"]
 
@@ -570,11 +573,13 @@ def merge_dirs(
     options: MergeOptions | None = None,
     progress: Callable[[int], ProgressBar] | None = None,
     dtype: torch.dtype = torch.float32,
+    base: BaseModelSpec | None = None,
 ) -> Path:
     """Load PEFT LoRA dirs, merge them with method `name`, write the result as a PEFT dir.
 
-    `progress(total)` makes a bar (for dense methods, one unit per module). Nothing is
-    written unless the merge succeeds, and `out` must not exist.
+    `progress(total)` makes a bar (for dense methods, one unit per module). With `base`,
+    every expert is first checked to fit that base model. Nothing is written unless the
+    merge succeeds, and `out` must not exist.
     """
     from mergeserve.adapters.peft_io import load_lora_factors, read_lora_dir, save_lora_factors
 
@@ -588,10 +593,12 @@ def merge_dirs(
             f"experts name different base models: {sorted(bases)}", param="experts"
         )
     experts = [load_lora_factors(d) for d in dirs]
-    m = METHODS.get(name)
-    check_options(m, experts, opts)
-    bar = progress(count_modules(experts)) if progress is not None and not m.exact else None
-    merged = m.fn(experts, opts, bar)
+    if base is not None:
+        for info, factors in zip(infos, experts, strict=True):
+            base.check(factors, info)
+    exact = METHODS.get(name).exact
+    bar = progress(count_modules(experts)) if progress is not None and not exact else None
+    merged = merge(name, experts, opts, bar)
     return save_lora_factors(
         merged, out, base_model_name_or_path=next(iter(bases), None), dtype=dtype
     )

@@ -175,10 +175,15 @@ _BLOCK_WEIGHT = re.compile(r"^(?:.*\.)?layers\.(?P<idx>\d+)\.(?P<kind>.+)\.weigh
 _DIGEST_SUFFIX = re.compile(r"-[0-9a-f]{8,}$")
 
 
-def _model_label(name_or_path: str) -> str:
+def model_name(name_or_path: str) -> str:
     """'HuggingFaceTB/SmolLM2-135M-Instruct', '/cache/SmolLM2-135M-Instruct-1a2b3c4d'
-    -> 'smollm2-135m-instruct': what two spellings of one base model have in common."""
-    return _DIGEST_SUFFIX.sub("", name_or_path.rstrip("/").rsplit("/", 1)[-1]).lower()
+    -> 'SmolLM2-135M-Instruct': the model's own name, without org or conversion digest."""
+    return _DIGEST_SUFFIX.sub("", name_or_path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _model_label(name_or_path: str) -> str:
+    """What two spellings of one base model have in common (`model_name`, casefolded)."""
+    return model_name(name_or_path).lower()
 
 
 @dataclass(frozen=True)

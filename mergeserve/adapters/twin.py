@@ -51,10 +51,11 @@ from mergeserve.adapters.methods import (
     METHODS,
     MergeOptions,
     ProgressBar,
-    check_options,
     check_values,
+    merge,
     stack_svd,
     top_singular,
+    weights_of,
 )
 from mergeserve.errors import AdapterError, InvalidRequestError
 
@@ -261,10 +262,8 @@ def decompose(
     if cfg.exclusive_rank is None and cfg.exclusive_energy is None:
         raise InvalidRequestError("give exclusive_rank and/or exclusive_energy", param="rank")
     names = tuple(experts)
-    m = METHODS.get(cfg.shared_method)
     values = [experts[n] for n in names]
-    check_options(m, values, cfg.shared_options)
-    shared = m.fn(values, cfg.shared_options, None)
+    shared = merge(cfg.shared_method, values, cfg.shared_options)
     if cfg.shared_rank is not None:
         shared = truncate_adapter(shared, cfg.shared_rank)
     exclusives: dict[str, AdapterFactors] = {}
@@ -331,7 +330,7 @@ def decompose_dense(
     check_values(METHODS.get(cfg.shared_method), len(values), cfg.shared_options)
     combine = DENSE_COMBINERS[cfg.shared_method](cfg.shared_options)
     opts = cfg.shared_options
-    w = torch.tensor(opts.weights if opts.weights is not None else [1.0] * len(values))
+    w = torch.tensor(weights_of(opts, len(values)))
     kinds = sorted({k for v in values for k in v.groups})
     shared_dense: dict[str, Tensor] = {}
     shared_lr: dict[str, LowRank] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -23,9 +22,10 @@ from typing import Any
 
 import torch
 
+from mergeserve.adapters.peft_io import model_name
+from mergeserve.config import LLAMA_PROJECTIONS
 from mergeserve.tasks.generators import Sample, Task, generate, get_task, score
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_steps: int = 10
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ALL_PROJECTIONS
+    targets: tuple[str, ...] = LLAMA_PROJECTIONS
     seed: int = 0
     threads: int | None = None
     dev_n: int = 50
@@ -48,12 +48,18 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _chat_head(tokenizer: Any, prompt: str) -> str:
+    """The rendered chat up to the assistant's turn, as the server renders a request."""
+    user = [{"role": "user", "content": prompt}]
+    return str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+
+
 def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one chat turn; labels are IGNORE except on the answer turn."""
-    user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    head = _chat_head(tokenizer, prompt)
     full = tokenizer.apply_chat_template(
-        [*user, {"role": "assistant", "content": answer}], tokenize=False
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        tokenize=False,
     )
     if not full.startswith(head):
         raise ValueError("the chat template does not extend the prompt with the answer")
@@ -102,12 +108,10 @@ def greedy_replies(
     out: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for i in range(0, len(prompts), batch):
-        rows = []
-        for p in prompts[i : i + batch]:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            rows.append(tokenizer.encode(text, add_special_tokens=False))
+        rows = [
+            tokenizer.encode(_chat_head(tokenizer, p), add_special_tokens=False)
+            for p in prompts[i : i + batch]
+        ]
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -181,7 +185,7 @@ def train_expert(
     dev_acc = score(task, replies, dev)
     card = {
         "task": task.name,
-        "base": config.base_model_name or _label(base_dir),
+        "base": config.base_model_name or model_name(str(base_dir.resolve())),
         "config": {k: v for k, v in asdict(config).items() if k not in ("extra",)} | config.extra,
         "steps": config.steps,
         "train_wall_s": round(train_s, 1),
@@ -209,8 +213,3 @@ def train_expert(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return card
-
-
-def _label(base_dir: Path) -> str:
-    """The base dir's name without the converted-model digest suffix."""
-    return re.sub(r"-[0-9a-f]{8,}$", "", base_dir.resolve().name)
