@@ -5,6 +5,10 @@
     mergeserve merge --method NAME [--weights w1,w2,…] [--density d] [--rank r] DIR… --out DIR
     mergeserve decompose DIR… --out DIR [--shared-method M] [--exclusive-rank k]
     mergeserve extract-lora --base DIR --finetuned DIR [--rank r] --out DIR
+    mergeserve train-expert --task NAME --out DIR        (demo tasks, CPU)
+    mergeserve eval --base-url URL --models base,expert:*  (exact-match table)
+    mergeserve train-router [--experts-dir DIR]          (the MLP router, saved beside them)
+    mergeserve route [--router NAME] < prompts.jsonl     ({"prompt": …} lines -> weights)
 
 With no arguments `serve` serves the embedded SmolLM2-135M-Instruct with the demo experts.
 """
@@ -204,6 +208,102 @@ def _eval(args: argparse.Namespace) -> None:
     print("written:", ", ".join(str(p) for p in paths.values()))
 
 
+def _router_parts(args: argparse.Namespace) -> tuple[Path, Any, Path | None]:
+    """(experts dir, embedder or None, base model dir or None) for the router commands."""
+    from mergeserve.router.embedders import make_embedder, set_threads
+    from mergeserve.runtime.base_model import resolve_base_model
+
+    settings = Settings()
+    experts_dir = args.experts_dir or settings.experts_dir
+    if experts_dir is None:
+        raise MergeserveError("no experts dir: pass --experts-dir")
+    needs_base = args.embedder == "hidden" or getattr(args, "router", None) == "arrow"
+    base_dir = resolve_base_model(args.base, settings.cache) if needs_base else None
+    embedder = None
+    if getattr(args, "router", None) != "arrow":
+        embedder = make_embedder(
+            args.embedder, base_dir=base_dir, layer=args.layer, threads=args.threads
+        )
+    else:
+        set_threads(args.threads)
+    return Path(experts_dir), embedder, base_dir
+
+
+def _train_router(args: argparse.Namespace) -> None:
+    from mergeserve.router.routers import (
+        MLPTrainConfig,
+        experts_examples,
+        mlp_router_dir,
+        train_mlp_router,
+    )
+
+    experts_dir, embedder, _ = _router_parts(args)
+    examples = experts_examples(experts_dir)
+    try:
+        config = MLPTrainConfig(hidden=args.hidden, epochs=args.epochs, lr=args.lr, seed=args.seed)
+        router = train_mlp_router(embedder, examples, config)
+    except ValueError as e:
+        raise MergeserveError(str(e)) from e
+    out = args.out or mlp_router_dir(experts_dir)
+    router.save(out)
+    print(json.dumps({"out": str(out), "experts": list(examples), "embedder": embedder.name}))
+
+
+def _prompt_of(line: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg}") from None
+    prompt = obj.get("prompt") if isinstance(obj, dict) else None
+    if not isinstance(prompt, str):
+        raise ValueError('expected an object with a "prompt" string')
+    return prompt
+
+
+def _route(args: argparse.Namespace) -> None:
+    from mergeserve.router.policy import RoutingPolicy
+    from mergeserve.router.routers import load_router, route
+
+    try:
+        policy = RoutingPolicy(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            floor=args.floor,
+            grid=args.grid or None,
+        )
+    except ValueError as e:
+        raise MergeserveError(str(e)) from e
+    experts_dir, embedder, base_dir = _router_parts(args)
+    router = load_router(args.router, experts_dir, embedder=embedder, base_dir=base_dir)
+    failed = 0
+    for lineno, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = _prompt_of(line)
+        except ValueError as e:
+            failed += 1
+            out: dict[str, Any] = {"line": lineno, "error": str(e)}
+        else:
+            (r,) = route(router, policy, [prompt])
+            out = {"weights": r.key.as_dict(), "top": r.key.top, "entropy": round(r.entropy, 4)}
+        print(json.dumps(out), flush=True)
+    if failed:
+        raise MergeserveError(f"{failed} input line(s) were not routed (see their error lines)")
+
+
+def _router_args(p: argparse.ArgumentParser) -> None:
+    from mergeserve.router.embedders import EMBEDDERS
+
+    p.add_argument("--experts-dir", type=Path, help="dir of expert dirs (default: the demo set)")
+    p.add_argument(
+        "--embedder", default="minilm-int8", choices=EMBEDDERS, help="default minilm-int8"
+    )
+    p.add_argument("--layer", type=int, default=8, help="hidden embedder: base-model layer")
+    p.add_argument("--base", type=Path, help="base model dir (default: the embedded SmolLM2)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -306,6 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--api-key", default="unused")
     e.add_argument("--out", type=Path, default=Path("eval-results"), help="output dir")
     e.set_defaults(func=_eval)
+
+    from mergeserve.router.routers import ROUTERS
+
+    tr = sub.add_parser("train-router", help="train the MLP router on the experts' examples")
+    _router_args(tr)
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--hidden", type=int, default=256)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", type=Path, help="output dir (default: <experts-dir>/_router)")
+    tr.set_defaults(func=_train_router)
+
+    r = sub.add_parser("route", help='route JSON lines {"prompt": ...} from stdin to weights')
+    _router_args(r)
+    r.add_argument("--router", default="prototype", choices=ROUTERS)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, help="keep the k most likely experts (default all)")
+    r.add_argument("--floor", type=float, default=0.0, help="drop weights below this")
+    r.add_argument("--grid", type=float, default=0.05, help="round weights to this (0: no)")
+    r.set_defaults(func=_route)
     return p
 
 

@@ -9,7 +9,8 @@ N="${1:-100}"
 PORT="${PORT:-8765}"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
-experts=(examples/experts/*/)
+experts=()
+for cfg in examples/experts/*/adapter_config.json; do experts+=("$(dirname "$cfg")"); done
 [[ ${#experts[@]} -eq 6 ]] || { echo "expected 6 experts under examples/experts" >&2; exit 1; }
 mkdir -p "$work/experts"
 for d in "${experts[@]}"; do ln -s "$PWD/$d" "$work/experts/$(basename "$d")"; done

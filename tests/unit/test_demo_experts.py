@@ -13,7 +13,7 @@ from mergeserve.adapters.peft_io import load_lora_factors, read_lora_dir
 from mergeserve.tasks import TASKS
 
 EXPERTS = Path(__file__).resolve().parents[2] / "examples" / "experts"
-DIRS = sorted(p for p in EXPERTS.iterdir() if p.is_dir()) if EXPERTS.is_dir() else []
+DIRS = sorted(p.parent for p in EXPERTS.glob("*/adapter_config.json"))
 # SmolLM2-135M: hidden 576, 3 kv heads of 64, MLP 1536, 30 layers.
 SHAPES = {
     "self_attn.q_proj": (576, 576),

@@ -1,0 +1,194 @@
+"""Router scores -> the weights a request is merged with, as a hashable `MergeKey`.
+
+A router gives one row of logits per request over the experts. The policy turns it into
+merge weights in four steps, each optional:
+
+1. temperature: p = softmax(logits / T)    (T → 0: the top expert alone; T → ∞: uniform)
+2. top-k: keep the k largest, renormalize
+3. floor: drop weights below `floor` (the top expert always stays), renormalize
+4. grid: round to multiples of `grid` that still sum to 1 (largest remainder), so that
+   near-equal requests share one key, and so one materialized adapter
+
+The entropy of p (step 1, before truncation) is returned beside the key for metrics:
+low entropy means the router is sure of one expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergeserve.errors import InvalidRequestError
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class MergeKey:
+    """Which experts a request is merged from, and with what weights (all > 0, sum 1).
+
+    Hashable and ordered by expert name, so equal merges compare and hash equal whatever
+    the order the weights were given in.
+    """
+
+    weights: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("a MergeKey needs at least one expert")
+        names = [n for n, _ in self.weights]
+        if names != sorted(set(names)):
+            raise ValueError(f"expert names must be unique and sorted, got {names}")
+        if any(not w > 0 for _, w in self.weights):
+            raise ValueError(f"weights must be > 0, got {self.weights}")
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: Mapping[str, float],
+        experts: Sequence[str] | None = None,
+        grid: float | None = None,
+    ) -> MergeKey:
+        """A key from explicit weights (a client's `merge_weights`): checked, normalized
+        to sum 1, zeros dropped, and rounded to `grid` when given.
+
+        Raises InvalidRequestError naming what is wrong: unknown experts, negative or
+        non-finite weights, or no positive weight at all.
+        """
+        if not weights:
+            raise InvalidRequestError("merge weights are empty", param="merge_weights")
+        if experts is not None:
+            unknown = sorted(set(weights) - set(experts))
+            if unknown:
+                raise InvalidRequestError(
+                    f"unknown experts in merge weights: {', '.join(unknown)}; "
+                    f"experts: {', '.join(experts)}",
+                    param="merge_weights",
+                )
+        bad = {n: w for n, w in weights.items() if not math.isfinite(w) or w < 0}
+        if bad:
+            raise InvalidRequestError(
+                f"merge weights must be finite and >= 0, got {bad}", param="merge_weights"
+            )
+        total = sum(weights.values())
+        if total <= 0:
+            raise InvalidRequestError(
+                "merge weights need at least one positive weight", param="merge_weights"
+            )
+        names = sorted(weights)
+        probs = [weights[n] / total for n in names]
+        if grid is not None:
+            probs = round_to_grid(probs, grid)
+        return cls(tuple((n, p) for n, p in zip(names, probs, strict=True) if p > 0))
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.weights)
+
+    @property
+    def top(self) -> str:
+        """The expert of largest weight (the first by name on a tie)."""
+        return min(self.weights, key=lambda nw: (-nw[1], nw[0]))[0]
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.weights)
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={w:g}" for n, w in self.weights)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One request's routing: the key to merge with, the full distribution, its entropy."""
+
+    key: MergeKey
+    probs: dict[str, float]
+    """softmax(logits / T) over every expert, before top-k, floor and grid."""
+    entropy: float
+    """Shannon entropy of `probs`, in nats (0: one expert; ln E: uniform)."""
+
+
+def round_to_grid(probs: Sequence[float], grid: float) -> list[float]:
+    """Round a distribution to multiples of `grid` summing to exactly 1.
+
+    Largest-remainder rounding: each weight gets floor(p / grid) units, and the units
+    left over go to the largest remainders (ties to the earlier entry). `1 / grid` must
+    be a whole number.
+    """
+    if not 0 < grid <= 1 or abs(round(1.0 / grid) * grid - 1.0) > 1e-9:
+        raise ValueError(f"grid must divide 1 (like 0.05 or 0.1), got {grid}")
+    units_total = round(1.0 / grid)
+    total = sum(probs)
+    scaled = [p / total * units_total for p in probs]
+    units = [math.floor(s + _EPS) for s in scaled]
+    left = units_total - sum(units)
+    order = sorted(range(len(scaled)), key=lambda i: (-(scaled[i] - units[i]), i))
+    for i in order[:left]:
+        units[i] += 1
+    return [u / units_total for u in units]
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy (nats) of each row of a probability matrix."""
+    p = probs.clamp_min(0)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    temperature: float = 1.0
+    top_k: int | None = None
+    """Keep the k most likely experts (None: all)."""
+    floor: float = 0.0
+    """Drop experts whose weight, after top-k, is below this (the top one always stays)."""
+    grid: float | None = 0.05
+    """Round weights to multiples of this (None: no rounding; keys then rarely repeat)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError(f"floor must be in [0, 1), got {self.floor}")
+        if self.grid is not None:
+            round_to_grid([1.0], self.grid)  # checks that the grid divides 1
+
+    def apply(self, experts: Sequence[str], logits: Tensor) -> list[Routing]:
+        """Routings for each row of `logits` ([n, E], columns in `experts` order).
+
+        A logit of -inf excludes that expert (weight 0). Rows must have a finite entry.
+        """
+        if logits.dim() != 2 or logits.shape[1] != len(experts):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(experts)} experts")
+        x = logits.detach().to(torch.float64)
+        if not torch.isfinite(x).any(dim=1).all():
+            raise ValueError("every row of logits needs at least one finite entry")
+        if torch.isnan(x).any() or torch.isposinf(x).any():
+            raise ValueError("logits must not be NaN or +inf")
+        probs = torch.softmax(x / self.temperature, dim=1)
+        ent = entropy(probs)
+        kept = probs.clone()
+        if self.top_k is not None and self.top_k < len(experts):
+            # Stable order: ties go to the earlier expert, so equal inputs give equal keys.
+            order = torch.argsort(-kept, dim=1, stable=True)
+            kept.scatter_(1, order[:, self.top_k :], 0.0)
+            kept = kept / kept.sum(dim=1, keepdim=True)
+        if self.floor > 0:
+            top = kept.argmax(dim=1, keepdim=True)
+            below = kept < self.floor
+            below.scatter_(1, top, False)
+            kept = kept.masked_fill(below, 0.0)
+            kept = kept / kept.sum(dim=1, keepdim=True)
+        out = []
+        for row, full, h in zip(kept.tolist(), probs.tolist(), ent.tolist(), strict=True):
+            weights = round_to_grid(row, self.grid) if self.grid is not None else row
+            key = MergeKey(
+                tuple(sorted((n, w) for n, w in zip(experts, weights, strict=True) if w > 0))
+            )
+            out.append(Routing(key, dict(zip(experts, full, strict=True)), float(h)))
+        return out
