@@ -188,7 +188,7 @@ def _train_expert(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mergeserve.tasks.evaluate import evaluate, markdown_table, write_results
+    from mergeserve.tasks.evaluate import REPLIES_FILE, evaluate, markdown_table, write_results
 
     try:
         result = evaluate(
@@ -200,6 +200,8 @@ def _eval(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             split=args.split,
             api_key=args.api_key,
+            cache_file=args.out / REPLIES_FILE,
+            resume=args.resume,
         )
     except ValueError as e:
         raise MergeserveError(str(e)) from e
@@ -405,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=48)
     e.add_argument("--api-key", default="unused")
     e.add_argument("--out", type=Path, default=Path("eval-results"), help="output dir")
+    e.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the replies cached in <out>/replies.jsonl by an earlier (stopped) run",
+    )
     e.set_defaults(func=_eval)
 
     from mergeserve.router.routers import ROUTERS

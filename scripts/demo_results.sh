@@ -4,6 +4,8 @@
 # OpenAI API on the test split (unseen templates included).
 # Usage: scripts/demo_results.sh [N per task, default 50]
 # (max 32 new tokens: the longest answer, a 3-pair JSON object, is about 25 tokens)
+# RESUME=1 reuses the replies a stopped run cached in docs/results/replies.jsonl (only
+# valid while the experts are unchanged: the cache is keyed by model name, not content).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-50}"
@@ -30,7 +32,7 @@ for _ in $(seq 600); do
   sleep 1
 done
 $ms eval --base-url "http://127.0.0.1:$PORT" --models 'base,expert:*' --n "$N" \
-  --concurrency 16 --max-tokens 32 --out docs/results
+  --concurrency 16 --max-tokens 32 --out docs/results ${RESUME:+--resume}
 {
   echo "# Demo results: base, experts and static merges on the six demo tasks"
   echo

@@ -5,16 +5,23 @@ requests in flight. Writes `results.json`, `results.md` (the exact-match table) 
 `results.png` (a bar chart). The normalized score of a model is its accuracy on each task
 divided by that task's own expert's accuracy (`expert:<task>`), averaged over tasks; it is
 left out when the experts were not evaluated.
+
+Every reply is appended to a cache (`replies.jsonl` beside the results) as it arrives;
+`resume=True` reads it back and sends only the requests it does not hold, so a long
+table (LoRA generation on a CPU is slow) can be built over several runs. A cached reply
+counts only for the same model, split, prompt index, prompt and max_tokens; failed
+requests are not cached, so a resumed run retries them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mergeserve.tasks.generators import TASKS, Sample, generate, get_task
 
@@ -88,14 +95,51 @@ def normalized_scores(
     return {m: sum(row[t].accuracy / refs[t] for t in refs) / len(refs) for m, row in cells.items()}
 
 
+REPLIES_FILE = "replies.jsonl"
+ReplyKey = tuple[str, str, str, int, str, int]
+"""(model, task, split, prompt index, prompt, max_tokens)."""
+
+
+def load_reply_cache(path: Path) -> dict[ReplyKey, str]:
+    """Replies cached by earlier runs (a torn last line from a killed run is skipped)."""
+    cache: dict[ReplyKey, str] = {}
+    if not path.is_file():
+        return cache
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            key = (r["model"], r["task"], r["split"], r["i"], r["prompt"], r["max_tokens"])
+            cache[key] = str(r["reply"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return cache
+
+
+def _open_cache(path: Path) -> TextIO:
+    """Open the reply cache for appending, ending a line torn by a killed run first
+    (the torn line is skipped on load; the reply after it must start a line of its own)."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    sink = path.open("a")
+    if torn:
+        sink.write("\n")
+    return sink
+
+
 async def _run(
     base_url: str,
     models: Sequence[str],
     samples: dict[str, list[Sample]],
+    split: str,
     concurrency: int,
     max_tokens: int,
     api_key: str,
     timeout: float,
+    cache: dict[ReplyKey, str],
+    cache_file: Path | None,
 ) -> dict[tuple[str, str], list[str | None]]:
     import openai
     from tqdm import tqdm
@@ -104,11 +148,18 @@ async def _run(
         base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, timeout=timeout, max_retries=2
     )
     sem = asyncio.Semaphore(concurrency)
-    replies: dict[tuple[str, str], list[str | None]] = {
-        (m, t): [None] * len(ss) for m in models for t, ss in samples.items()
-    }
-    total = len(models) * sum(len(s) for s in samples.values())
-    bar = tqdm(total=total, desc="eval", unit="req")
+    replies: dict[tuple[str, str], list[str | None]] = {}
+    todo = []
+    for m in models:
+        for t, ss in samples.items():
+            row = replies[(m, t)] = [None] * len(ss)
+            for i, s in enumerate(ss):
+                cached = cache.get((m, t, split, i, s.prompt, max_tokens))
+                if cached is None:
+                    todo.append((m, t, i, s.prompt))
+                row[i] = cached
+    bar = tqdm(total=len(todo), desc="eval", unit="req")
+    sink = _open_cache(cache_file) if cache_file is not None else None
 
     async def one(model: str, task: str, i: int, prompt: str) -> None:
         async with sem:
@@ -119,23 +170,31 @@ async def _run(
                     temperature=0,
                     max_tokens=max_tokens,
                 )
-                replies[(model, task)][i] = r.choices[0].message.content or ""
+                reply = r.choices[0].message.content or ""
+                replies[(model, task)][i] = reply
+                if sink is not None:
+                    record = {
+                        "model": model,
+                        "task": task,
+                        "split": split,
+                        "i": i,
+                        "prompt": prompt,
+                        "max_tokens": max_tokens,
+                        "reply": reply,
+                    }
+                    sink.write(json.dumps(record) + "\n")
+                    sink.flush()
             except openai.APIError:
                 replies[(model, task)][i] = None
             finally:
                 bar.update(1)
 
     try:
-        await asyncio.gather(
-            *(
-                one(m, t, i, s.prompt)
-                for m in models
-                for t, ss in samples.items()
-                for i, s in enumerate(ss)
-            )
-        )
+        await asyncio.gather(*(one(*job) for job in todo))
     finally:
         bar.close()
+        if sink is not None:
+            sink.close()
         await client.close()
     return replies
 
@@ -150,8 +209,14 @@ def evaluate(
     split: str = "test",
     api_key: str = "unused",
     timeout: float = 600.0,
+    cache_file: Path | None = None,
+    resume: bool = False,
 ) -> EvalResult:
-    """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all)."""
+    """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all).
+
+    With `cache_file`, replies are appended to it as they come; with `resume`, the replies
+    it already holds are reused instead of asked again (without, it is started afresh).
+    """
     import openai
 
     task_names = list(tasks or TASKS)
@@ -161,8 +226,26 @@ def evaluate(
         served = [m.id for m in c.models.list().data]
     chosen = expand_models(models, served)
     samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
+    cache: dict[ReplyKey, str] = {}
+    if cache_file is not None:
+        if resume:
+            cache = load_reply_cache(cache_file)
+        else:
+            cache_file.unlink(missing_ok=True)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
     replies = asyncio.run(
-        _run(base_url, chosen, samples, concurrency, max_tokens, api_key, timeout)
+        _run(
+            base_url,
+            chosen,
+            samples,
+            split,
+            concurrency,
+            max_tokens,
+            api_key,
+            timeout,
+            cache,
+            cache_file,
+        )
     )
     cells: dict[str, dict[str, Cell]] = {}
     examples: dict[str, dict[str, list[dict[str, str]]]] = {}

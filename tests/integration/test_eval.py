@@ -12,7 +12,7 @@ from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
 from mergeserve.server.app import create_app
 from mergeserve.tasks import TASKS, generate
-from mergeserve.tasks.evaluate import Cell, expand_models, normalized_scores
+from mergeserve.tasks.evaluate import Cell, expand_models, load_reply_cache, normalized_scores
 from tests.conftest import write_fake_lora_dir
 from tests.integration.conftest import uvicorn_in_thread
 
@@ -68,3 +68,34 @@ def test_model_patterns_and_errors() -> None:
         expand_models(["expert:c"], served)
     cell = Cell(accuracy=0.5, held_out_accuracy=None, n=2, errors=0)
     assert normalized_scores({"m": {"add": cell}}, ["add"]) == {"m": None}
+
+
+def test_eval_resume_reuses_cached_replies(tmp_path: Path) -> None:
+    experts = tmp_path / "experts"
+    write_fake_lora_dir(experts / "add")
+    settings = Settings(model=None, experts_dir=experts, cache=tmp_path / "cache")
+    out = tmp_path / "eval"
+    args = ["eval", "--models", "base,expert:add", "--n", str(N), "--tasks", "add,capital",
+            "--out", str(out)]  # fmt: skip
+
+    def accuracy() -> float:
+        data = json.loads((out / "results.json").read_text())
+        return float(data["accuracy"]["expert:add"]["add"]["accuracy"])
+
+    with uvicorn_in_thread(create_app(settings, _oracle())) as url:
+        main([*args, "--base-url", url])
+        cache = out / "replies.jsonl"
+        lines = cache.read_text().splitlines()
+        assert len(lines) == 2 * 2 * N  # every reply, as it came
+        # Doctor one cached reply and tear the last line, as a killed run would leave it:
+        # a resumed run must take the cache as it is and ask only for what is missing.
+        records = [json.loads(x) for x in lines]
+        doctored = next(r for r in records if r["model"] == "expert:add" and r["task"] == "add")
+        doctored["reply"] = "wrong"
+        torn = records.pop()
+        cache.write_text("".join(json.dumps(r) + "\n" for r in records) + json.dumps(torn)[:20])
+        main([*args, "--base-url", url, "--resume"])
+        assert accuracy() == pytest.approx((N - 1) / N)
+        assert len(load_reply_cache(cache)) == 2 * 2 * N  # the torn one was asked again
+        main([*args, "--base-url", url])  # without --resume: afresh
+        assert accuracy() == 1.0
