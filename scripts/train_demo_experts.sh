@@ -4,7 +4,7 @@
 # Usage: scripts/train_demo_experts.sh [task ...]   (default: all six; existing dirs are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-declare -A STEPS=([sentiment]=60 [capital]=120 [reverse_words]=150 [to_json]=120 [sort_numbers]=450 [add]=400)
+declare -A STEPS=([sentiment]=60 [capital]=120 [reverse_words]=150 [to_json]=120 [sort_numbers]=450 [add]=600)
 ORDER=(sentiment capital reverse_words to_json sort_numbers add)
 tasks=("${@:-${ORDER[@]}}")
 for t in "${tasks[@]}"; do
