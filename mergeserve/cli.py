@@ -251,20 +251,9 @@ def _train_router(args: argparse.Namespace) -> None:
     print(json.dumps({"out": str(out), "experts": list(examples), "embedder": embedder.name}))
 
 
-def _prompt_of(line: str) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON: {e.msg}") from None
-    prompt = obj.get("prompt") if isinstance(obj, dict) else None
-    if not isinstance(prompt, str):
-        raise ValueError('expected an object with a "prompt" string')
-    return prompt
-
-
 def _route(args: argparse.Namespace) -> None:
     from mergeserve.router.policy import RoutingPolicy
-    from mergeserve.router.routers import load_router, route
+    from mergeserve.router.routers import load_router, prompt_of, route
 
     try:
         policy = RoutingPolicy(
@@ -282,7 +271,7 @@ def _route(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         try:
-            prompt = _prompt_of(line)
+            prompt = prompt_of(line)
         except ValueError as e:
             failed += 1
             out: dict[str, Any] = {"line": lineno, "error": str(e)}

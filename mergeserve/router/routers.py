@@ -74,6 +74,18 @@ def route(router: Router, policy: RoutingPolicy, texts: Sequence[str]) -> list[R
 # ------------------------------------------------------------------------------ examples
 
 
+def prompt_of(line: str) -> str:
+    """The prompt of one JSON line {"prompt": ...}; ValueError saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    prompt = obj.get("prompt") if isinstance(obj, dict) else None
+    if not isinstance(prompt, str):
+        raise ValueError('expected an object with a "prompt" string')
+    return prompt
+
+
 def read_examples(expert_dir: Path) -> list[str]:
     """The example prompts of an expert (`examples.jsonl`: one {"prompt": ...} a line)."""
     path = expert_dir / EXAMPLES_FILE
@@ -87,13 +99,11 @@ def read_examples(expert_dir: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AdapterError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise AdapterError(f'{path}:{lineno}: expected an object with a "prompt" string')
-        if obj["prompt"].strip():
-            prompts.append(obj["prompt"])
+            prompt = prompt_of(line)
+        except ValueError as e:
+            raise AdapterError(f"{path}:{lineno}: {e}") from None
+        if prompt.strip():
+            prompts.append(prompt)
     if not prompts:
         raise AdapterError(f"{path}: no example prompts")
     return prompts
