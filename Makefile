@@ -5,17 +5,21 @@ HOST  ?= 127.0.0.1
 PORT  ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint unit integration e2e bench venv
+.PHONY: serve test lint unit integration e2e bench venv testdeps
 
 venv:
 	@scripts/bootstrap.sh
+
+## Debian's prometheus (server + promtool), used by the metrics tests.
+testdeps:
+	@scripts/test_deps.sh
 
 ## Serve the embedded default (SmolLM2-135M-Instruct + demo experts) on localhost:8000.
 serve: venv
 	$(VENV)/mergeserve serve --host $(HOST) --port $(PORT)
 
 ## The whole test suite: lint, types, unit, integration and the real-vLLM e2e tier.
-test: venv lint
+test: venv testdeps lint
 	$(VENV)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -26,7 +30,7 @@ lint: venv
 unit: venv
 	$(VENV)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: venv
+integration: venv testdeps
 	$(VENV)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 e2e: venv

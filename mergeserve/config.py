@@ -47,11 +47,15 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     """Sequences the scheduler runs in one batch."""
 
-    max_lora_rank: int = 16
-    """Largest LoRA rank a slot holds; one of vLLM's allowed ranks."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank a slot holds; one of vLLM's allowed ranks. Every adapter is
+    computed at this rank on CPU (vLLM pads to it), so lower it for speed: static merges
+    and dynamic merges above it are then truncated to it (thin QR-SVD). 64 holds the
+    demo set's merges exactly (six rank-8 experts: Σ r = 48)."""
 
-    max_loras: int = Field(4, ge=1)
-    """LoRA slots: distinct adapters that can run in one batch."""
+    max_loras: int = Field(8, ge=1)
+    """LoRA slots: distinct adapters that can run in one batch. Dynamic merging keeps
+    several keys in flight at once; too few slots make requests wait for one."""
 
     max_cpu_loras: int | None = Field(None, ge=1)
     """Adapters kept loaded in the engine's LRU (default: max_loras)."""
@@ -74,6 +78,42 @@ class EngineSettings(BaseModel):
         if v not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {v}")
         return v
+
+
+class RouterSettings(BaseModel):
+    """How dynamic requests are routed (see mergeserve.router)."""
+
+    kind: Literal["prototype", "mlp", "arrow"] = "prototype"
+    embedder: Literal["minilm", "minilm-int8", "hidden"] = "minilm-int8"
+    hidden_layer: int | None = Field(8, ge=1)
+    """The `hidden` embedder's base-model layer."""
+    threads: int = Field(1, ge=1)
+    """torch threads of the router (the engine has the other cores)."""
+    max_batch: int = Field(32, ge=1)
+    """Most requests embedded in one call."""
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(2, ge=1)
+    floor: float = Field(0.1, ge=0, lt=1)
+    grid: float | None = Field(0.05, gt=0, le=1)
+
+
+class MergeSettings(BaseModel):
+    """The arms built from the expert set: dynamic (Twin and exact) and static."""
+
+    dynamic: bool = True
+    """Serve `dynamic`, `dynamic:twin` and `dynamic:exact` (needs at least one expert)."""
+    default_mode: Literal["twin", "exact"] = "exact"
+    """What the model name `dynamic` means."""
+    static_methods: list[str] = ["linear", "task_arithmetic", "ties", "dare_ties"]
+    """One `static:<method>` arm each, with the options of STATIC_DEFAULTS."""
+    twin_shared_method: str = "task_arithmetic"
+    twin_lambda: float = 0.3
+    twin_exclusive_rank: int = Field(8, ge=1)
+    twin_shared_rank: int | None = Field(None, ge=1)
+    cache_dir: Path | None = None
+    """Where merged adapters are written (default: /dev/shm, else the temp dir)."""
+    cache_max_entries: int = Field(64, ge=1)
+    cache_max_bytes: int = Field(4 << 30, ge=1)
 
 
 class ServerSettings(BaseModel):
@@ -111,3 +151,5 @@ class Settings(BaseSettings):
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)

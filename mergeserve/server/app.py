@@ -1,12 +1,15 @@
 """The FastAPI application factory.
 
-`create_app(settings, engine=None)`: the lifespan resolves the base model, discovers the
-experts, starts the engine unless one is given (tests pass a FakeEngine), and shuts the
-engine down on exit. Routes reach all of it through `AppState`, never through globals.
+`create_app(settings, engine=None)`: the lifespan resolves the base model, loads the
+experts, builds (or loads from the cache) the Twin decomposition and the static merges,
+starts the router and the engine unless one is given (tests pass a FakeEngine), and on
+exit shuts the engine down and removes every merged adapter. Routes reach all of it
+through `AppState`, never through globals.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,13 +18,27 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mergeserve import __version__
-from mergeserve.adapters.peft_io import discover_lora_dirs
+from mergeserve.adapters.methods import MergeOptions
+from mergeserve.adapters.peft_io import BaseModelSpec, LoraAdapterInfo
+from mergeserve.adapters.twin import TwinConfig
 from mergeserve.config import Settings
+from mergeserve.errors import AdapterError, ConfigurationError
+from mergeserve.router.embedders import Embedder, make_embedder
+from mergeserve.router.policy import RoutingPolicy
+from mergeserve.router.routers import load_router
 from mergeserve.runtime.base_model import resolve_base_model
+from mergeserve.runtime.dynamic import DynamicMerger
 from mergeserve.runtime.engine import EngineClient, build_engine
+from mergeserve.runtime.expert_set import (
+    STATIC_DEFAULTS,
+    ExpertSet,
+    static_merge,
+    twin_decomposition,
+)
+from mergeserve.runtime.materialize import AdapterCache, IdAllocator
 from mergeserve.server.catalog import ModelCatalog
 from mergeserve.server.errors import install_error_handlers
 from mergeserve.server.metrics import Metrics
@@ -32,20 +49,119 @@ from mergeserve.server.state import AppState, get_state
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=4)
+def shared_embedder(name: str, base_dir: Path | None, layer: int | None, threads: int) -> Embedder:
+    """One embedder per configuration per process: loading MiniLM costs seconds, and an
+    app rebuilt in the same process (tests, restarts of the lifespan) reuses it."""
+    return make_embedder(name, base_dir=base_dir, layer=layer, threads=threads)
+
+
+def twin_config(settings: Settings) -> TwinConfig:
+    """The Twin decomposition the dynamic arms serve, from the settings."""
+    ms = settings.merge
+    return TwinConfig(
+        shared_method=ms.twin_shared_method,
+        shared_options=MergeOptions(scale=ms.twin_lambda),
+        exclusive_rank=ms.twin_exclusive_rank,
+        shared_rank=ms.twin_shared_rank,
+    )
+
+
+def build_dynamic(
+    settings: Settings,
+    experts: ExpertSet,
+    base_dir: Path | None,
+    ids: IdAllocator,
+    metrics: Metrics,
+) -> DynamicMerger:
+    """Twin decomposition (cached), router, policy and adapter cache of the dynamic arms."""
+    ms, rs = settings.merge, settings.router
+    assert settings.experts_dir is not None
+    twin = twin_decomposition(experts, twin_config(settings), settings.cache)
+    embedder = None
+    if rs.kind != "arrow":
+        embedder = shared_embedder(rs.embedder, base_dir, rs.hidden_layer, rs.threads)
+    try:
+        router = load_router(rs.kind, settings.experts_dir, embedder=embedder, base_dir=base_dir)
+    except AdapterError as e:
+        raise ConfigurationError(
+            f"the dynamic arms cannot route: {e.message}. Give each expert an examples.jsonl, "
+            "or route without data (MERGESERVE_ROUTER__KIND=arrow), or serve without the "
+            "dynamic arms (MERGESERVE_MERGE__DYNAMIC=false)"
+        ) from e
+    policy = RoutingPolicy(rs.temperature, rs.top_k, rs.floor, rs.grid)
+    cache = AdapterCache(
+        ids,
+        root=ms.cache_dir,
+        max_entries=ms.cache_max_entries,
+        max_bytes=ms.cache_max_bytes,
+        name_prefix="dynamic",
+    )
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.router_batch.observe(size)
+
+    return DynamicMerger(
+        experts,
+        twin,
+        router,
+        policy,
+        cache,
+        settings.engine.max_lora_rank,
+        max_batch=rs.max_batch,
+        on_batch=on_batch,
+    )
+
+
 def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
-    """Everything the routes need. Validates experts before starting the (slow) engine."""
-    if engine is not None and settings.model is None:
-        base_dir = Path("(engine supplied)")
-    else:
+    """Everything the routes need. Validates experts and builds every arm before starting
+    the (slow) engine, so a bad expert fails fast."""
+    base_dir: Path | None = None
+    if engine is None or settings.model is not None:
         base_dir = resolve_base_model(settings.model, settings.cache)
-    experts = discover_lora_dirs(settings.experts_dir) if settings.experts_dir else []
-    catalog = ModelCatalog.build(base_dir, experts, settings.engine.max_lora_rank)
-    if engine is None:
-        engine = build_engine(base_dir, settings.engine, settings.served_model_name)
+    base_spec = BaseModelSpec.from_checkpoint(base_dir) if base_dir is not None else None
+    experts = (
+        ExpertSet.from_dir(settings.experts_dir, base_spec)
+        if settings.experts_dir is not None
+        else ExpertSet({}, {}, {})
+    )
+    max_rank = settings.engine.max_lora_rank
+    static: dict[str, LoraAdapterInfo] = {}
+    if len(experts):
+        for method in settings.merge.static_methods:
+            if method not in STATIC_DEFAULTS:
+                raise ConfigurationError(
+                    f"no static arm {method!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
+                )
+            static[method] = static_merge(
+                experts, method, STATIC_DEFAULTS[method], max_rank, settings.cache
+            )
     metrics = Metrics(__version__)
-    chat = ChatService(engine, catalog, metrics, settings.server)
+    metrics.registry_version.set(experts.generation)
+    metrics.experts.set(len(experts))
+    ids = IdAllocator()
+    dynamic = None
+    if settings.merge.dynamic and len(experts):
+        dynamic = build_dynamic(settings, experts, base_dir, ids, metrics)
+    catalog = ModelCatalog.build(
+        base_dir or Path("(engine supplied)"),
+        experts.infos.values(),
+        max_rank,
+        static=static,
+        dynamic_default=settings.merge.default_mode if dynamic is not None else None,
+        ids=ids,
+    )
+    try:
+        if engine is None:
+            assert base_dir is not None
+            engine = build_engine(base_dir, settings.engine, settings.served_model_name)
+    except BaseException:
+        if dynamic is not None:
+            dynamic.cache.discard()
+        raise
+    chat = ChatService(engine, catalog, metrics, settings.server, dynamic)
     log.info("serving %s", ", ".join(m.id for m in catalog))
-    return AppState(engine, catalog, metrics, chat, base_dir)
+    return AppState(engine, catalog, metrics, chat, base_dir or Path("(engine supplied)"), dynamic)
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
@@ -59,7 +175,11 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             yield
         finally:
             app.state.mergeserve = None
-            await state.engine.shutdown()
+            try:
+                await state.engine.shutdown()
+            finally:
+                if state.dynamic is not None:
+                    await state.dynamic.close()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
@@ -72,7 +192,15 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
 
     @app.get("/metrics")
     async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
-        body = state.metrics.render(state.engine.metrics_registry())
+        """mergeserve's own metrics (`promtool check metrics` clean)."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics/engine")
+    async def engine_metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
+        """The engine's metrics as vLLM names them (`vllm:*`, for vLLM's dashboards; the
+        colons are legal in the exposition format but fail promtool's lint, hence apart)."""
+        registry = state.engine.metrics_registry()
+        body = generate_latest(registry) if registry is not None else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,49 +1,117 @@
-"""What each `model` name in a request means: the base model alone, or one expert adapter."""
+"""What each `model` name in a request means (DESIGN.md, "Models served").
+
+* `base`              no adapter
+* `expert:<name>`     one expert's LoRA dir
+* `static:<method>`   one static merge of every expert, built once per expert set
+* `dynamic:twin`      routed, S + Σ wᵢ Xᵢ       (merged per request)
+* `dynamic:exact`     routed, Σ wᵢ Δᵢ           (merged per request)
+* `dynamic`           an alias of one of the two (settings)
+
+A served model's `arm` is the name metrics and the `merge` object report: its own id,
+except for the alias `dynamic`, whose arm is the mode it stands for, so that one arm is
+never counted under two names.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
 from mergeserve.adapters.peft_io import LoraAdapterInfo
 from mergeserve.errors import ConfigurationError, ModelNotFoundError
+from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMode
 from mergeserve.runtime.engine import LoRATarget
+from mergeserve.runtime.materialize import IdAllocator
 
 BASE = "base"
 EXPERT_PREFIX = "expert:"
+STATIC_PREFIX = "static:"
+DYNAMIC = "dynamic"
+
+ModelKind = Literal["base", "expert", "static", "dynamic"]
+
+
+def dynamic_id(mode: DynamicMode) -> str:
+    return f"{DYNAMIC}:{mode}"
 
 
 @dataclass(frozen=True)
 class ServedModel:
     id: str
-    """The name clients put in `model`; also the `arm` label of metrics."""
-    lora: LoRATarget | None
+    """The name clients put in `model`."""
+    kind: ModelKind
     root: str
+    """What the model is built from: the base model dir, an adapter dir, or a description."""
+    lora: LoRATarget | None = None
+    """The fixed adapter of `expert:` and `static:` models."""
+    mode: DynamicMode | None = None
+    """The merge of a dynamic model."""
+    weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """The fixed expert weights of `expert:` models (`{name: 1.0}`)."""
+
+    @property
+    def arm(self) -> str:
+        return dynamic_id(self.mode) if self.mode is not None else self.id
 
 
 class ModelCatalog:
-    """An immutable name → ServedModel map, built once at start-up."""
+    """An immutable name → ServedModel map."""
 
     def __init__(self, models: Iterable[ServedModel]):
         self._models: Mapping[str, ServedModel] = MappingProxyType({m.id: m for m in models})
 
     @classmethod
     def build(
-        cls, base_dir: Path, experts: Iterable[LoraAdapterInfo], max_lora_rank: int
+        cls,
+        base_dir: Path,
+        experts: Iterable[LoraAdapterInfo],
+        max_lora_rank: int,
+        *,
+        static: Mapping[str, LoraAdapterInfo] | None = None,
+        dynamic_default: DynamicMode | None = None,
+        ids: IdAllocator | None = None,
     ) -> ModelCatalog:
-        models = [ServedModel(BASE, None, str(base_dir))]
+        """Every model: base, one per expert, one per static merge, and the dynamic arms
+        when `dynamic_default` is given. Engine ids come from `ids` (default: from 1)."""
+        ids = ids or IdAllocator()
+        models = [ServedModel(BASE, "base", str(base_dir))]
         too_big = []
-        for int_id, info in enumerate(sorted(experts, key=lambda e: e.name), start=1):
+        for info in sorted(experts, key=lambda e: e.name):
             if info.rank > max_lora_rank:
                 too_big.append(f"{info.name} (r={info.rank})")
-            target = LoRATarget(name=f"{EXPERT_PREFIX}{info.name}", int_id=int_id, path=info.path)
-            models.append(ServedModel(target.name, target, str(info.path)))
+            target = LoRATarget(name=f"{EXPERT_PREFIX}{info.name}", int_id=ids(), path=info.path)
+            models.append(
+                ServedModel(
+                    target.name,
+                    "expert",
+                    str(info.path),
+                    lora=target,
+                    weights=MappingProxyType({info.name: 1.0}),
+                )
+            )
         if too_big:
             raise ConfigurationError(
                 f"experts of rank above max_lora_rank={max_lora_rank}: {', '.join(too_big)}; "
                 "raise MERGESERVE_ENGINE__MAX_LORA_RANK"
+            )
+        for method, info in sorted((static or {}).items()):
+            target = LoRATarget(name=f"{STATIC_PREFIX}{method}", int_id=ids(), path=info.path)
+            models.append(ServedModel(target.name, "static", str(info.path), lora=target))
+        if dynamic_default is not None:
+            for mode in DYNAMIC_MODES:
+                models.append(
+                    ServedModel(dynamic_id(mode), "dynamic", f"router + {mode} merge", mode=mode)
+                )
+            models.append(
+                ServedModel(
+                    DYNAMIC,
+                    "dynamic",
+                    f"alias of {dynamic_id(dynamic_default)}",
+                    mode=dynamic_default,
+                )
             )
         return cls(models)
 
@@ -52,6 +120,9 @@ class ModelCatalog:
             return self._models[name]
         except KeyError:
             raise ModelNotFoundError(name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())

@@ -1,8 +1,9 @@
 """mergeserve's Prometheus metrics: one object owning its own CollectorRegistry.
 
 Labels are bounded: `arm` (a served model name, bounded by the registry), `status`
-(a class: ok, client_error, server_error, aborted) and token `kind`. Never a request id,
-user or adapter hash. The engine's own registry (vLLM's) is exported beside this one.
+(a class: ok, client_error, server_error, aborted), token `kind`, `cache` (hit, miss) and
+`expert` (an expert name, bounded by the registry). Never a request id, user or adapter
+hash. The engine's own registry (vLLM's) is exported apart, on /metrics/engine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ StatusClass = Literal["ok", "client_error", "server_error", "aborted"]
 
 # Latency buckets sized for CPU serving of small models: 5 ms .. 2 min.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Routing and merging: 0.5 ms .. 10 s.
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+_WEIGHT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+_ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 def status_class(http_status: int) -> StatusClass:
@@ -65,11 +70,60 @@ class Metrics:
             "Requests admitted and not yet finished.",
             registry=r,
         )
+        self.router_latency = Histogram(
+            "mergeserve_router_latency_seconds",
+            "Seconds a dynamic request waited for its routing (queue + embedding batch).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.router_batch = Histogram(
+            "mergeserve_router_batch_size",
+            "Requests embedded together in one router batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.router_entropy = Histogram(
+            "mergeserve_router_entropy_nats",
+            "Entropy of the router's distribution over experts (0: one expert).",
+            buckets=_ENTROPY_BUCKETS,
+            registry=r,
+        )
+        self.expert_weight = Histogram(
+            "mergeserve_expert_weight",
+            "Weight of each expert in dynamic merges (observed when > 0).",
+            ["expert"],
+            buckets=_WEIGHT_BUCKETS,
+            registry=r,
+        )
+        self.merge_latency = Histogram(
+            "mergeserve_merge_latency_seconds",
+            "Seconds a dynamic request waited for its merged adapter, by cache hit or miss.",
+            ["cache"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.materialized = Gauge(
+            "mergeserve_materialized_adapters",
+            "Merged adapters materialized on disk (the adapter cache's entries).",
+            registry=r,
+        )
+        self.materialized_bytes = Gauge(
+            "mergeserve_materialized_adapter_bytes",
+            "Bytes of the materialized merged adapters.",
+            registry=r,
+        )
+        self.registry_version = Gauge(
+            "mergeserve_registry_version",
+            "Generation of the served expert set (increases when it changes).",
+            registry=r,
+        )
+        self.experts = Gauge(
+            "mergeserve_experts",
+            "Experts in the served expert set.",
+            registry=r,
+        )
         Info("mergeserve_build", "mergeserve version.", registry=r).info({"version": version})
 
-    def render(self, engine_registry: CollectorRegistry | None) -> bytes:
-        """The text exposition of our registry, followed by the engine's."""
-        out = generate_latest(self.registry)
-        if engine_registry is not None:
-            out += generate_latest(engine_registry)
-        return out
+    def render(self) -> bytes:
+        """The text exposition of this registry (the engine's is served apart)."""
+        return generate_latest(self.registry)

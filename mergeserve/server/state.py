@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import Request
 
 from mergeserve.errors import EngineUnavailableError
+from mergeserve.runtime.dynamic import DynamicMerger
 from mergeserve.runtime.engine import EngineClient
 from mergeserve.server.catalog import ModelCatalog
 from mergeserve.server.metrics import Metrics
@@ -21,6 +22,7 @@ class AppState:
     metrics: Metrics
     chat: ChatService
     base_model_dir: Path
+    dynamic: DynamicMerger | None = None
 
 
 def get_state(request: Request) -> AppState:

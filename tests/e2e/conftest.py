@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
@@ -18,8 +20,26 @@ ENGINE_ENV = {
     "MERGESERVE_ENGINE__MAX_MODEL_LEN": "1024",
     "MERGESERVE_ENGINE__MAX_NUM_SEQS": "16",
     "MERGESERVE_ENGINE__MAX_LORAS": "2",
+    "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
     "MERGESERVE_ENGINE__KV_CACHE_GIB": "1",
+    # TIES/DARE are dense merges (a minute of CI on SmolLM2's 210 modules): the exact
+    # low-rank static arms stand for them here; the fast tier covers the dense ones.
+    "MERGESERVE_MERGE__STATIC_METHODS": '["linear", "task_arithmetic"]',
 }
+
+EXAMPLES = {
+    "rand": ["Write a short poem about the sea.", "Tell me a story about a dragon."],
+    "rand2": ["What is 12 plus 7?", "Add 30 and 45."],
+    "refolded": ["Translate 'good morning' into French.", "How do you say cat in Spanish?"],
+    "pair": ["Sort these numbers: 5, 2, 9.", "Put 8, 1, 4 in ascending order."],
+}
+"""Example prompts (examples.jsonl) that the prototype router of the dynamic arms reads."""
+
+
+def write_examples(expert_dir: Path, prompts: list[str]) -> None:
+    (expert_dir / "examples.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    )
 
 
 def mergeserve_cli(*args: str) -> str:
@@ -36,6 +56,8 @@ class RealServer:
     name: str
     process: ServerProcess
     client: openai.OpenAI
+    base: Path
+    experts: Path
 
     @property
     def base_url(self) -> str:
@@ -76,8 +98,10 @@ def real_server(
         mergeserve_cli(
             "merge", "--method", "task_arithmetic", "--weights", "1,3", "--rank", "8", *two
         )
+    for name, prompts in EXAMPLES.items():
+        write_examples(experts / name, prompts)
     with server_process(
         [*args, "--experts-dir", str(experts)], tmp / "server.log", ENGINE_ENV
     ) as p:
         client = openai.OpenAI(base_url=f"{p.base_url}/v1", api_key="-", max_retries=0, timeout=120)
-        yield RealServer(request.param, p, client)
+        yield RealServer(request.param, p, client, base, experts)

@@ -12,6 +12,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
@@ -23,6 +24,7 @@ class Served:
     http: httpx.AsyncClient
     client: openai.AsyncOpenAI
     engine: FakeEngine
+    app: FastAPI
 
 
 async def serve(settings: Settings, engine: FakeEngine) -> AsyncIterator[Served]:
@@ -34,7 +36,7 @@ async def serve(settings: Settings, engine: FakeEngine) -> AsyncIterator[Served]
             client = openai.AsyncOpenAI(
                 base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
             )
-            yield Served(http, client, engine)
+            yield Served(http, client, engine, app)
 
 
 @pytest.fixture
@@ -65,3 +67,13 @@ def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples named `name` in a Prometheus exposition, keyed by their sorted labels."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out

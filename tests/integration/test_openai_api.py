@@ -9,19 +9,29 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
 from mergeserve.server.app import create_app
-from tests.integration.conftest import Served, serve, uvicorn_in_thread
+from tests.integration.conftest import Served, metric_samples, serve, uvicorn_in_thread
 
 USER = [{"role": "user", "content": "hello world"}]
 
 
 async def test_models_lists_base_and_each_expert(served: Served) -> None:
     models = await served.client.models.list()
-    assert [m.id for m in models.data] == ["base", "expert:alpha", "expert:beta"]
+    assert [m.id for m in models.data] == [
+        "base",
+        "expert:alpha",
+        "expert:beta",
+        "static:dare_ties",
+        "static:linear",
+        "static:task_arithmetic",
+        "static:ties",
+        "dynamic:twin",
+        "dynamic:exact",
+        "dynamic",
+    ]
     one = await served.client.models.retrieve("expert:beta")
     assert one.id == "expert:beta"
 
@@ -139,15 +149,6 @@ async def test_context_length(served: Served) -> None:
     assert r.usage.total_tokens == 256
 
 
-def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name:
-                out[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
 async def test_metrics_count_requests_tokens_and_errors(served: Served) -> None:
     for _ in range(3):
         await served.client.chat.completions.create(model="base", messages=USER)
@@ -157,18 +158,21 @@ async def test_metrics_count_requests_tokens_and_errors(served: Served) -> None:
     with pytest.raises(openai.BadRequestError):
         await served.client.chat.completions.create(model="base", messages=USER, max_tokens=999)
     text = (await served.http.get("/metrics")).text
-    req = _samples(text, "mergeserve_requests_total")
+    req = metric_samples(text, "mergeserve_requests_total")
     assert req[(("arm", "base"), ("status", "ok"))] == 3
     assert req[(("arm", "expert:alpha"), ("status", "ok"))] == 1
     assert req[(("arm", "unknown"), ("status", "client_error"))] == 1
     assert req[(("arm", "base"), ("status", "client_error"))] == 1
-    tok = _samples(text, "mergeserve_tokens_total")
+    tok = metric_samples(text, "mergeserve_tokens_total")
     assert tok[(("arm", "base"), ("kind", "completion"))] == 3 * 18
     assert tok[(("arm", "expert:alpha"), ("kind", "completion"))] == 2
-    lat = _samples(text, "mergeserve_request_latency_seconds_count")
+    lat = metric_samples(text, "mergeserve_request_latency_seconds_count")
     assert lat[(("arm", "base"),)] == 3
-    assert _samples(text, "mergeserve_time_to_first_token_seconds_count")[(("arm", "base"),)] == 3
-    assert _samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+    assert (
+        metric_samples(text, "mergeserve_time_to_first_token_seconds_count")[(("arm", "base"),)]
+        == 3
+    )
+    assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
 
 
 async def test_health(served: Served) -> None:
@@ -213,6 +217,6 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(settings: Settin
             time.sleep(0.02)
         assert not engine.in_flight
         text = httpx.get(f"{base_url}/metrics").text
-        assert _samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
-        req = _samples(text, "mergeserve_requests_total")
+        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+        req = metric_samples(text, "mergeserve_requests_total")
         assert req[(("arm", "base"), ("status", "aborted"))] == 1

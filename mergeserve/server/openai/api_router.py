@@ -51,13 +51,14 @@ async def chat_completions(
 ) -> Any:
     if not body.stream:
         response = await chat.complete(body)
-        return JSONResponse(response.model_dump(), headers={ARM_HEADER: body.model})
-    prepared, acct = chat.start(body)
+        arm = response.merge.arm if response.merge is not None else body.model
+        return JSONResponse(response.model_dump(), headers={ARM_HEADER: arm})
+    prepared, acct = await chat.start(body)
     return _GuardedStream(
         chat.stream(body, prepared, acct),
         on_close=lambda: chat.abandon(acct),
         media_type="text/event-stream",
-        headers={ARM_HEADER: prepared.model.id, "cache-control": "no-cache"},
+        headers={ARM_HEADER: acct.arm, "cache-control": "no-cache"},
     )
 
 

@@ -69,6 +69,9 @@ class ChatCompletionRequest(BaseModel):
     # Extensions (send with the openai client's extra_body).
     ignore_eos: bool = False
     """vLLM's extension: keep generating past the end-of-sequence token (benchmarks)."""
+    merge_weights: dict[str, float] | None = None
+    """Dynamic models only: merge these experts with these weights instead of routing
+    (normalized to sum 1, rounded to the routing grid)."""
 
     @field_validator("stop")
     @classmethod
@@ -96,6 +99,25 @@ def _now() -> int:
     return int(time.time())
 
 
+class MergeInfo(BaseModel):
+    """mergeserve's extension on every response: what the request was generated with."""
+
+    arm: str
+    """The served arm (`dynamic` resolves to `dynamic:twin` or `dynamic:exact`)."""
+    weights: dict[str, float]
+    """Expert weights of the merge ({} for base and static merges of every expert)."""
+    adapter_id: int | None
+    """The engine's adapter id (None for base)."""
+    cache: Literal["hit", "miss"] | None = None
+    """Dynamic arms: whether the merged adapter was ready (hit) or built for this request."""
+    routed: bool | None = None
+    """Dynamic arms: True when the router chose the weights, False when pinned."""
+    rank: int | None = None
+    """Dynamic arms: rank of the merged adapter as served."""
+    truncated: bool | None = None
+    """Dynamic arms: True when the merge exceeded the engine's slot rank and was truncated."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -121,6 +143,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    merge: MergeInfo | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -142,6 +165,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: UsageInfo | None = None
+    merge: MergeInfo | None = None
+    """Sent on the first chunk."""
 
 
 class ModelCard(BaseModel):

@@ -1,11 +1,14 @@
 """Chat completions: resolve the model, check the request against the context window,
-admit it, run it on the engine, and shape the OpenAI response (whole or streamed).
+admit it, bind it to an adapter (for dynamic models: route, then lease the merged
+adapter), run it on the engine, and shape the OpenAI response (whole or streamed).
 
-Every request is accounted exactly once in the metrics, whichever way it ends.
+Every request is accounted exactly once in the metrics, whichever way it ends, and its
+adapter lease is released exactly once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -17,14 +20,18 @@ from mergeserve.config import ServerSettings
 from mergeserve.errors import (
     ContextLengthExceededError,
     EngineOverloadedError,
+    InvalidRequestError,
     MergeserveError,
 )
+from mergeserve.runtime.dynamic import DynamicMerger
 from mergeserve.runtime.engine import (
     EngineClient,
     FinishReason,
     GenerationDelta,
     GenerationParams,
+    LoRATarget,
 )
+from mergeserve.runtime.materialize import AdapterLease
 from mergeserve.server.catalog import ModelCatalog, ServedModel
 from mergeserve.server.errors import sse_error
 from mergeserve.server.metrics import Metrics, StatusClass, status_class
@@ -36,10 +43,24 @@ from mergeserve.server.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
+    MergeInfo,
     UsageInfo,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Binding:
+    """The adapter a request runs with, and what its `merge` object says."""
+
+    lora: LoRATarget | None
+    merge: MergeInfo
+    lease: AdapterLease | None = None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 @dataclass
@@ -48,6 +69,7 @@ class _Accounting:
 
     arm: str
     started: float
+    binding: Binding | None = None
     first_token_at: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -75,6 +97,13 @@ class PreparedChat:
     model: ServedModel
     prompt_token_ids: list[int]
     params: GenerationParams
+    route_text: str
+    """What the router reads: the last user message (all messages if none is a user's)."""
+
+
+def route_text(messages: list[dict[str, str]]) -> str:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else "\n".join(m["content"] for m in messages)
 
 
 class ChatService:
@@ -84,17 +113,27 @@ class ChatService:
         catalog: ModelCatalog,
         metrics: Metrics,
         settings: ServerSettings,
+        dynamic: DynamicMerger | None = None,
     ):
+        if dynamic is None and any(m.kind == "dynamic" for m in catalog):
+            raise ValueError("a catalog with dynamic models needs a DynamicMerger")
         self.engine = engine
         self.catalog = catalog
         self.metrics = metrics
         self.settings = settings
+        self.dynamic = dynamic
         self._pending = 0
 
     # ------------------------------------------------------------------ preparation
 
     def _prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         model = self.catalog.resolve(req.model)
+        if req.merge_weights is not None and model.kind != "dynamic":
+            raise InvalidRequestError(
+                "merge_weights applies to the dynamic models only "
+                "(dynamic, dynamic:twin, dynamic:exact)",
+                param="merge_weights",
+            )
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt = self.engine.render_chat(messages)
         room = self.engine.max_model_len - len(prompt)
@@ -115,7 +154,64 @@ class ChatService:
             frequency_penalty=req.frequency_penalty,
             ignore_eos=req.ignore_eos,
         )
-        return PreparedChat(f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params)
+        return PreparedChat(
+            f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, route_text(messages)
+        )
+
+    async def _bind(self, p: PreparedChat, req: ChatCompletionRequest) -> Binding:
+        """The request's adapter: fixed for base, experts and static merges; routed and
+        merged (or pinned by `merge_weights`) for dynamic models."""
+        model = p.model
+        if model.kind != "dynamic":
+            lora = model.lora
+            return Binding(
+                lora,
+                MergeInfo(
+                    arm=model.arm,
+                    weights=dict(model.weights),
+                    adapter_id=lora.int_id if lora is not None else None,
+                ),
+            )
+        assert self.dynamic is not None
+        assert model.mode is not None
+        dyn, m = self.dynamic, self.metrics
+        if req.merge_weights is not None:
+            key = dyn.pinned_key(req.merge_weights)
+        else:
+            try:
+                routed = await dyn.route(p.route_text)
+            except MergeserveError:
+                raise
+            except Exception as e:
+                log.exception("routing failed")
+                raise MergeserveError(f"routing failed: {e}") from e
+            m.router_latency.observe(routed.seconds)
+            m.router_entropy.observe(routed.routing.entropy)
+            key = routed.routing.key
+        for name, w in key.weights:
+            m.expert_weight.labels(name).observe(w)
+        try:
+            merged = await dyn.acquire(model.mode, key)
+        except MergeserveError:
+            raise
+        except Exception as e:
+            log.exception("merging %s failed", key)
+            raise MergeserveError(f"building the merged adapter failed: {e}") from e
+        lease = merged.lease
+        m.merge_latency.labels(lease.cache).observe(lease.seconds)
+        stats = dyn.cache.stats()
+        m.materialized.set(stats.entries)
+        m.materialized_bytes.set(stats.bytes)
+        info = MergeInfo(
+            arm=model.arm,
+            weights=key.as_dict(),
+            adapter_id=lease.target.int_id,
+            cache=lease.cache,
+            routed=req.merge_weights is None,
+            rank=merged.rank,
+            truncated=merged.truncated,
+        )
+        return Binding(lease.target, info, lease)
 
     def _admit(self) -> None:
         if self._pending >= self.settings.max_pending_requests:
@@ -131,6 +227,8 @@ class ChatService:
         if acct.released:
             return
         acct.released = True
+        if acct.binding is not None:
+            acct.binding.release()
         self._pending -= 1
         m = self.metrics
         m.in_flight.set(self._pending)
@@ -143,18 +241,33 @@ class ChatService:
             if acct.first_token_at is not None:
                 m.ttft.labels(acct.arm).observe(acct.first_token_at - acct.started)
 
-    def start(self, req: ChatCompletionRequest) -> tuple[PreparedChat, _Accounting]:
-        """Check and admit a request; a refusal is counted and raised before any output."""
+    async def start(self, req: ChatCompletionRequest) -> tuple[PreparedChat, _Accounting]:
+        """Check, admit and bind a request; a refusal is counted and raised before any
+        output, and gives back whatever it held."""
         started = time.perf_counter()
         try:
             prepared = self._prepare(req)
             self._admit()
         except MergeserveError as e:
             # The arm is the requested model only if it exists: labels stay bounded.
-            arm = req.model if req.model in {m.id for m in self.catalog} else "unknown"
+            arm = self.catalog.resolve(req.model).arm if req.model in self.catalog else "unknown"
             self.metrics.requests.labels(arm, status_class(e.status_code)).inc()
             raise
-        return prepared, _Accounting(prepared.model.id, started)
+        acct = _Accounting(prepared.model.arm, started)
+        status: StatusClass = "server_error"
+        try:
+            acct.binding = await self._bind(prepared, req)
+            status = "ok"
+        except MergeserveError as e:
+            status = status_class(e.status_code)
+            raise
+        except BaseException:
+            status = "aborted"
+            raise
+        finally:
+            if status != "ok":
+                self._release(acct, status)
+        return prepared, acct
 
     def abandon(self, acct: _Accounting) -> None:
         """Release a streamed request whose generator may never have run (early disconnect)."""
@@ -162,16 +275,19 @@ class ChatService:
 
     # --------------------------------------------------------------------- execution
 
-    def _generate(self, p: PreparedChat) -> AsyncGenerator[GenerationDelta, None]:
-        return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, p.model.lora)
+    def _generate(
+        self, p: PreparedChat, acct: _Accounting
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        lora = acct.binding.lora if acct.binding is not None else None
+        return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora)
 
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        prepared, acct = self.start(req)
+        prepared, acct = await self.start(req)
         status: StatusClass = "server_error"
         text: list[str] = []
         finish = None
         try:
-            stream = self._generate(prepared)
+            stream = self._generate(prepared, acct)
             async with aclosing(stream):
                 async for delta in stream:
                     acct.saw(delta)
@@ -195,6 +311,7 @@ class ChatService:
                 )
             ],
             usage=acct.usage(),
+            merge=acct.binding.merge if acct.binding is not None else None,
         )
 
     async def stream(
@@ -208,18 +325,24 @@ class ChatService:
         """
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: DeltaMessage, finish: FinishReason | None = None) -> str:
+        def chunk(
+            delta: DeltaMessage, finish: FinishReason | None = None, merge: MergeInfo | None = None
+        ) -> str:
             c = ChatCompletionChunk(
                 id=prepared.request_id,
                 model=req.model,
                 choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish)],
             )
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+            data = c.model_dump(exclude_none=True)
+            if merge is not None:  # whole, nulls included, as in a non-streamed response
+                data["merge"] = merge.model_dump()
+            return f"data: {json.dumps(data)}\n\n"
 
         status: StatusClass = "server_error"
+        merge = acct.binding.merge if acct.binding is not None else None
         try:
-            yield chunk(DeltaMessage(role="assistant", content=""))
-            gen = self._generate(prepared)
+            yield chunk(DeltaMessage(role="assistant", content=""), merge=merge)
+            gen = self._generate(prepared, acct)
             async with aclosing(gen):
                 async for delta in gen:
                     acct.saw(delta)

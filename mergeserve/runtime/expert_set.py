@@ -1,0 +1,185 @@
+"""The expert set a server serves, and what is derived from it once: the Twin decomposition
+and the static merges.
+
+`ExpertSet` is immutable: the experts' infos, factors and content digests, and a
+`version` (a hash of every (name, digest) pair) that names the set. Derived artifacts are
+cached on disk under `<cache>/derived/<kind>-<hash of version and options>/`, so a restart
+with the same experts and settings reuses them (a Twin decomposition of the demo set takes
+a second; TIES and DARE merges tens of seconds on a CPU) and a change of either builds new
+ones. Imports no server code and no vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
+from mergeserve.adapters.methods import METHODS, MergeOptions, merge
+from mergeserve.adapters.peft_io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BaseModelSpec,
+    LoraAdapterInfo,
+    discover_lora_dirs,
+    load_lora_factors,
+    read_lora_dir,
+    save_lora_factors,
+)
+from mergeserve.adapters.twin import TwinConfig, TwinDecomposition, decompose
+from mergeserve.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+STATIC_DEFAULTS: Mapping[str, MergeOptions] = MappingProxyType(
+    {
+        "linear": MergeOptions(),
+        "task_arithmetic": MergeOptions(scale=0.5),
+        "ties": MergeOptions(density=0.5),
+        "dare_ties": MergeOptions(density=0.5, scale=0.5, seed=0),
+    }
+)
+"""The static arms served by default, with the options of docs/results.md."""
+
+
+def adapter_digest(path: Path) -> str:
+    """sha256 of a PEFT dir's config and weights: the expert's content identity."""
+    h = hashlib.sha256(b"mergeserve-adapter/1\n")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        data = (path / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    """Experts by name (sorted), with their factors and digests; never mutated."""
+
+    infos: Mapping[str, LoraAdapterInfo]
+    factors: Mapping[str, AdapterFactors] = field(repr=False)
+    digests: Mapping[str, str]
+    generation: int = 1
+    """Increases each time the served set changes (the registry-version gauge)."""
+
+    def __post_init__(self) -> None:
+        if not (set(self.infos) == set(self.factors) == set(self.digests)):
+            raise ValueError("infos, factors and digests must have the same experts")
+        for name in ("infos", "factors", "digests"):
+            d = getattr(self, name)
+            object.__setattr__(self, name, MappingProxyType({k: d[k] for k in sorted(d)}))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.infos)
+
+    @property
+    def version(self) -> str:
+        """Hash of the (name, digest) pairs: equal sets have equal versions."""
+        h = hashlib.sha256(b"mergeserve-expert-set/1\n")
+        for name, digest in self.digests.items():
+            h.update(f"{name}\0{digest}\n".encode())
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    @classmethod
+    def load(cls, infos: Sequence[LoraAdapterInfo], base: BaseModelSpec | None = None) -> ExpertSet:
+        """Read every expert's factors (checked against `base` when given)."""
+        factors, digests = {}, {}
+        for info in infos:
+            f = load_lora_factors(info.path)
+            if base is not None:
+                base.check(f, info)
+            factors[info.name] = f
+            digests[info.name] = adapter_digest(info.path)
+        return cls({i.name: i for i in infos}, factors, digests)
+
+    @classmethod
+    def from_dir(cls, experts_dir: Path, base: BaseModelSpec | None = None) -> ExpertSet:
+        return cls.load(discover_lora_dirs(experts_dir), base)
+
+
+def _options_json(o: MergeOptions) -> dict[str, object]:
+    return {k: v for k, v in asdict(o).items() if v is not None}
+
+
+def _derived_dir(cache: Path, kind: str, experts: ExpertSet, params: object) -> Path:
+    h = hashlib.sha256(json.dumps([experts.version, params], sort_keys=True).encode())
+    return cache / "derived" / f"{kind}-{h.hexdigest()[:20]}"
+
+
+def twin_decomposition(
+    experts: ExpertSet, config: TwinConfig, cache: Path | None
+) -> TwinDecomposition:
+    """The Twin decomposition of `experts`, loaded from `cache` when it was built before."""
+    if not len(experts):
+        raise ConfigurationError("dynamic arms need at least one expert")
+    if cache is None:
+        return decompose(dict(experts.factors), config)
+    params = {
+        "shared_method": config.shared_method,
+        "shared_options": _options_json(config.shared_options),
+        "exclusive_rank": config.exclusive_rank,
+        "exclusive_energy": config.exclusive_energy,
+        "shared_rank": config.shared_rank,
+    }
+    path = _derived_dir(cache, "twin", experts, params)
+    if (path / "twin.json").is_file():
+        try:
+            return TwinDecomposition.load(path, dict(experts.factors))
+        except Exception as e:
+            log.warning("rebuilding the damaged Twin decomposition at %s: %s", path, e)
+            shutil.rmtree(path, ignore_errors=True)
+    twin = decompose(dict(experts.factors), config)
+    twin.save(path)
+    log.info("Twin decomposition of %d experts saved in %s", len(experts), path)
+    return twin
+
+
+def static_merge(
+    experts: ExpertSet,
+    method: str,
+    options: MergeOptions,
+    max_rank: int,
+    cache: Path,
+) -> LoraAdapterInfo:
+    """The static merge of every expert with `method`, as a PEFT dir of rank ≤ max_rank.
+
+    Methods with an exact low-rank result whose rank exceeds `max_rank`, and dense methods
+    (TIES, DARE), are truncated to `max_rank` by the thin QR-SVD; a warning says so.
+    """
+    m = METHODS.get(method)
+    total = sum(max(f.ranks.values()) for f in experts.factors.values())
+    if not m.exact and options.rank is None and options.energy is None:
+        options = MergeOptions(**{**asdict(options), "rank": min(total, max_rank)})
+    path = _derived_dir(cache, f"static-{method}", experts, [_options_json(options), max_rank])
+    if (path / ADAPTER_CONFIG).is_file():
+        try:
+            return read_lora_dir(path, f"static-{method}", check_name=True)
+        except Exception as e:
+            log.warning("rebuilding the damaged static merge at %s: %s", path, e)
+            shutil.rmtree(path, ignore_errors=True)
+    merged = merge(method, list(experts.factors.values()), options)
+    rank = max(merged.ranks.values())
+    if rank > max_rank:
+        log.warning(
+            "static:%s has rank %d, above the engine's max_lora_rank %d: truncated to %d",
+            method,
+            rank,
+            max_rank,
+            max_rank,
+        )
+        merged = truncate_adapter(merged, max_rank)
+    bases = {i.base_model_name_or_path for i in experts.infos.values()}
+    base = next(iter(bases)) if len(bases) == 1 else None
+    save_lora_factors(merged, path, base)
+    log.info("static:%s of %d experts saved in %s", method, len(experts), path)
+    return read_lora_dir(path, f"static-{method}", check_name=True)
