@@ -8,11 +8,12 @@ adapter lease is released exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -254,9 +255,17 @@ class ChatService:
             self.metrics.requests.labels(arm, status_class(e.status_code)).inc()
             raise
         acct = _Accounting(prepared.model.arm, started)
+        with self._settled(acct, release_on_success=False):
+            acct.binding = await self._bind(prepared, req)
+        return prepared, acct
+
+    @contextlib.contextmanager
+    def _settled(self, acct: _Accounting, *, release_on_success: bool = True) -> Iterator[None]:
+        """Release `acct` with the status the block ends with (ok, the error's class, or
+        aborted for a cancellation); on success only if `release_on_success`."""
         status: StatusClass = "server_error"
         try:
-            acct.binding = await self._bind(prepared, req)
+            yield
             status = "ok"
         except MergeserveError as e:
             status = status_class(e.status_code)
@@ -265,9 +274,8 @@ class ChatService:
             status = "aborted"
             raise
         finally:
-            if status != "ok":
+            if status != "ok" or release_on_success:
                 self._release(acct, status)
-        return prepared, acct
 
     def abandon(self, acct: _Accounting) -> None:
         """Release a streamed request whose generator may never have run (early disconnect)."""
@@ -283,25 +291,15 @@ class ChatService:
 
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared, acct = await self.start(req)
-        status: StatusClass = "server_error"
         text: list[str] = []
         finish = None
-        try:
+        with self._settled(acct):
             stream = self._generate(prepared, acct)
             async with aclosing(stream):
                 async for delta in stream:
                     acct.saw(delta)
                     text.append(delta.text)
                     finish = delta.finish_reason or finish
-            status = "ok"
-        except MergeserveError as e:
-            status = status_class(e.status_code)
-            raise
-        except BaseException:
-            status = "aborted"
-            raise
-        finally:
-            self._release(acct, status)
         return ChatCompletionResponse(
             id=prepared.request_id,
             model=req.model,
