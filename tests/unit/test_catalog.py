@@ -6,6 +6,7 @@ import pytest
 
 from mergeserve.adapters.peft_io import discover_lora_dirs
 from mergeserve.errors import ConfigurationError, ModelNotFoundError
+from mergeserve.runtime.materialize import IdAllocator
 from mergeserve.server.catalog import ModelCatalog
 
 
@@ -27,3 +28,38 @@ def test_unknown_model(experts_dir: Path) -> None:
 def test_rank_above_slot_size_fails_at_start_naming_the_expert(experts_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"alpha \(r=8\)"):
         ModelCatalog.build(Path("/base"), discover_lora_dirs(experts_dir), max_lora_rank=1)
+
+
+def test_static_and_dynamic_models_share_one_id_space(experts_dir: Path) -> None:
+    infos = discover_lora_dirs(experts_dir)
+    ids = IdAllocator(1)
+    cat = ModelCatalog.build(
+        Path("/base"),
+        infos,
+        max_lora_rank=16,
+        static={"ties": infos[0]},
+        dynamic_default="twin",
+        ids=ids,
+    )
+    assert [m.id for m in cat] == [
+        "base",
+        "expert:alpha",
+        "expert:beta",
+        "static:ties",
+        "dynamic:twin",
+        "dynamic:exact",
+        "dynamic",
+    ]
+    assert cat.resolve("static:ties").lora.int_id == 3  # type: ignore[union-attr]
+    assert ids() == 4  # merged adapters get ids after every fixed one
+    alias = cat.resolve("dynamic")
+    assert (alias.kind, alias.mode, alias.arm, alias.lora) == (
+        "dynamic",
+        "twin",
+        "dynamic:twin",
+        None,
+    )
+    assert cat.resolve("dynamic:exact").arm == "dynamic:exact"
+    assert dict(cat.resolve("expert:beta").weights) == {"beta": 1.0}
+    assert "dynamic" in cat
+    assert "dynamic:other" not in cat
