@@ -179,6 +179,7 @@ def _train_expert(args: argparse.Namespace) -> None:
         seed=args.seed,
         threads=args.threads,
         dev_n=args.dev_n,
+        init_from=str(args.init) if args.init else None,
     )
     try:
         card = train_expert(base, args.out, config)
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     t.add_argument("--dev-n", type=int, default=50, help="dev samples scored at the end")
+    t.add_argument("--init", type=Path, help="continue training from this expert dir")
     t.set_defaults(func=_train_expert)
 
     e = sub.add_parser("eval", help="exact-match table of served models on the demo tasks")

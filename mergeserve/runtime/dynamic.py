@@ -141,6 +141,29 @@ class DynamicMerger:
         kinds = {k for p in parts for k in p.ranks}
         return max(sum(p.ranks.get(k, 0) for p in parts) for k in kinds)
 
+    def max_routed_rank(self, mode: DynamicMode) -> int:
+        """An upper bound of the rank of any routed merge (top-k experts of largest rank)."""
+        parts = self.twin.exclusives if mode == "twin" else self.experts.factors
+        ranks = sorted((max(f.ranks.values()) for f in parts.values()), reverse=True)
+        bound = sum(ranks[: self.policy.top_k or len(ranks)])
+        if mode == "twin" and self.twin.shared is not None:
+            bound += max(self.twin.shared.ranks.values())
+        return bound
+
+    def identity(self, mode: DynamicMode, router_id: str) -> str:
+        """A digest of everything a routed reply of `mode` depends on besides the base
+        model: the experts, the Twin configuration, the router (`router_id`), the policy,
+        and the slot rank when a routed merge can exceed it (then it is truncated)."""
+        payload = {
+            "mode": mode,
+            "experts": self.experts.version,
+            "twin": self._twin_id if mode == "twin" else None,
+            "router": router_id,
+            "policy": asdict(self.policy),
+            "cap": self.max_rank if self.max_routed_rank(mode) > self.max_rank else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
     def _expert(self, name: str) -> AdapterFactors:
         return self.experts.factors[name]
 

@@ -10,8 +10,10 @@ through `AppState`, never through globals.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -28,18 +30,30 @@ from mergeserve.config import Settings
 from mergeserve.errors import AdapterError, ConfigurationError
 from mergeserve.router.embedders import Embedder, make_embedder
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import load_router
+from mergeserve.router.routers import (
+    examples_digest,
+    experts_examples,
+    load_router,
+    mlp_router_dir,
+)
 from mergeserve.runtime.base_model import resolve_base_model
-from mergeserve.runtime.dynamic import DynamicMerger
+from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger
 from mergeserve.runtime.engine import EngineClient, build_engine
 from mergeserve.runtime.expert_set import (
     STATIC_DEFAULTS,
     ExpertSet,
+    adapter_digest,
     static_merge,
     twin_decomposition,
 )
 from mergeserve.runtime.materialize import AdapterCache, IdAllocator
-from mergeserve.server.catalog import ModelCatalog
+from mergeserve.server.catalog import (
+    BASE,
+    EXPERT_PREFIX,
+    STATIC_PREFIX,
+    ModelCatalog,
+    dynamic_id,
+)
 from mergeserve.server.errors import install_error_handlers
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.api_router import router as openai_router
@@ -113,6 +127,52 @@ def build_dynamic(
     )
 
 
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def router_identity(settings: Settings) -> str:
+    """A digest of what the router's scores depend on: kind, embedder, examples, weights."""
+    rs = settings.router
+    payload: dict[str, object] = {"kind": rs.kind}
+    if rs.kind != "arrow":
+        payload["embedder"] = rs.embedder
+        payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
+        assert settings.experts_dir is not None
+        examples = experts_examples(settings.experts_dir)
+        payload["examples"] = {n: examples_digest(p) for n, p in examples.items()}
+    if rs.kind == "mlp":
+        assert settings.experts_dir is not None
+        d = mlp_router_dir(settings.experts_dir)
+        payload["mlp"] = {
+            f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.glob("mlp.*"))
+        }
+    return _digest(payload)
+
+
+def model_digests(
+    settings: Settings,
+    base_dir: Path | None,
+    experts: ExpertSet,
+    static: Mapping[str, LoraAdapterInfo],
+    dynamic: DynamicMerger | None,
+) -> dict[str, str]:
+    """The content digest of every served model (see ServedModel.digest)."""
+    if base_dir is None:
+        return {}  # an engine supplied by the caller: its weights are unknown here
+    base = _digest("base", base_dir.name)
+    out = {BASE: base}
+    out |= {f"{EXPERT_PREFIX}{n}": _digest(base, d) for n, d in experts.digests.items()}
+    out |= {
+        f"{STATIC_PREFIX}{m}": _digest(base, adapter_digest(info.path))
+        for m, info in static.items()
+    }
+    if dynamic is not None:
+        rid = router_identity(settings)
+        out |= {dynamic_id(m): _digest(base, dynamic.identity(m, rid)) for m in DYNAMIC_MODES}
+    return out
+
+
 def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
     """Everything the routes need. Validates experts and builds every arm before starting
     the (slow) engine, so a bad expert fails fast."""
@@ -150,6 +210,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         static=static,
         dynamic_default=settings.merge.default_mode if dynamic is not None else None,
         ids=ids,
+        digests=model_digests(settings, base_dir, experts, static, dynamic),
     )
     try:
         if engine is None:

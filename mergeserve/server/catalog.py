@@ -51,6 +51,9 @@ class ServedModel:
     """The merge of a dynamic model."""
     weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     """The fixed expert weights of `expert:` models (`{name: 1.0}`)."""
+    digest: str | None = None
+    """A content digest of what answers (base model, adapter, router and policy): equal
+    digests give equal greedy replies, so a client may cache replies by it."""
 
     @property
     def arm(self) -> str:
@@ -73,11 +76,14 @@ class ModelCatalog:
         static: Mapping[str, LoraAdapterInfo] | None = None,
         dynamic_default: DynamicMode | None = None,
         ids: IdAllocator | None = None,
+        digests: Mapping[str, str] | None = None,
     ) -> ModelCatalog:
         """Every model: base, one per expert, one per static merge, and the dynamic arms
-        when `dynamic_default` is given. Engine ids come from `ids` (default: from 1)."""
+        when `dynamic_default` is given. Engine ids come from `ids` (default: from 1);
+        `digests` maps model ids to their content digests (see ServedModel.digest)."""
         ids = ids or IdAllocator()
-        models = [ServedModel(BASE, "base", str(base_dir))]
+        dg = digests or {}
+        models = [ServedModel(BASE, "base", str(base_dir), digest=dg.get(BASE))]
         too_big = []
         for info in sorted(experts, key=lambda e: e.name):
             if info.rank > max_lora_rank:
@@ -90,6 +96,7 @@ class ModelCatalog:
                     str(info.path),
                     lora=target,
                     weights=MappingProxyType({info.name: 1.0}),
+                    digest=dg.get(target.name),
                 )
             )
         if too_big:
@@ -99,18 +106,24 @@ class ModelCatalog:
             )
         for method, info in sorted((static or {}).items()):
             target = LoRATarget(name=f"{STATIC_PREFIX}{method}", int_id=ids(), path=info.path)
-            models.append(ServedModel(target.name, "static", str(info.path), lora=target))
+            models.append(
+                ServedModel(
+                    target.name, "static", str(info.path), lora=target, digest=dg.get(target.name)
+                )
+            )
         if dynamic_default is not None:
             for mode in DYNAMIC_MODES:
-                models.append(
-                    ServedModel(dynamic_id(mode), "dynamic", f"router + {mode} merge", mode=mode)
-                )
+                name = dynamic_id(mode)
+                root = f"router + {mode} merge"
+                models.append(ServedModel(name, "dynamic", root, mode=mode, digest=dg.get(name)))
+            alias = dynamic_id(dynamic_default)
             models.append(
                 ServedModel(
                     DYNAMIC,
                     "dynamic",
-                    f"alias of {dynamic_id(dynamic_default)}",
+                    f"alias of {alias}",
                     mode=dynamic_default,
+                    digest=dg.get(alias),
                 )
             )
         return cls(models)

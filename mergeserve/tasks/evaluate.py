@@ -96,8 +96,10 @@ def normalized_scores(
 
 
 REPLIES_FILE = "replies.jsonl"
-ReplyKey = tuple[str, str, str, int, str, int]
-"""(model, task, split, prompt index, prompt, max_tokens)."""
+ReplyKey = tuple[str, str | None, str, str, int, str, int]
+"""(model, its content digest from /v1/models, task, split, prompt index, prompt,
+max_tokens). The digest keeps a reply from being reused once the model behind a name
+changes (a retrained expert, a new router); a server that gives none keys by name."""
 
 
 def load_reply_cache(path: Path) -> dict[ReplyKey, str]:
@@ -108,7 +110,15 @@ def load_reply_cache(path: Path) -> dict[ReplyKey, str]:
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
-            key = (r["model"], r["task"], r["split"], r["i"], r["prompt"], r["max_tokens"])
+            key = (
+                r["model"],
+                r.get("digest"),
+                r["task"],
+                r["split"],
+                r["i"],
+                r["prompt"],
+                r["max_tokens"],
+            )
             cache[key] = str(r["reply"])
         except (ValueError, KeyError, TypeError):
             continue
@@ -140,6 +150,7 @@ async def _run(
     timeout: float,
     cache: dict[ReplyKey, str],
     cache_file: Path | None,
+    digests: dict[str, str | None],
 ) -> dict[tuple[str, str], list[str | None]]:
     import openai
     from tqdm import tqdm
@@ -154,7 +165,7 @@ async def _run(
         for t, ss in samples.items():
             row = replies[(m, t)] = [None] * len(ss)
             for i, s in enumerate(ss):
-                cached = cache.get((m, t, split, i, s.prompt, max_tokens))
+                cached = cache.get((m, digests.get(m), t, split, i, s.prompt, max_tokens))
                 if cached is None:
                     todo.append((m, t, i, s.prompt))
                 row[i] = cached
@@ -175,6 +186,7 @@ async def _run(
                 if sink is not None:
                     record = {
                         "model": model,
+                        "digest": digests.get(model),
                         "task": task,
                         "split": split,
                         "i": i,
@@ -223,7 +235,9 @@ def evaluate(
     for t in task_names:
         get_task(t)
     with openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key) as c:
-        served = [m.id for m in c.models.list().data]
+        cards = c.models.list().data
+    served = [m.id for m in cards]
+    digests: dict[str, str | None] = {m.id: (m.model_extra or {}).get("digest") for m in cards}
     chosen = expand_models(models, served)
     samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
     cache: dict[ReplyKey, str] = {}
@@ -245,6 +259,7 @@ def evaluate(
             timeout,
             cache,
             cache_file,
+            digests,
         )
     )
     cells: dict[str, dict[str, Cell]] = {}

@@ -45,6 +45,9 @@ class TrainConfig:
     n_examples: int = 20
     base_model_name: str | None = None
     """Written as base_model_name_or_path (default: the base dir's name)."""
+    init_from: str | None = None
+    """An expert dir to continue training from (same rank and targets); its card's steps
+    and wall time are carried into the new card's totals."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,7 +153,23 @@ def train_expert(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    pm = get_peft_model(model, lora)
+    prior: dict[str, Any] = {}
+    if config.init_from is not None:
+        from peft import PeftModel
+
+        init = Path(config.init_from)
+        pm = PeftModel.from_pretrained(model, init, is_trainable=True)
+        got = pm.peft_config["default"]
+        if got.r != config.rank or set(got.target_modules) != set(config.targets):
+            raise ValueError(
+                f"{init}: rank {got.r} on {sorted(got.target_modules)}; this run asks for "
+                f"rank {config.rank} on {sorted(config.targets)}"
+            )
+        card_path = init / "card.json"
+        if card_path.is_file():
+            prior = json.loads(card_path.read_text())
+    else:
+        pm = get_peft_model(model, lora)
     train = generate(task, "train", config.steps * config.batch_size, seed=1000 + config.seed)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=config.lr)
 
@@ -189,6 +208,10 @@ def train_expert(
         "config": {k: v for k, v in asdict(config).items() if k not in ("extra",)} | config.extra,
         "steps": config.steps,
         "train_wall_s": round(train_s, 1),
+        "total_steps": config.steps + int(prior.get("total_steps", prior.get("steps", 0))),
+        "total_train_wall_s": round(
+            train_s + float(prior.get("total_train_wall_s", prior.get("train_wall_s", 0.0))), 1
+        ),
         "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5),
         "dev_accuracy": dev_acc,
         "dev_n": len(dev),

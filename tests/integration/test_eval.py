@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mergeserve.cli import main
@@ -99,3 +101,47 @@ def test_eval_resume_reuses_cached_replies(tmp_path: Path) -> None:
         assert len(load_reply_cache(cache)) == 2 * 2 * N  # the torn one was asked again
         main([*args, "--base-url", url])  # without --resume: afresh
         assert accuracy() == 1.0
+
+
+def test_resume_asks_again_for_a_model_whose_content_changed(tmp_path: Path) -> None:
+    from mergeserve.testing import make_tiny_llama
+
+    # A base the fake experts fit (16 wide, 2 layers): the server then knows every
+    # model's content and publishes its digest in /v1/models.
+    base = make_tiny_llama(
+        tmp_path / "base", hidden_size=16, num_heads=1, num_kv_heads=1, intermediate_size=32
+    )
+    experts = tmp_path / "experts"
+    write_fake_lora_dir(experts / "add", seed=1)
+    write_fake_lora_dir(experts / "capital", seed=2)
+    settings = Settings(model=base, experts_dir=experts, cache=tmp_path / "cache")
+    out = tmp_path / "eval"
+    args = ["eval", "--models", "base,expert:*,dynamic:exact", "--n", str(N), "--tasks",
+            "add", "--out", str(out), "--resume"]  # fmt: skip
+    cache = out / "replies.jsonl"
+
+    def asked() -> Counter[str]:
+        return Counter(json.loads(x)["model"] for x in cache.read_text().splitlines())
+
+    with uvicorn_in_thread(create_app(settings, _oracle())) as url:
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
+        digests = {c["id"]: c["digest"] for c in cards}
+        assert None not in digests.values()
+        # Equal content, equal digest: `dynamic` is its mode's alias, and with two experts
+        # the average (linear) is task arithmetic at λ = 0.5. Every other model differs.
+        assert digests["dynamic"] == digests["dynamic:exact"]
+        assert digests["static:linear"] == digests["static:task_arithmetic"]
+        assert len(set(digests.values())) == len(digests) - 2
+        main([*args, "--base-url", url])
+        main([*args, "--base-url", url])  # all cached: nothing asked
+    assert asked() == {"base": N, "expert:add": N, "expert:capital": N, "dynamic:exact": N}
+    write_fake_lora_dir(experts / "add", seed=3)  # retrained: same name, new weights
+    with uvicorn_in_thread(create_app(settings, _oracle())) as url:
+        after = {c["id"]: c["digest"] for c in httpx.get(f"{url}/v1/models").json()["data"]}
+        main([*args, "--base-url", url])
+    assert after["base"] == digests["base"]
+    assert after["expert:capital"] == digests["expert:capital"]
+    assert after["expert:add"] != digests["expert:add"]
+    assert after["dynamic:exact"] != digests["dynamic:exact"]  # it merges the new add
+    # Asked again: the changed expert and the merges that contain it, nothing else.
+    assert asked() == {"base": N, "expert:add": 2 * N, "expert:capital": N, "dynamic:exact": 2 * N}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,6 +120,20 @@ def test_train_expert_writes_a_servable_expert(tmp_path: Path) -> None:
     }
     with pytest.raises(FileExistsError):
         train_expert(base, out, cfg, progress=False)
+    # Continue training from it: starts from its weights, totals carried over.
+    more = TrainConfig(task="capital", steps=2, batch_size=2, dev_n=3, rank=4, lr=0.0)
+    more = dataclasses.replace(more, init_from=str(out))
+    card2 = train_expert(base, tmp_path / "capital2", more, progress=False)
+    assert (card2["steps"], card2["total_steps"]) == (2, 5)
+    assert card2["total_train_wall_s"] >= card["train_wall_s"]
+    before = load_file(str(out / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "capital2" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:  # lr 0: the continued adapter is the one it started from
+        torch.testing.assert_close(after[k], before[k])
+    bad = dataclasses.replace(more, rank=8)
+    with pytest.raises(ValueError, match="rank 4"):
+        train_expert(base, tmp_path / "capital3", bad, progress=False)
 
 
 def test_answer_loss_equals_the_full_model_loss(tmp_path: Path) -> None:

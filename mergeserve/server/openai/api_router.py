@@ -64,10 +64,10 @@ async def chat_completions(
 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: Annotated[AppState, Depends(get_state)]) -> ModelList:
-    return ModelList(data=[ModelCard(id=m.id, root=m.root) for m in state.catalog])
+    return ModelList(data=[ModelCard(id=m.id, root=m.root, digest=m.digest) for m in state.catalog])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: Annotated[AppState, Depends(get_state)]) -> ModelCard:
     m = state.catalog.resolve(model_id)
-    return ModelCard(id=m.id, root=m.root)
+    return ModelCard(id=m.id, root=m.root, digest=m.digest)

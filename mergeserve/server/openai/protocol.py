@@ -176,6 +176,9 @@ class ModelCard(BaseModel):
     owned_by: str = "mergeserve"
     root: str | None = None
     """What the model is built from: the base model dir, or the adapter dir."""
+    digest: str | None = None
+    """mergeserve's extension: content digest of what answers (equal digest, equal greedy
+    replies); `mergeserve eval --resume` keys its reply cache on it."""
 
 
 class ModelList(BaseModel):
