@@ -14,8 +14,9 @@
 # Padding a slot with zeros does not change what an adapter computes, so the passes score
 # the same adapters a single rank-64 server would.
 # (max 32 new tokens: the longest answer, a 3-pair JSON object, is about 25 tokens)
-# RESUME=1 keeps the replies of a stopped run (valid while the experts are unchanged:
-# the cache is keyed by model name, not content).
+# RESUME=1 keeps the replies of earlier runs: they are keyed by each model's content
+# digest (GET /v1/models), so a retrained expert or a new router is asked again.
+# ARMS_B overrides pass B's models (e.g. without dynamic:twin, the slowest arm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-50}"
@@ -43,11 +44,13 @@ evaluate() {  # evaluate MODELS
     --concurrency 16 --max-tokens 32 --out "$out" --resume
 }
 
+ARMS_A='base,expert:*,dynamic:exact'
+ARMS_B="${ARMS_B:-base,expert:*,static:*,dynamic:exact,dynamic:twin}"
 serve 16 '[]'
-evaluate 'base,expert:*,dynamic:exact'
+evaluate "$ARMS_A"
 stop
 serve 64 '["linear", "task_arithmetic", "ties", "dare_ties"]'
-evaluate 'base,expert:*,static:*,dynamic:exact,dynamic:twin'
+evaluate "$ARMS_B"
 stop
 
 {
@@ -66,10 +69,10 @@ stop
   echo
   echo '```bash'
   echo 'MERGESERVE_ENGINE__MAX_LORA_RANK=16 MERGESERVE_MERGE__STATIC_METHODS=[] mergeserve serve --port 8765 &'
-  echo "mergeserve eval --base-url http://127.0.0.1:8765 --models 'base,expert:*,dynamic:exact' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
+  echo "mergeserve eval --base-url http://127.0.0.1:8765 --models '$ARMS_A' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
   echo '# restart with the static arms, at the slot rank that holds them'
   echo 'MERGESERVE_ENGINE__MAX_LORA_RANK=64 mergeserve serve --port 8765 &'
-  echo "mergeserve eval --base-url http://127.0.0.1:8765 --models 'base,expert:*,static:*,dynamic:exact,dynamic:twin' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
+  echo "mergeserve eval --base-url http://127.0.0.1:8765 --models '$ARMS_B' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
   echo '```'
   echo
   cat "$out/results.md"

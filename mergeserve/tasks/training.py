@@ -222,6 +222,7 @@ def train_expert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         pm.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
         weights = tmp / "adapter_model.safetensors"
         save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
         cfg_path = tmp / "adapter_config.json"
