@@ -88,6 +88,18 @@ class TwinConfig:
     shared_rank: int | None = None
     """Truncate S to this rank (None: keep S exact; for dense experts, fold S)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as saved in twin.json (options given, not defaulted)."""
+        return {
+            "shared_method": self.shared_method,
+            "shared_options": {
+                k: v for k, v in asdict(self.shared_options).items() if v is not None
+            },
+            "exclusive_rank": self.exclusive_rank,
+            "exclusive_energy": self.exclusive_energy,
+            "shared_rank": self.shared_rank,
+        }
+
 
 @dataclass(frozen=True)
 class TwinDecomposition:
@@ -199,15 +211,7 @@ class TwinDecomposition:
                 "format": 1,
                 "names": list(self.names),
                 "shared": "lora" if self.shared is not None else "folded",
-                "config": {
-                    "shared_method": self.config.shared_method,
-                    "shared_options": {
-                        k: v for k, v in asdict(self.config.shared_options).items() if v is not None
-                    },
-                    "exclusive_rank": self.config.exclusive_rank,
-                    "exclusive_energy": self.config.exclusive_energy,
-                    "shared_rank": self.config.shared_rank,
-                },
+                "config": self.config.to_json(),
                 "report": [asdict(r) for r in self.report],
             }
             (tmp / TWIN_FILE).write_text(json.dumps(meta, indent=2))

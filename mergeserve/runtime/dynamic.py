@@ -78,18 +78,7 @@ class DynamicMerger:
         self.cache = cache
         self.max_rank = max_rank
         self._twin_id = hashlib.sha256(
-            json.dumps(
-                {
-                    "method": twin.config.shared_method,
-                    "options": {
-                        k: v for k, v in asdict(twin.config.shared_options).items() if v is not None
-                    },
-                    "k": twin.config.exclusive_rank,
-                    "energy": twin.config.exclusive_energy,
-                    "shared_rank": twin.config.shared_rank,
-                },
-                sort_keys=True,
-            ).encode()
+            json.dumps(twin.config.to_json(), sort_keys=True).encode()
         ).hexdigest()
         self._batcher: MicroBatcher[str, Routing] = MicroBatcher(
             self._route_batch, max_batch=max_batch, name="router", on_batch=on_batch
@@ -133,9 +122,8 @@ class DynamicMerger:
 
     def merged_rank(self, mode: DynamicMode, key: MergeKey) -> int:
         """The rank of the untruncated merge, from the factors' ranks alone."""
-        parts = [
-            self.twin.exclusives[n] if mode == "twin" else self._expert(n) for n in key.experts
-        ]
+        source = self.twin.exclusives if mode == "twin" else self.experts.factors
+        parts = [source[n] for n in key.experts]
         if mode == "twin" and self.twin.shared is not None:
             parts.append(self.twin.shared)
         kinds = {k for p in parts for k in p.ranks}
@@ -163,9 +151,6 @@ class DynamicMerger:
             "cap": self.max_rank if self.max_routed_rank(mode) > self.max_rank else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def _expert(self, name: str) -> AdapterFactors:
-        return self.experts.factors[name]
 
     async def acquire(self, mode: DynamicMode, key: MergeKey) -> MergedAdapter:
         lease = await self.cache.acquire(self.content_key(mode, key), lambda: self.build(mode, key))

@@ -124,14 +124,7 @@ def twin_decomposition(
         raise ConfigurationError("dynamic arms need at least one expert")
     if cache is None:
         return decompose(dict(experts.factors), config)
-    params = {
-        "shared_method": config.shared_method,
-        "shared_options": _options_json(config.shared_options),
-        "exclusive_rank": config.exclusive_rank,
-        "exclusive_energy": config.exclusive_energy,
-        "shared_rank": config.shared_rank,
-    }
-    path = _derived_dir(cache, "twin", experts, params)
+    path = _derived_dir(cache, "twin", experts, config.to_json())
     if (path / "twin.json").is_file():
         try:
             return TwinDecomposition.load(path, dict(experts.factors))
