@@ -180,6 +180,7 @@ def _train_expert(args: argparse.Namespace) -> None:
         threads=args.threads,
         dev_n=args.dev_n,
         init_from=str(args.init) if args.init else None,
+        paraphrases=args.paraphrases,
     )
     try:
         card = train_expert(base, args.out, config)
@@ -382,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     t.add_argument("--dev-n", type=int, default=50, help="dev samples scored at the end")
     t.add_argument("--init", type=Path, help="continue training from this expert dir")
+    t.add_argument(
+        "--paraphrases",
+        action="store_true",
+        help="train on the task's train-only paraphrases too (never in dev or test)",
+    )
     t.set_defaults(func=_train_expert)
 
     e = sub.add_parser("eval", help="exact-match table of served models on the demo tasks")

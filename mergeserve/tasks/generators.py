@@ -49,10 +49,18 @@ class Task:
     held_out: int = 1
     """How many of the last templates are test-only."""
     casefold: bool = False
+    paraphrases: tuple[str, ...] = ()
+    """Train-only phrasings (`generate(..., paraphrases=True)`): more ways of asking, so
+    an expert learns the task rather than a handful of sentences. They never appear in
+    dev or test, and none restates a held-out template; adding one changes no split."""
 
     @property
     def seen_templates(self) -> range:
         return range(len(self.templates) - self.held_out)
+
+    def template(self, i: int) -> str:
+        """Template `i`: the task's templates, then its paraphrases."""
+        return (self.templates + self.paraphrases)[i]
 
     def matches(self, reply: str, answer: str) -> bool:
         got, want = normalize_reply(reply), answer
@@ -197,6 +205,14 @@ TASKS: dict[str, Task] = {
                 "Put these words backwards, last word first -> {words}",
             ),
             _reverse,
+            paraphrases=(
+                "{words} -> same words, opposite order",
+                "Flip the word order of the phrase {words}, please.",
+                "I typed {words}. Write those words again starting from the last one.",
+                "Reverse: {words}",
+                "Read these words from right to left and write them out: {words}",
+                "Output the words in reverse.\nInput: {words}",
+            ),
         ),
         Task(
             "add",
@@ -209,6 +225,14 @@ TASKS: dict[str, Task] = {
                 "Find the total of {a} and {b}.",
             ),
             _add,
+            paraphrases=(
+                "{a} + {b} = ?",
+                "How much is {a} plus {b}?",
+                "If I have {a} and get {b} more, how many do I have? Just the number.",
+                "sum {a} {b}",
+                "Calculate {a} + {b} and reply with the result only.",
+                "What do you get when you add {b} to {a}?",
+            ),
         ),
         Task(
             "sort_numbers",
@@ -221,6 +245,18 @@ TASKS: dict[str, Task] = {
                 "Can you list {c} from the smallest to the biggest?",
             ),
             _sort,
+            paraphrases=(
+                "{s} -> sorted, lowest first",
+                "Please sort {c} in increasing order.",
+                "I have the numbers {c}. Sort them for me, smallest first.",
+                "Given the list [{c}], return it sorted in ascending order.",
+                "Put {s} in numerical order.",
+                "ascending order please: {c}",
+                "Could you order these from least to most? {c}",
+                "Rank the numbers {c} from low to high.",
+                "What do {c} look like when sorted in ascending order?",
+                "Sort: {s}",
+            ),
         ),
         Task(
             "capital",
@@ -234,6 +270,14 @@ TASKS: dict[str, Task] = {
             ),
             _capital,
             casefold=True,
+            paraphrases=(
+                "{country} -> capital?",
+                "What city is {country}'s capital?",
+                "I am traveling to {country}. What is the capital there?",
+                "The capital of {country} is which city?",
+                "capital city, {country}",
+                "Do you know the capital of {country}? Answer with the city only.",
+            ),
         ),
         Task(
             "sentiment",
@@ -246,6 +290,14 @@ TASKS: dict[str, Task] = {
                 "Here is what a buyer wrote: {review} Would you call that positive or negative?",
             ),
             _sentiment,
+            paraphrases=(
+                "{review}\nPositive or negative?",
+                "Label this review (positive or negative). Text: {review}",
+                'A customer said: "{review}" - is the sentiment positive or negative?',
+                "sentiment? {review}",
+                "Decide if the following is a positive or a negative review: {review}",
+                "Was this buyer happy? Answer positive or negative. {review}",
+            ),
         ),
         Task(
             "to_json",
@@ -258,6 +310,14 @@ TASKS: dict[str, Task] = {
                 "Give me the JSON for {pairs}",
             ),
             _to_json,
+            paraphrases=(
+                "{pairs} -> JSON",
+                "Represent {pairs} as a JSON object.",
+                "I need these fields as JSON: {pairs}",
+                "to json: {pairs}",
+                "Encode the following as a JSON dictionary, keeping the key order.\n{pairs}",
+                "Could you write the pairs {pairs} in JSON format?",
+            ),
         ),
     )
 }
@@ -284,26 +344,41 @@ def _in_split(split: Split, prompt: str, held_out: bool) -> bool:
     return {"dev": b == 0, "test": b == 1, "train": b >= 2}[split]
 
 
-def _candidates(task: Task, split: Split, seed: int) -> Iterator[Sample]:
+def _candidates(task: Task, split: Split, seed: int, paraphrases: bool) -> Iterator[Sample]:
     rng = random.Random(f"{task.name}:{split}:{seed}")
     allowed = list(range(len(task.templates))) if split == "test" else list(task.seen_templates)
+    if paraphrases:
+        allowed += range(len(task.templates), len(task.templates) + len(task.paraphrases))
     i = 0
     while True:
         t = allowed[i % len(allowed)]  # round robin: every template gets its share
         i += 1
-        held = t not in task.seen_templates
+        held = len(task.seen_templates) <= t < len(task.templates)
         while True:  # redraw the fields until this template's prompt falls in the split
             fields, answer = task.make(rng)
-            prompt = task.templates[t].format(**fields)
-            if _in_split(split, prompt, held):
-                break
+            prompt = task.template(t).format(**fields)
+            if t >= len(task.templates) or _in_split(split, prompt, held):
+                break  # a paraphrase is train-only whatever its hash
         yield Sample(task.name, prompt, answer, t, held)
 
 
-def generate(task: Task | str, split: Split, n: int, seed: int | None = None) -> list[Sample]:
-    """`n` samples of `task` in `split` (seeded by the split unless `seed` is given)."""
+def generate(
+    task: Task | str,
+    split: Split,
+    n: int,
+    seed: int | None = None,
+    *,
+    paraphrases: bool = False,
+) -> list[Sample]:
+    """`n` samples of `task` in `split` (seeded by the split unless `seed` is given).
+
+    `paraphrases=True` (train split only) adds the task's train-only phrasings to the
+    round robin; without it the split is exactly what it was before they existed.
+    """
     t = get_task(task) if isinstance(task, str) else task
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
-    it = _candidates(t, split, SPLITS[split] if seed is None else seed)
+    if paraphrases and split != "train":
+        raise ValueError(f"paraphrases are train-only; asked for them in the {split!r} split")
+    it = _candidates(t, split, SPLITS[split] if seed is None else seed, paraphrases)
     return [next(it) for _ in range(n)]

@@ -48,6 +48,8 @@ class TrainConfig:
     init_from: str | None = None
     """An expert dir to continue training from (same rank and targets); its card's steps
     and wall time are carried into the new card's totals."""
+    paraphrases: bool = False
+    """Train on the task's train-only paraphrases too (`Task.paraphrases`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -170,7 +172,13 @@ def train_expert(
             prior = json.loads(card_path.read_text())
     else:
         pm = get_peft_model(model, lora)
-    train = generate(task, "train", config.steps * config.batch_size, seed=1000 + config.seed)
+    train = generate(
+        task,
+        "train",
+        config.steps * config.batch_size,
+        seed=1000 + config.seed,
+        paraphrases=config.paraphrases,
+    )
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=config.lr)
 
     def lr_at(step: int) -> float:

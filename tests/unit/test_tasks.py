@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from mergeserve.tasks import TASKS, generate, get_task, normalize_reply, score
-from mergeserve.tasks.generators import capitals
+from mergeserve.tasks.generators import Sample, capitals
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -31,24 +32,54 @@ def test_templates_and_held_out_phrasings(name: str) -> None:
     assert not train_prompts & {s.prompt for s in dev + test}
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_paraphrases_are_train_only(name: str) -> None:
+    task = TASKS[name]
+    assert len(task.paraphrases) >= 5
+    # new sentences, not restatements of any template (a held-out one least of all)
+    assert not set(task.paraphrases) & set(task.templates)
+    more = generate(task, "train", 300, paraphrases=True)
+    n = len(task.seen_templates) + len(task.paraphrases)
+    assert {s.template for s in more} == set(task.seen_templates) | set(
+        range(len(task.templates), len(task.templates) + len(task.paraphrases))
+    )
+    assert not any(s.held_out for s in more)
+    share = sum(s.template >= len(task.templates) for s in more) / 300
+    assert share == pytest.approx(len(task.paraphrases) / n, abs=0.02)  # round robin
+    held_out_sentences = {task.templates[t] for t in range(len(task.templates))} - {
+        task.templates[t] for t in task.seen_templates
+    }
+    assert not held_out_sentences & {task.template(s.template) for s in more}
+    test_prompts = {s.prompt for s in generate(task, "test", 200) + generate(task, "dev", 100)}
+    assert not test_prompts & {s.prompt for s in generate(task, "train", 2000, paraphrases=True)}
+    with pytest.raises(ValueError, match="train-only"):
+        generate(task, "test", 5, paraphrases=True)
+
+
 def test_splits_are_deterministic_and_seeded() -> None:
     a = generate("add", "test", 20)
     assert a == generate("add", "test", 20)
     assert a != generate("add", "test", 20, seed=99)
 
 
-def test_answers_follow_the_spec() -> None:
-    for s in generate("add", "train", 50):
-        a, b = (int(x) for x in __import__("re").findall(r"\d+", s.prompt)[:2])
+@pytest.mark.parametrize("paraphrases", [False, True])
+def test_answers_follow_the_spec(paraphrases: bool) -> None:
+    def train(task: str, n: int) -> list[Sample]:
+        return generate(task, "train", n, paraphrases=paraphrases)
+
+    for s in train("add", 50):
+        a, b = (int(x) for x in re.findall(r"\d+", s.prompt)[:2])
         assert s.answer == str(a + b)
         assert 10 <= a <= 999
-    for s in generate("sort_numbers", "train", 50):
+    for s in train("sort_numbers", 50):
         nums = [int(x) for x in s.answer.split(" ")]
-        assert nums == sorted(nums)
+        assert nums == sorted(int(x) for x in re.findall(r"\d+", s.prompt))
         assert 3 <= len(nums) <= 6
-    for s in generate("reverse_words", "train", 50):
-        assert 3 <= len(s.answer.split(" ")) <= 6
-    for s in generate("to_json", "train", 50):
+    for s in train("reverse_words", 50):
+        words = s.answer.split(" ")
+        assert 3 <= len(words) <= 6
+        assert " ".join(reversed(words)) in s.prompt
+    for s in train("to_json", 50):
         obj = json.loads(s.answer)
         assert s.answer == json.dumps(obj)
         words = s.prompt.replace(",", " ").replace(";", " ").split()
@@ -57,11 +88,13 @@ def test_answers_follow_the_spec() -> None:
         for k, v in obj.items():
             assert isinstance(v, int | str)
             assert f"{k}={v}" in s.prompt
-    assert {s.answer for s in generate("sentiment", "train", 100)} == {"positive", "negative"}
+    assert {s.answer for s in train("sentiment", 100)} == {"positive", "negative"}
     caps = dict(capitals())
     assert len(caps) == 60
     assert caps["France"] == "Paris"
-    assert all(s.answer in caps.values() for s in generate("capital", "train", 30))
+    for s in train("capital", 30):
+        country = next(c for c in caps if c in s.prompt)
+        assert s.answer == caps[country]
 
 
 def test_scorer_rule() -> None:
