@@ -9,6 +9,8 @@
     mergeserve eval --base-url URL --models base,expert:*  (exact-match table)
     mergeserve train-router [--experts-dir DIR]          (the MLP router, saved beside them)
     mergeserve route [--router NAME] < prompts.jsonl     ({"prompt": …} lines -> weights)
+    mergeserve add-expert NAME DIR [--by-path]             (hot-add to a running server)
+    mergeserve remove-expert NAME | list-experts | rebuild (the server's /admin API)
 
 With no arguments `serve` serves the embedded SmolLM2-135M-Instruct with the demo experts.
 """
@@ -430,7 +432,115 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--floor", type=float, default=0.0, help="drop weights below this")
     r.add_argument("--grid", type=float, default=0.05, help="round weights to this (0: no)")
     r.set_defaults(func=_route)
+    _admin_parsers(sub)
     return p
+
+
+# ------------------------------------------------------------------ admin client
+
+
+def _admin_request(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
+    """Call the server's /admin API; its error message becomes ours."""
+    import httpx
+
+    token = args.token or os.environ.get("MERGESERVE_ADMIN__TOKEN")
+    if not token:
+        raise MergeserveError("give --token or set MERGESERVE_ADMIN__TOKEN")
+    url = args.url.rstrip("/") + path
+    try:
+        r = httpx.request(
+            method, url, headers={"Authorization": f"Bearer {token}"}, timeout=args.timeout, **kw
+        )
+    except httpx.HTTPError as e:
+        raise MergeserveError(f"{url}: {e}") from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"error": {"message": r.text[:500]}}
+    if r.status_code >= 400:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        msg = err.get("message") if isinstance(err, dict) else None
+        if r.status_code == 404 and path.startswith("/admin/experts") and method != "DELETE":
+            msg = msg or "the admin API is off: start the server with MERGESERVE_ADMIN__TOKEN"
+        raise MergeserveError(f"HTTP {r.status_code}: {msg or body}")
+    return body
+
+
+def _print_experts(body: dict[str, Any]) -> None:
+    for e in body["experts"]:
+        mark = "" if e["in_shared"] else "  (not in S/static yet: rebuild)"
+        print(f"{e['name']:<24} {e['source']:<8} r={e['rank']:<3} {e['digest'][:12]}{mark}")
+    print(f"generation {body['generation']}")
+
+
+def _add_expert(args: argparse.Namespace) -> None:
+    from mergeserve.server.admin import UPLOAD_FILES
+
+    src: Path = args.dir
+    if args.by_path:
+        body = _admin_request(
+            args, "POST", "/admin/experts", json={"name": args.name, "path": str(src.resolve())}
+        )
+    else:
+        if not src.is_dir():
+            raise MergeserveError(f"{src} is not a directory")
+        present = [src / f for f in UPLOAD_FILES if (src / f).is_file()]
+        handles = [p.open("rb") for p in present]
+        try:
+            files = [("files", (p.name, h)) for p, h in zip(present, handles, strict=True)]
+            body = _admin_request(
+                args, "POST", "/admin/experts", data={"name": args.name}, files=files
+            )
+        finally:
+            for h in handles:
+                h.close()
+    _print_experts(body)
+    print(f"added {body['added']} in {body['seconds']} s")
+
+
+def _remove_expert(args: argparse.Namespace) -> None:
+    body = _admin_request(args, "DELETE", f"/admin/experts/{args.name}")
+    _print_experts(body)
+    print(f"removed {body['removed']} in {body['seconds']} s")
+
+
+def _list_experts(args: argparse.Namespace) -> None:
+    _print_experts(_admin_request(args, "GET", "/admin/experts"))
+
+
+def _rebuild(args: argparse.Namespace) -> None:
+    body = _admin_request(args, "POST", "/admin/rebuild")
+    _print_experts(body)
+    print(f"rebuilt in {body['seconds']} s")
+
+
+def _admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's URL")
+    p.add_argument("--token", help="admin token (default: $MERGESERVE_ADMIN__TOKEN)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+
+
+def _admin_parsers(sub: Any) -> None:
+    a = sub.add_parser("add-expert", help="hot-add an expert to a running server")
+    a.add_argument("name", help="the expert's name (served as expert:NAME)")
+    a.add_argument("dir", type=Path, help="PEFT LoRA dir with examples.jsonl")
+    a.add_argument(
+        "--by-path",
+        action="store_true",
+        help="send the dir's path (under the server's allowed roots) instead of its files",
+    )
+    _admin_args(a)
+    a.set_defaults(func=_add_expert)
+    r = sub.add_parser("remove-expert", help="stop serving a hot-added expert")
+    r.add_argument("name")
+    _admin_args(r)
+    r.set_defaults(func=_remove_expert)
+    ls = sub.add_parser("list-experts", help="the experts a running server serves")
+    _admin_args(ls)
+    ls.set_defaults(func=_list_experts)
+    rb = sub.add_parser("rebuild", help="recompute S, exclusives and static merges on a server")
+    _admin_args(rb)
+    rb.set_defaults(func=_rebuild)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
@@ -133,6 +133,23 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AdminSettings(BaseModel):
+    """The operator API under /admin (hot-add, remove, rebuild). Off unless a token is set."""
+
+    token: SecretStr | None = None
+    """Bearer token of every /admin request; None (the default) turns /admin off."""
+    allowed_roots: list[Path] = []
+    """Dirs under which `POST /admin/experts` may read an expert by path (an upload needs
+    none). Empty: adding by path is refused."""
+    registry_dir: Path | None = None
+    """The store of hot-added experts (default: <cache>/registry). They are served again
+    after a restart."""
+    max_upload_bytes: int = Field(256 << 20, ge=1)
+    """Largest adapter upload accepted."""
+    remove_timeout_s: float = Field(30.0, gt=0)
+    """How long a removal waits for in-flight requests using the expert."""
+
+
 class Settings(BaseSettings):
     """All of mergeserve's settings."""
 
@@ -156,3 +173,4 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)

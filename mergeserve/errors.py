@@ -71,6 +71,20 @@ class EngineUnavailableError(MergeserveError):
     error_type = "service_unavailable_error"
 
 
+class AuthenticationError(MergeserveError):
+    """No or a wrong bearer token on a route that needs one."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(MergeserveError):
+    """Authenticated, but the request asks for something the settings do not allow."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
 class AdapterError(MergeserveError):
     """An adapter (LoRA dir) is unreadable or does not fit the base model."""
 

@@ -172,6 +172,26 @@ class TwinDecomposition:
             raise InvalidRequestError("all weights are zero", param="merge_weights")
         return merge_adapters([self.experts[n] for n, _ in active], [w for _, w in active])
 
+    def with_expert(self, name: str, delta: AdapterFactors) -> TwinDecomposition:
+        """This decomposition plus one expert, without recomputing S: its exclusive is
+        the truncated SVD of Δ − S (S holds only the experts decomposed before, until the
+        next full `decompose`). How a hot-added expert is served at once."""
+        if name in self.names:
+            raise AdapterError(f"expert {name!r} is already in the decomposition")
+        if self.experts is None:
+            raise AdapterError("this decomposition was loaded without its experts")
+        if self.shared is None:
+            raise AdapterError("a decomposition with S folded into the base takes no new expert")
+        x, report = _exclusive(name, delta, self.shared, self.config)
+        return TwinDecomposition(
+            (*self.names, name),
+            self.shared,
+            {**self.exclusives, name: x},
+            (*self.report, report),
+            self.config,
+            {**self.experts, name: delta},
+        )
+
     # -------------------------------------------------------------- persistence
 
     def save(self, out_dir: Path, base_model_name_or_path: str | None = None) -> Path:
@@ -251,6 +271,41 @@ class TwinDecomposition:
         return cls(names, shared, exclusives, report, config, experts)
 
 
+def _exclusive(
+    name: str,
+    delta: AdapterFactors,
+    shared: AdapterFactors,
+    cfg: TwinConfig,
+    progress: ProgressBar | None = None,
+) -> tuple[AdapterFactors, ExpertReport]:
+    """X = the truncated SVD of Δ − S, and how much of Δ − S and of Δ it misses."""
+    groups, layers = {}, {}
+    num = den_own = den_delta = 0.0
+    for kind, lay in union_layout([delta, shared]).items():
+        like = delta.groups.get(kind) or shared.groups[kind]
+        d = aligned_or_empty(delta, kind, lay, like)
+        s = aligned_or_empty(shared, kind, lay, like)
+        own = subtract(d, s).astype(torch.float64)
+        x = truncate(own, cfg.exclusive_rank, cfg.exclusive_energy)
+        # ‖x − own‖² = ‖x‖² + ‖own‖² − 2⟨x, own⟩, all from Gram matrices.
+        own_sq = float(frobenius_sq(own).sum())
+        num += max(0.0, float(frobenius_sq(x).sum()) + own_sq - 2 * float(inner(x, own).sum()))
+        den_own += own_sq
+        den_delta += float(frobenius_sq(d.astype(torch.float64)).sum())
+        groups[kind] = x.astype(d.A.dtype)
+        layers[kind] = lay
+        if progress is not None:
+            progress.update(1)
+    x_t = AdapterFactors(groups, layers, delta.prefix)
+    return x_t, ExpertReport(
+        name=name,
+        rank=max(delta.ranks.values()),
+        exclusive_rank=max(x_t.ranks.values()),
+        exclusive_error=_ratio(num, den_own),
+        reconstruction_error=_ratio(num, den_delta),
+    )
+
+
 def decompose(
     experts: Mapping[str, AdapterFactors],
     config: TwinConfig | None = None,
@@ -273,34 +328,8 @@ def decompose(
     exclusives: dict[str, AdapterFactors] = {}
     report = []
     for name, delta in zip(names, values, strict=True):
-        groups, layers = {}, {}
-        num = den_own = den_delta = 0.0
-        for kind, lay in union_layout([delta, shared]).items():
-            like = delta.groups.get(kind) or shared.groups[kind]
-            d = aligned_or_empty(delta, kind, lay, like)
-            s = aligned_or_empty(shared, kind, lay, like)
-            own = subtract(d, s).astype(torch.float64)
-            x = truncate(own, cfg.exclusive_rank, cfg.exclusive_energy)
-            # ‖x − own‖² = ‖x‖² + ‖own‖² − 2⟨x, own⟩, all from Gram matrices.
-            own_sq = float(frobenius_sq(own).sum())
-            num += max(0.0, float(frobenius_sq(x).sum()) + own_sq - 2 * float(inner(x, own).sum()))
-            den_own += own_sq
-            den_delta += float(frobenius_sq(d.astype(torch.float64)).sum())
-            groups[kind] = x.astype(d.A.dtype)
-            layers[kind] = lay
-            if progress is not None:
-                progress.update(1)
-        x_t = AdapterFactors(groups, layers, delta.prefix)
-        exclusives[name] = x_t
-        report.append(
-            ExpertReport(
-                name=name,
-                rank=max(delta.ranks.values()),
-                exclusive_rank=max(x_t.ranks.values()),
-                exclusive_error=_ratio(num, den_own),
-                reconstruction_error=_ratio(num, den_delta),
-            )
-        )
+        exclusives[name], r = _exclusive(name, delta, shared, cfg, progress)
+        report.append(r)
     return TwinDecomposition(names, shared, exclusives, tuple(report), cfg, dict(experts))
 
 

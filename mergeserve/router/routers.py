@@ -25,6 +25,7 @@ prototype router multiplies cosines by `scale`, Arrow returns log mean coefficie
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -575,6 +576,74 @@ ROUTERS = ("prototype", "mlp", "arrow")
 
 def mlp_router_dir(experts_dir: Path) -> Path:
     return experts_dir / ROUTER_DIR
+
+
+def router_for(
+    kind: str,
+    experts: Mapping[str, Path],
+    *,
+    factors: Mapping[str, AdapterFactors] | None = None,
+    embedder: Embedder | None = None,
+    base_dir: Path | None = None,
+    mlp_dir: Path | None = None,
+) -> Router:
+    """The `kind` router over `experts` (name -> PEFT dir): prototypes from each dir's
+    examples.jsonl, the MLP saved in `mlp_dir` (prototypes for the experts it has not
+    seen), or Arrow from the adapters' `factors`."""
+    if kind in ("prototype", "mlp"):
+        if embedder is None:
+            raise ConfigurationError(f"the {kind} router needs an embedder")
+        examples = {n: read_examples(p) for n, p in experts.items()}
+        proto = PrototypeRouter.from_examples(embedder, examples)
+        if kind == "prototype":
+            return proto
+        if mlp_dir is None:
+            raise ConfigurationError("the mlp router needs the dir of its trained weights")
+        return MLPRouter.load(mlp_dir, embedder, proto, examples)
+    if kind == "arrow":
+        if base_dir is None:
+            raise ConfigurationError("the arrow router needs the base model dir")
+        router = ArrowRouter(HiddenStateEmbedder(base_dir, layer=None))
+        for name, path in experts.items():
+            router.add_expert(name, factors[name] if factors else load_lora_factors(path))
+        return router
+    raise ConfigurationError(f"unknown router {kind!r}; routers: {', '.join(ROUTERS)}")
+
+
+def router_with(
+    router: Router, name: str, expert_dir: Path, factors: AdapterFactors | None = None
+) -> Router:
+    """A new router that also routes `name`; `router` is left as it was (a request routed
+    by it keeps a consistent view). The MLP routes a new expert by its prototypes."""
+    new = copy.copy(router)
+    if isinstance(new, MLPRouter):
+        if new.fallback is None:
+            raise ConfigurationError("this MLP router has no prototypes to route a new expert")
+        new.fallback = copy.copy(new.fallback)
+        new.fallback.add_expert(name, read_examples(expert_dir))
+    elif isinstance(new, PrototypeRouter):
+        new.add_expert(name, read_examples(expert_dir))
+    elif isinstance(new, ArrowRouter):
+        new.add_expert(name, factors if factors is not None else load_lora_factors(expert_dir))
+    else:
+        raise ConfigurationError(f"the {router.name} router cannot take a new expert")
+    return new
+
+
+def router_without(router: Router, name: str) -> Router:
+    """A new router that no longer routes `name`; `router` is left as it was."""
+    new = copy.copy(router)
+    if isinstance(new, MLPRouter):
+        if new.fallback is None:
+            raise ConfigurationError("this MLP router has no prototypes to drop an expert from")
+        new.fallback = copy.copy(new.fallback)
+        new.fallback.remove_expert(name)
+        new.trained = new.trained - {name}
+    elif isinstance(new, PrototypeRouter | ArrowRouter):
+        new.remove_expert(name)
+    else:
+        raise ConfigurationError(f"the {router.name} router cannot drop an expert")
+    return new
 
 
 def load_router(

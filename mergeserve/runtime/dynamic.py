@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
@@ -38,6 +38,8 @@ class RoutedRequest:
     routing: Routing
     seconds: float
     """Wall time the request waited for its routing (queue + its batch)."""
+    state: DynamicState
+    """The state it was routed with: acquire its merge from the same one."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,40 @@ class MergedAdapter:
     rank: int
     """Rank of the served adapter (after truncation)."""
     truncated: bool
+
+
+@dataclass(frozen=True)
+class DynamicState:
+    """One consistent view of what dynamic requests merge: the experts, their Twin
+    decomposition and the router over them. Replaced whole when the expert set changes;
+    a request keeps the state it was routed with until it has its adapter."""
+
+    experts: ExpertSet
+    twin: TwinDecomposition
+    router: Router
+    shared_of: tuple[str, ...] = ()
+    """The experts S was computed over (default: all); fewer after a hot-add, whose
+    exclusive is taken against the S of the experts before it."""
+    twin_id: str = field(init=False)
+    """Names the Twin configuration and the expert set behind S: with the expert-set
+    version it identifies every exclusive and S."""
+
+    def __post_init__(self) -> None:
+        if set(self.twin.names) != set(self.experts.names):
+            raise ValueError("the Twin decomposition is not of this expert set")
+        if set(self.router.experts) != set(self.experts.names):
+            raise ValueError(
+                f"the router routes {sorted(self.router.experts)}, the experts are "
+                f"{sorted(self.experts.names)}"
+            )
+        shared_of = self.shared_of or self.experts.names
+        if set(shared_of) - set(self.experts.names):
+            raise ValueError("S cannot be of experts that are not in the set")
+        object.__setattr__(self, "shared_of", tuple(shared_of))
+        basis = {n: self.experts.digests[n] for n in sorted(shared_of)}
+        payload = {"config": self.twin.config.to_json(), "shared_of": basis}
+        twin_id = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        object.__setattr__(self, "twin_id", twin_id)
 
 
 class DynamicMerger:
@@ -67,94 +103,128 @@ class DynamicMerger:
         max_batch: int = 32,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        if set(twin.names) != set(experts.names):
-            raise ValueError("the Twin decomposition is not of this expert set")
-        if set(router.experts) - set(experts.names):
-            raise ValueError("the router knows experts that are not served")
-        self.experts = experts
-        self.twin = twin
-        self.router = router
+        self._state = DynamicState(experts, twin, router)
         self.policy = policy
         self.cache = cache
         self.max_rank = max_rank
-        self._twin_id = hashlib.sha256(
-            json.dumps(twin.config.to_json(), sort_keys=True).encode()
-        ).hexdigest()
-        self._batcher: MicroBatcher[str, Routing] = MicroBatcher(
+        self._batcher: MicroBatcher[str, tuple[Routing, DynamicState]] = MicroBatcher(
             self._route_batch, max_batch=max_batch, name="router", on_batch=on_batch
         )
 
+    @property
+    def state(self) -> DynamicState:
+        return self._state
+
+    def publish(self, state: DynamicState) -> None:
+        """Serve `state` from now on. Requests routed before keep the state they were
+        routed with (their merges are keyed by its expert-set version, so nothing built
+        for one state is ever served for another)."""
+        self._state = state
+
+    @property
+    def experts(self) -> ExpertSet:
+        return self._state.experts
+
+    @property
+    def twin(self) -> TwinDecomposition:
+        return self._state.twin
+
+    @property
+    def router(self) -> Router:
+        return self._state.router
+
     # ------------------------------------------------------------------- routing
 
-    def _route_batch(self, texts: list[str]) -> Sequence[Routing]:
-        # One read of the router's columns for the whole batch: logits and names agree.
-        experts = self.router.experts
-        logits = self.router.logits(texts)
-        return self.policy.apply(experts, logits)
+    def _route_batch(self, texts: list[str]) -> Sequence[tuple[Routing, DynamicState]]:
+        # One state for the whole batch: its router's columns are its experts.
+        state = self._state
+        routings = self.policy.apply(state.router.experts, state.router.logits(texts))
+        return [(r, state) for r in routings]
 
     async def route(self, text: str) -> RoutedRequest:
         t0 = time.perf_counter()
-        routing = await self._batcher.submit(text)
-        return RoutedRequest(routing, time.perf_counter() - t0)
+        routing, state = await self._batcher.submit(text)
+        return RoutedRequest(routing, time.perf_counter() - t0, state)
 
-    def pinned_key(self, weights: dict[str, float]) -> MergeKey:
+    def pinned_key(self, weights: dict[str, float], state: DynamicState | None = None) -> MergeKey:
         """A client's own `merge_weights`, checked against the experts and rounded to the
         policy's grid (so pinned keys share adapters like routed ones)."""
-        return MergeKey.from_weights(weights, self.experts.names, self.policy.grid)
+        state = state or self._state
+        return MergeKey.from_weights(weights, state.experts.names, self.policy.grid)
 
     # ------------------------------------------------------------------- merging
 
-    def content_key(self, mode: DynamicMode, key: MergeKey) -> str:
+    def content_key(
+        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
+    ) -> str:
+        state = state or self._state
         h = hashlib.sha256(b"mergeserve-merge/1\n")
-        h.update(f"{mode}\n{self.experts.version}\n".encode())
+        h.update(f"{mode}\n{state.experts.version}\n".encode())
         if mode == "twin":
-            h.update(f"{self._twin_id}\n".encode())
+            h.update(f"{state.twin_id}\n".encode())
         h.update(json.dumps(key.weights).encode())
         return h.hexdigest()
 
-    def build(self, mode: DynamicMode, key: MergeKey) -> AdapterFactors:
+    def build(
+        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
+    ) -> AdapterFactors:
         """The merged adapter's factors (blocking: runs in the cache's worker thread)."""
+        twin = (state or self._state).twin
         weights = key.as_dict()
-        merged = self.twin.merged(weights) if mode == "twin" else self.twin.merged_exact(weights)
+        merged = twin.merged(weights) if mode == "twin" else twin.merged_exact(weights)
         if max(merged.ranks.values()) > self.max_rank:
             merged = truncate_adapter(merged, self.max_rank)
         return merged
 
-    def merged_rank(self, mode: DynamicMode, key: MergeKey) -> int:
+    def merged_rank(
+        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
+    ) -> int:
         """The rank of the untruncated merge, from the factors' ranks alone."""
-        source = self.twin.exclusives if mode == "twin" else self.experts.factors
+        state = state or self._state
+        source = state.twin.exclusives if mode == "twin" else state.experts.factors
         parts = [source[n] for n in key.experts]
-        if mode == "twin" and self.twin.shared is not None:
-            parts.append(self.twin.shared)
+        if mode == "twin" and state.twin.shared is not None:
+            parts.append(state.twin.shared)
         kinds = {k for p in parts for k in p.ranks}
         return max(sum(p.ranks.get(k, 0) for p in parts) for k in kinds)
 
-    def max_routed_rank(self, mode: DynamicMode) -> int:
+    def max_routed_rank(self, mode: DynamicMode, state: DynamicState | None = None) -> int:
         """An upper bound of the rank of any routed merge (top-k experts of largest rank)."""
-        parts = self.twin.exclusives if mode == "twin" else self.experts.factors
+        state = state or self._state
+        parts = state.twin.exclusives if mode == "twin" else state.experts.factors
         ranks = sorted((max(f.ranks.values()) for f in parts.values()), reverse=True)
         bound = sum(ranks[: self.policy.top_k or len(ranks)])
-        if mode == "twin" and self.twin.shared is not None:
-            bound += max(self.twin.shared.ranks.values())
+        if mode == "twin" and state.twin.shared is not None:
+            bound += max(state.twin.shared.ranks.values())
         return bound
 
-    def identity(self, mode: DynamicMode, router_id: str) -> str:
+    def identity(self, mode: DynamicMode, router_id: str, state: DynamicState | None = None) -> str:
         """A digest of everything a routed reply of `mode` depends on besides the base
         model: the experts, the Twin configuration, the router (`router_id`), the policy,
         and the slot rank when a routed merge can exceed it (then it is truncated)."""
+        state = state or self._state
         payload = {
             "mode": mode,
-            "experts": self.experts.version,
-            "twin": self._twin_id if mode == "twin" else None,
+            "experts": state.experts.version,
+            "twin": state.twin_id if mode == "twin" else None,
             "router": router_id,
             "policy": asdict(self.policy),
-            "cap": self.max_rank if self.max_routed_rank(mode) > self.max_rank else None,
+            "cap": self.max_rank if self.max_routed_rank(mode, state) > self.max_rank else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    async def acquire(self, mode: DynamicMode, key: MergeKey) -> MergedAdapter:
-        lease = await self.cache.acquire(self.content_key(mode, key), lambda: self.build(mode, key))
-        full = self.merged_rank(mode, key)
+    async def acquire(
+        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
+    ) -> MergedAdapter:
+        """Lease the merge of `key` under `state` (default: the current one)."""
+        st = state or self._state
+        unknown = set(key.experts) - set(st.experts.names)
+        if unknown:  # a key from one state asked of another: never merge it silently
+            raise ValueError(f"experts {sorted(unknown)} are not in this expert set")
+        lease = await self.cache.acquire(
+            self.content_key(mode, key, st), lambda: self.build(mode, key, st)
+        )
+        full = self.merged_rank(mode, key, st)
         return MergedAdapter(mode, key, lease, lease.adapter.rank, full > self.max_rank)
 
     async def close(self) -> None:

@@ -77,26 +77,41 @@ class ModelCatalog:
         dynamic_default: DynamicMode | None = None,
         ids: IdAllocator | None = None,
         digests: Mapping[str, str] | None = None,
+        reuse: ModelCatalog | None = None,
     ) -> ModelCatalog:
         """Every model: base, one per expert, one per static merge, and the dynamic arms
         when `dynamic_default` is given. Engine ids come from `ids` (default: from 1);
-        `digests` maps model ids to their content digests (see ServedModel.digest)."""
+        `digests` maps model ids to their content digests (see ServedModel.digest). A
+        model of `reuse` with the same name, files and digest keeps its engine id, so a
+        change of the expert set reloads only the adapters that changed."""
         ids = ids or IdAllocator()
         dg = digests or {}
+
+        def target(name: str, path: Path) -> LoRATarget:
+            old = reuse._models.get(name) if reuse is not None else None
+            if (
+                old is not None
+                and old.lora is not None
+                and old.lora.path == path
+                and old.digest == dg.get(name)
+            ):
+                return old.lora
+            return LoRATarget(name=name, int_id=ids(), path=path)
+
         models = [ServedModel(BASE, "base", str(base_dir), digest=dg.get(BASE))]
         too_big = []
         for info in sorted(experts, key=lambda e: e.name):
             if info.rank > max_lora_rank:
                 too_big.append(f"{info.name} (r={info.rank})")
-            target = LoRATarget(name=f"{EXPERT_PREFIX}{info.name}", int_id=ids(), path=info.path)
+            lora = target(f"{EXPERT_PREFIX}{info.name}", info.path)
             models.append(
                 ServedModel(
-                    target.name,
+                    lora.name,
                     "expert",
                     str(info.path),
-                    lora=target,
+                    lora=lora,
                     weights=MappingProxyType({info.name: 1.0}),
-                    digest=dg.get(target.name),
+                    digest=dg.get(lora.name),
                 )
             )
         if too_big:
@@ -105,10 +120,10 @@ class ModelCatalog:
                 "raise MERGESERVE_ENGINE__MAX_LORA_RANK"
             )
         for method, info in sorted((static or {}).items()):
-            target = LoRATarget(name=f"{STATIC_PREFIX}{method}", int_id=ids(), path=info.path)
+            lora = target(f"{STATIC_PREFIX}{method}", info.path)
             models.append(
                 ServedModel(
-                    target.name, "static", str(info.path), lora=target, digest=dg.get(target.name)
+                    lora.name, "static", str(info.path), lora=lora, digest=dg.get(lora.name)
                 )
             )
         if dynamic_default is not None:

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mergeserve.errors import MergeserveError
+from mergeserve.errors import AuthenticationError, MergeserveError
 from mergeserve.server.openai.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _mergeserve(_: Request, exc: MergeserveError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return _json(exc.status_code, from_exception(exc))
+        response = _json(exc.status_code, from_exception(exc))
+        if isinstance(exc, AuthenticationError):
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

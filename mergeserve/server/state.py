@@ -11,6 +11,7 @@ from mergeserve.errors import EngineUnavailableError
 from mergeserve.runtime.dynamic import DynamicMerger
 from mergeserve.runtime.engine import EngineClient
 from mergeserve.server.catalog import ModelCatalog
+from mergeserve.server.live import LiveSet
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.serving import ChatService
 
@@ -18,11 +19,19 @@ from mergeserve.server.openai.serving import ChatService
 @dataclass(frozen=True)
 class AppState:
     engine: EngineClient
-    catalog: ModelCatalog
     metrics: Metrics
     chat: ChatService
     base_model_dir: Path
-    dynamic: DynamicMerger | None = None
+    live: LiveSet
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        """The models served now (replaced whole on every change of the expert set)."""
+        return self.chat.catalog
+
+    @property
+    def dynamic(self) -> DynamicMerger | None:
+        return self.live.dynamic
 
 
 def get_state(request: Request) -> AppState:

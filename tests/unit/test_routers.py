@@ -31,6 +31,8 @@ from mergeserve.router.routers import (
     load_router,
     read_examples,
     route,
+    router_with,
+    router_without,
     train_mlp_router,
 )
 from mergeserve.tasks.generators import generate
@@ -216,6 +218,57 @@ def test_prototype_add_remove(minilm: Memo) -> None:
     assert top1(router, ["who won the match?", "a bowl of fruit"]) == ["c", "a"]
     with pytest.raises(KeyError):
         router.remove_expert("b")
+
+
+def test_router_with_and_without_leave_the_original_as_it_was(minilm: Memo, tmp_path: Path) -> None:
+    """Copy-on-write: a request routed by the old router keeps a consistent view."""
+    base = {"a": ["apples and pears", "fruit salad"], "b": ["the stock market fell"]}
+    router = PrototypeRouter.from_examples(minilm, base)
+    before = router.logits(["who won the match?"]).clone()
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "examples.jsonl").write_text(
+        '{"prompt": "football results"}\n{"prompt": "the match ended in a draw"}\n'
+    )
+    grown = router_with(router, "c", c)
+    assert router.experts == ("a", "b")
+    assert torch.equal(router.logits(["who won the match?"]), before)
+    assert grown.experts == ("a", "b", "c")
+    assert top1(grown, ["who won the match?"]) == ["c"]
+    shrunk = router_without(grown, "a")
+    assert shrunk.experts == ("b", "c")
+    assert grown.experts == ("a", "b", "c")
+    (c / "examples.jsonl").write_text("\n")
+    with pytest.raises(AdapterError, match="no example prompts"):
+        router_with(router, "c", c)
+    assert router.experts == ("a", "b")
+
+
+@needs_demo
+def test_router_with_on_an_mlp_routes_the_new_expert_by_prototypes(
+    minilm: Memo, tmp_path: Path
+) -> None:
+    left_out = "to_json"
+    others = {e: p for e, p in DEMO.items() if e != left_out}
+    mlp = train_mlp_router(
+        minilm,
+        others,
+        MLPTrainConfig(epochs=60),
+        fallback=PrototypeRouter.from_examples(minilm, others),
+    )
+    d = tmp_path / left_out
+    d.mkdir()
+    (d / "examples.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in DEMO[left_out])
+    )
+    grown = router_with(mlp, left_out, d)
+    assert left_out not in mlp.experts  # the original is untouched
+    assert isinstance(grown, MLPRouter)
+    assert grown.untrained == (left_out,)
+    assert accuracy(grown, [left_out]) >= 0.95
+    shrunk = router_without(grown, sorted(others)[0])
+    assert sorted(others)[0] not in shrunk.experts
+    assert sorted(others)[0] in grown.experts
 
 
 # ----------------------------------------------------------------------------------- MLP

@@ -189,3 +189,31 @@ def test_merged_view_is_the_same_merge_without_copying_factors() -> None:
     assert twin.merged_view({"caps": 1.0}).basis is view.basis
     with pytest.raises(InvalidRequestError):
         twin.merged_view({"nope": 1.0})
+
+
+def test_with_expert_adds_an_exclusive_against_the_current_shared() -> None:
+    """A hot-added expert: S stays that of the others, X_new = best rank-k of Δ_new − S."""
+    cfg = TwinConfig(shared_options=MergeOptions(scale=0.3), exclusive_rank=3)
+    old = {n: EXPERTS[n] for n in ("add", "rev", "caps")}
+    twin = decompose(old, cfg)
+    grown = twin.with_expert("json", EXPERTS["json"])
+    assert grown.names == ("add", "rev", "caps", "json")
+    assert grown.shared is twin.shared
+    assert twin.names == ("add", "rev", "caps")  # the old one is untouched
+    d = {n: dense(e) for n, e in EXPERTS.items()}
+    s = {mod: 0.3 * sum(d[n][mod] for n in old) for mod in d["json"]}
+    got = dense(grown.exclusives["json"])
+    for mod, delta in d["json"].items():
+        assert torch.allclose(got[mod], best_rank(delta - s[mod], 3), atol=1e-8)
+    w = {"json": 0.7, "add": 0.3}
+    merged = dense(grown.merged(w))
+    for mod in merged:
+        want = s[mod] + sum(
+            wt
+            * (best_rank(d[n][mod] - s[mod], 3) if n == "json" else dense(twin.exclusives[n])[mod])
+            for n, wt in w.items()
+        )
+        assert torch.allclose(merged[mod], want, atol=1e-8)
+    assert torch.allclose(dense(grown.merged_exact({"json": 1.0}))[mod], d["json"][mod], atol=1e-10)
+    with pytest.raises(Exception, match="already in the decomposition"):
+        grown.with_expert("json", EXPERTS["json"])

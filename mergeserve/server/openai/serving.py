@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -51,6 +51,9 @@ from mergeserve.server.openai.protocol import (
 log = logging.getLogger(__name__)
 
 
+Release = Callable[[], None]
+
+
 @dataclass
 class Binding:
     """The adapter a request runs with, and what its `merge` object says."""
@@ -58,10 +61,16 @@ class Binding:
     lora: LoRATarget | None
     merge: MergeInfo
     lease: AdapterLease | None = None
+    hold: Release | None = None
+    """Keeps a hot-added expert's files while the request runs (LiveSet.hold)."""
 
     def release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
+        try:
+            if self.lease is not None:
+                self.lease.release()
+        finally:
+            if self.hold is not None:
+                self.hold()
 
 
 @dataclass
@@ -115,15 +124,23 @@ class ChatService:
         metrics: Metrics,
         settings: ServerSettings,
         dynamic: DynamicMerger | None = None,
+        hold: Callable[[ServedModel], Release | None] | None = None,
     ):
-        if dynamic is None and any(m.kind == "dynamic" for m in catalog):
-            raise ValueError("a catalog with dynamic models needs a DynamicMerger")
+        """`hold(model)` is called as a request for `model` is bound and returns what
+        releases the model's files when the request ends (or None)."""
         self.engine = engine
-        self.catalog = catalog
         self.metrics = metrics
         self.settings = settings
-        self.dynamic = dynamic
+        self.hold = hold
         self._pending = 0
+        self.publish(catalog, dynamic)
+
+    def publish(self, catalog: ModelCatalog, dynamic: DynamicMerger | None) -> None:
+        """Serve `catalog` from the next request on; requests already prepared keep the
+        model they resolved."""
+        if dynamic is None and any(m.kind == "dynamic" for m in catalog):
+            raise ValueError("a catalog with dynamic models needs a DynamicMerger")
+        self.catalog, self.dynamic = catalog, dynamic
 
     # ------------------------------------------------------------------ preparation
 
@@ -165,6 +182,7 @@ class ChatService:
         model = p.model
         if model.kind != "dynamic":
             lora = model.lora
+            hold = self.hold(model) if self.hold is not None else None
             return Binding(
                 lora,
                 MergeInfo(
@@ -172,12 +190,14 @@ class ChatService:
                     weights=dict(model.weights),
                     adapter_id=lora.int_id if lora is not None else None,
                 ),
+                hold=hold,
             )
         assert self.dynamic is not None
         assert model.mode is not None
         dyn, m = self.dynamic, self.metrics
         if req.merge_weights is not None:
-            key = dyn.pinned_key(req.merge_weights)
+            state = dyn.state
+            key = dyn.pinned_key(req.merge_weights, state)
         else:
             try:
                 routed = await dyn.route(p.route_text)
@@ -188,11 +208,11 @@ class ChatService:
                 raise MergeserveError(f"routing failed: {e}") from e
             m.router_latency.observe(routed.seconds)
             m.router_entropy.observe(routed.routing.entropy)
-            key = routed.routing.key
+            key, state = routed.routing.key, routed.state
         for name, w in key.weights:
             m.expert_weight.labels(name).observe(w)
         try:
-            merged = await dyn.acquire(model.mode, key)
+            merged = await dyn.acquire(model.mode, key, state)
         except MergeserveError:
             raise
         except Exception as e:

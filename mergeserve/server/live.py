@@ -1,0 +1,505 @@
+"""The served expert set, changed while the server runs: hot-add, remove, rebuild.
+
+Two sources of experts:
+* the *seed*: the PEFT dirs under `experts_dir`, read at start-up and never written;
+* the *registry* (`ExpertRegistry`, when the admin API is on): experts added at run time,
+  content-addressed with a manifest, so they are served again after a restart.
+
+Every change builds a complete new `ServedSet` (experts, static merges, catalog, and the
+dynamic arms' `DynamicState`) beside the current one and then publishes it with two
+reference swaps; nothing a request holds is ever mutated. A request resolves its model
+from the catalog it saw, and a dynamic request is routed and merged within one
+`DynamicState`, so in-flight requests finish on the snapshot they started with.
+
+* `add` validates the adapter (PEFT config, tensors, NaN/Inf, size, base-model fit, slot
+  rank, example prompts when the router needs them) *before* the registry commits it;
+  a refusal changes nothing. The new expert is routed at once by the prototypes of its
+  examples (no router training) and merged with its exclusive X = SVD_k(Δ − S) against
+  the current shared S; S and the static merges stay those of the last rebuild.
+* `remove` publishes the set without the expert (S, exclusives and static merges
+  recomputed, so nothing of it is served any more), then waits for in-flight requests
+  on its files before deleting them.
+* `rebuild` recomputes S, the exclusives and the static merges of the current experts.
+
+Blocking (file copies, SVDs, embeddings): call from a worker thread. Changes are
+serialized by a lock; reads (`current`) are a plain attribute read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from mergeserve.adapters.methods import MergeOptions
+from mergeserve.adapters.peft_io import (
+    BaseModelSpec,
+    LoraAdapterInfo,
+    discover_lora_dirs,
+    load_lora_factors,
+    read_lora_dir,
+)
+from mergeserve.adapters.registry import (
+    ExpertExistsError,
+    ExpertNotFoundError,
+    ExpertRegistry,
+    _default_validator,
+)
+from mergeserve.adapters.twin import TwinConfig
+from mergeserve.config import Settings
+from mergeserve.errors import AdapterError, ConfigurationError
+from mergeserve.router.embedders import Embedder
+from mergeserve.router.policy import RoutingPolicy
+from mergeserve.router.routers import (
+    examples_digest,
+    mlp_router_dir,
+    read_examples,
+    router_for,
+    router_with,
+)
+from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger, DynamicState
+from mergeserve.runtime.expert_set import (
+    STATIC_DEFAULTS,
+    ExpertSet,
+    adapter_digest,
+    static_merge,
+    twin_decomposition,
+)
+from mergeserve.runtime.materialize import AdapterCache, IdAllocator
+from mergeserve.server.catalog import (
+    BASE,
+    EXPERT_PREFIX,
+    STATIC_PREFIX,
+    ModelCatalog,
+    ServedModel,
+    dynamic_id,
+)
+
+log = logging.getLogger(__name__)
+
+Source = Literal["seed", "registry"]
+Release = Callable[[], None]
+
+
+class SeedExpertError(AdapterError):
+    """A change asked of an expert that comes from `experts_dir` (read-only)."""
+
+    status_code = 409
+    error_type = "conflict_error"
+
+
+def twin_config(settings: Settings) -> TwinConfig:
+    """The Twin decomposition the dynamic arms serve, from the settings."""
+    ms = settings.merge
+    return TwinConfig(
+        shared_method=ms.twin_shared_method,
+        shared_options=MergeOptions(scale=ms.twin_lambda),
+        exclusive_rank=ms.twin_exclusive_rank,
+        shared_rank=ms.twin_shared_rank,
+    )
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServedSet:
+    """Everything that answers requests at one moment; never mutated."""
+
+    generation: int
+    """The registry version: 1 at start-up, +1 on every published change."""
+    experts: ExpertSet
+    sources: Mapping[str, Source]
+    static: Mapping[str, LoraAdapterInfo]
+    """The static merges by method, of the experts of the last rebuild (`basis`)."""
+    basis: tuple[str, ...]
+    """The experts that S and the static merges were computed over."""
+    dynamic: DynamicState | None
+    catalog: ModelCatalog
+    changed_at: float = field(default_factory=time.time)
+
+    @property
+    def stale(self) -> tuple[str, ...]:
+        """Experts hot-added since the last rebuild: not in S nor in the static merges."""
+        return tuple(n for n in self.experts.names if n not in self.basis)
+
+
+class LiveSet:
+    """Owns the served set, the dynamic merger and every change to them (module doc)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        base_dir: Path | None,
+        base_spec: BaseModelSpec | None,
+        ids: IdAllocator,
+        embedder: Callable[[], Embedder] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`embedder` makes the router's embedder (called once, when first needed)."""
+        self.settings = settings
+        self.base_dir = base_dir
+        self.base_spec = base_spec
+        self.ids = ids
+        self._make_embedder = embedder
+        self._embedder: Embedder | None = None
+        self._on_batch = on_batch
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[ServedSet], None]] = []
+        self.dynamic: DynamicMerger | None = None
+        self.registry: ExpertRegistry | None = None
+        if settings.admin.token is not None:
+            root = settings.admin.registry_dir or settings.cache / "registry"
+            self.registry = ExpertRegistry.open(
+                root, self._validate, max_adapter_bytes=settings.admin.max_upload_bytes
+            )
+        try:
+            self._current = self._start()
+        except BaseException:
+            self.close_registry()
+            raise
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def current(self) -> ServedSet:
+        return self._current
+
+    def subscribe(self, fn: Callable[[ServedSet], None]) -> None:
+        """Call `fn(served)` after each published change (from the changing thread)."""
+        self._subscribers.append(fn)
+
+    def hold(self, model: ServedModel) -> Release | None:
+        """Keep the files `model` is generated with until the returned call: an
+        `expert:` model of a hot-added expert holds a registry lease (removal waits for
+        it). Raises ExpertNotFoundError if the expert was removed meanwhile."""
+        if model.kind != "expert" or self.registry is None:
+            return None
+        if not Path(model.root).is_relative_to(self.registry.root):
+            return None  # a seed expert: its files are never deleted
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.registry.lease([model.id.removeprefix(EXPERT_PREFIX)]))
+        return stack.close
+
+    # ------------------------------------------------------------------ changes
+
+    def add(self, name: str, src_dir: Path) -> ServedSet:
+        """Validate, store and serve the expert at `src_dir` as `name` (blocking)."""
+        if self.registry is None:
+            raise ConfigurationError("experts can be added only with the admin API on")
+        with self._lock:
+            cur = self._current
+            self._check_free(cur, name)
+            snap = self.registry.add(name, src_dir)  # validates, then commits the manifest
+            try:
+                ref = snap[name]
+                info = read_lora_dir(ref.path, name)
+                factors = load_lora_factors(ref.path)
+                experts = ExpertSet(
+                    {**cur.experts.infos, name: info},
+                    {**cur.experts.factors, name: factors},
+                    {**cur.experts.digests, name: adapter_digest(ref.path)},
+                    cur.generation + 1,
+                )
+                dyn = None
+                if cur.dynamic is not None:
+                    d = cur.dynamic
+                    dyn = DynamicState(
+                        experts,
+                        d.twin.with_expert(name, factors),
+                        router_with(d.router, name, ref.path, factors),
+                        d.shared_of,
+                    )
+                elif self.settings.merge.dynamic:  # the first expert: nothing to extend
+                    dyn = self._dynamic_state(experts)
+                new = self._served(
+                    experts, {**cur.sources, name: "registry"}, cur.static, cur.basis, dyn, cur
+                )
+                self._publish(new)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.registry.remove(name, timeout=0)  # nothing served it: no lease
+                raise
+        log.info("added expert %s (generation %d)", name, new.generation)
+        return new
+
+    def remove(self, name: str) -> ServedSet:
+        """Stop serving `name` (S, exclusives and static merges recomputed without it),
+        then delete its files once no in-flight request uses them (blocking)."""
+        if self.registry is None:
+            raise ConfigurationError("experts can be removed only with the admin API on")
+        with self._lock:
+            cur = self._current
+            source = cur.sources.get(name)
+            if source is None:
+                raise ExpertNotFoundError(name)
+            if source == "seed":
+                raise SeedExpertError(
+                    f"expert {name!r} comes from the experts dir, which the server never "
+                    "writes; remove its dir there and restart",
+                    code="seed_expert",
+                )
+            keep = [n for n in cur.experts.names if n != name]
+            experts = ExpertSet(
+                {n: cur.experts.infos[n] for n in keep},
+                {n: cur.experts.factors[n] for n in keep},
+                {n: cur.experts.digests[n] for n in keep},
+                cur.generation + 1,
+            )
+            new = self._rebuilt(experts, {n: cur.sources[n] for n in keep}, cur)
+            self._publish(new)
+            # Unpublished above; now wait for requests still generating with its files.
+            self.registry.remove(name, timeout=self.settings.admin.remove_timeout_s)
+        log.info("removed expert %s (generation %d)", name, new.generation)
+        return new
+
+    def rebuild(self) -> ServedSet:
+        """Recompute S, the exclusives and the static merges of the current experts."""
+        with self._lock:
+            cur = self._current
+            experts = ExpertSet(
+                cur.experts.infos, cur.experts.factors, cur.experts.digests, cur.generation + 1
+            )
+            new = self._rebuilt(experts, cur.sources, cur)
+            self._publish(new)
+        log.info("rebuilt %d experts (generation %d)", len(new.experts), new.generation)
+        return new
+
+    def close_registry(self) -> None:
+        if self.registry is not None:
+            self.registry.close()
+
+    def discard(self) -> None:
+        """Undo a start-up that will never serve (the engine failed to start)."""
+        try:
+            if self.dynamic is not None:
+                self.dynamic.cache.discard()
+        finally:
+            self.close_registry()
+
+    async def close(self) -> None:
+        """Stop routing, remove every merged adapter, release the registry."""
+        try:
+            if self.dynamic is not None:
+                await self.dynamic.close()
+        finally:
+            self.close_registry()
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self) -> ServedSet:
+        seed = discover_lora_dirs(self.settings.experts_dir) if self.settings.experts_dir else []
+        infos = {i.name: i for i in seed}
+        sources: dict[str, Source] = dict.fromkeys(infos, "seed")
+        if self.registry is not None:
+            for name, ref in self.registry.snapshot().experts.items():
+                if name in infos:
+                    log.warning(
+                        "expert %s is in the experts dir and in the registry (%s): serving "
+                        "the experts dir's",
+                        name,
+                        self.registry.root,
+                    )
+                    continue
+                infos[name] = read_lora_dir(ref.path, name)
+                sources[name] = "registry"
+        experts = ExpertSet.load(list(infos.values()), self.base_spec)
+        return self._rebuilt(experts, sources, None)
+
+    def _rebuilt(
+        self, experts: ExpertSet, sources: Mapping[str, Source], prev: ServedSet | None
+    ) -> ServedSet:
+        """A served set with S, exclusives, router and static merges all of `experts`."""
+        ms = self.settings.merge
+        static: dict[str, LoraAdapterInfo] = {}
+        if len(experts):
+            for method in ms.static_methods:
+                if method not in STATIC_DEFAULTS:
+                    raise ConfigurationError(
+                        f"no static arm {method!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
+                    )
+                static[method] = static_merge(
+                    experts,
+                    method,
+                    STATIC_DEFAULTS[method],
+                    self.settings.engine.max_lora_rank,
+                    self.settings.cache,
+                )
+        dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
+        return self._served(experts, sources, static, experts.names, dyn, prev)
+
+    def _dynamic_state(self, experts: ExpertSet) -> DynamicState:
+        rs = self.settings.router
+        twin = twin_decomposition(experts, twin_config(self.settings), self.settings.cache)
+        embedder = None
+        if rs.kind != "arrow":
+            if self._embedder is None:
+                if self._make_embedder is None:
+                    raise ConfigurationError(f"the {rs.kind} router needs an embedder")
+                self._embedder = self._make_embedder()
+            embedder = self._embedder
+        paths = {n: i.path for n, i in experts.infos.items()}
+        mlp = mlp_router_dir(self.settings.experts_dir) if self.settings.experts_dir else None
+        try:
+            router = router_for(
+                rs.kind,
+                paths,
+                factors=experts.factors,
+                embedder=embedder,
+                base_dir=self.base_dir,
+                mlp_dir=mlp,
+            )
+        except AdapterError as e:
+            raise ConfigurationError(
+                f"the dynamic arms cannot route: {e.message}. Give each expert an "
+                "examples.jsonl, or route without data (MERGESERVE_ROUTER__KIND=arrow), or "
+                "serve without the dynamic arms (MERGESERVE_MERGE__DYNAMIC=false)"
+            ) from e
+        return DynamicState(experts, twin, router)
+
+    def _served(
+        self,
+        experts: ExpertSet,
+        sources: Mapping[str, Source],
+        static: Mapping[str, LoraAdapterInfo],
+        basis: tuple[str, ...],
+        dyn: DynamicState | None,
+        prev: ServedSet | None,
+    ) -> ServedSet:
+        if dyn is not None:
+            self._ensure_merger(dyn)
+        catalog = ModelCatalog.build(
+            self.base_dir or Path("(engine supplied)"),
+            experts.infos.values(),
+            self.settings.engine.max_lora_rank,
+            static=static,
+            dynamic_default=self.settings.merge.default_mode if dyn is not None else None,
+            ids=self.ids,
+            digests=self._digests(experts, static, dyn),
+            reuse=prev.catalog if prev is not None else None,
+        )
+        return ServedSet(
+            experts.generation,
+            experts,
+            MappingProxyType(dict(sources)),
+            MappingProxyType(dict(static)),
+            tuple(basis),
+            dyn,
+            catalog,
+        )
+
+    def _ensure_merger(self, state: DynamicState) -> None:
+        if self.dynamic is not None:
+            return
+        ms, rs = self.settings.merge, self.settings.router
+        cache = AdapterCache(
+            self.ids,
+            root=ms.cache_dir,
+            max_entries=ms.cache_max_entries,
+            max_bytes=ms.cache_max_bytes,
+            name_prefix="dynamic",
+        )
+        self.dynamic = DynamicMerger(
+            state.experts,
+            state.twin,
+            state.router,
+            RoutingPolicy(rs.temperature, rs.top_k, rs.floor, rs.grid),
+            cache,
+            self.settings.engine.max_lora_rank,
+            max_batch=rs.max_batch,
+            on_batch=self._on_batch,
+        )
+
+    def _publish(self, new: ServedSet) -> None:
+        if new.dynamic is not None and self.dynamic is not None:
+            self.dynamic.publish(new.dynamic)
+        self._current = new
+        for fn in self._subscribers:
+            fn(new)
+
+    def _check_free(self, cur: ServedSet, name: str) -> None:
+        source = cur.sources.get(name)
+        if source == "seed":
+            raise SeedExpertError(
+                f"expert {name!r} comes from the experts dir; pick another name",
+                code="seed_expert",
+            )
+        if source is not None:
+            raise ExpertExistsError(
+                f"expert {name!r} is already served; remove it first", code="expert_exists"
+            )
+
+    def _validate(self, path: Path) -> None:
+        """The registry's check of a candidate dir, before anything is committed: what
+        the registry checks itself, plus fit to this server's base model, slot rank,
+        LoRA targets, and (for the routers that need them) example prompts."""
+        _default_validator(path, self.settings.admin.max_upload_bytes)
+        info = read_lora_dir(path)
+        rank_cap = self.settings.engine.max_lora_rank
+        if info.rank > rank_cap:
+            raise AdapterError(
+                f"{info.name}: rank {info.rank} is above this server's slot rank "
+                f"(max_lora_rank={rank_cap})"
+            )
+        targets = self.settings.engine.lora_target_modules
+        if targets is not None:
+            extra = sorted(set(info.target_modules) - set(targets))
+            if extra:
+                raise AdapterError(
+                    f"{info.name}: targets {extra}, which this server's engine gives no LoRA "
+                    f"layer (lora_target_modules={targets})"
+                )
+        if self.base_spec is not None:
+            self.base_spec.check(load_lora_factors(path), info)
+        if self.settings.merge.dynamic and self.settings.router.kind != "arrow":
+            read_examples(path)
+
+    def _digests(
+        self,
+        experts: ExpertSet,
+        static: Mapping[str, LoraAdapterInfo],
+        dyn: DynamicState | None,
+    ) -> dict[str, str]:
+        """The content digest of every served model (see ServedModel.digest)."""
+        if self.base_dir is None:
+            return {}  # an engine supplied by the caller: its weights are unknown here
+        base = _digest("base", self.base_dir.name)
+        out = {BASE: base}
+        out |= {f"{EXPERT_PREFIX}{n}": _digest(base, d) for n, d in experts.digests.items()}
+        out |= {
+            f"{STATIC_PREFIX}{m}": _digest(base, adapter_digest(info.path))
+            for m, info in static.items()
+        }
+        if dyn is not None and self.dynamic is not None:
+            rid = self._router_identity(experts)
+            out |= {
+                dynamic_id(m): _digest(base, self.dynamic.identity(m, rid, dyn))
+                for m in DYNAMIC_MODES
+            }
+        return out
+
+    def _router_identity(self, experts: ExpertSet) -> str:
+        """A digest of what the router's scores depend on: kind, embedder, examples, weights."""
+        rs = self.settings.router
+        payload: dict[str, object] = {"kind": rs.kind}
+        if rs.kind != "arrow":
+            payload["embedder"] = rs.embedder
+            payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
+            payload["examples"] = {
+                n: examples_digest(read_examples(i.path)) for n, i in experts.infos.items()
+            }
+        if rs.kind == "mlp" and self.settings.experts_dir is not None:
+            d = mlp_router_dir(self.settings.experts_dir)
+            payload["mlp"] = {
+                f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.glob("mlp.*"))
+            }
+        return _digest(payload)
