@@ -150,6 +150,17 @@ class AdminSettings(BaseModel):
     """How long a removal waits for in-flight requests using the expert."""
 
 
+class ExperimentSettings(BaseModel):
+    """A/B experiments (see mergeserve.server.experiments)."""
+
+    file: Path | None = None
+    """A TOML file of experiments; each is served as a model of its own name."""
+    feedback_log: Path | None = None
+    """Append-only JSONL of POST /v1/feedback (default: <cache>/feedback.jsonl)."""
+    feedback_window: int = Field(100_000, ge=1)
+    """How many recent responses can still be given feedback."""
+
+
 class Settings(BaseSettings):
     """All of mergeserve's settings."""
 
@@ -174,3 +185,4 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)

@@ -29,6 +29,7 @@ from mergeserve.runtime.engine import EngineClient, build_engine
 from mergeserve.runtime.materialize import IdAllocator
 from mergeserve.server.admin import router as admin_router
 from mergeserve.server.errors import install_error_handlers
+from mergeserve.server.experiments import FeedbackBook, check_arms, load_experiments
 from mergeserve.server.live import LiveSet, ServedSet
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.api_router import router as openai_router
@@ -67,6 +68,10 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         on_batch=on_batch,
     )
     try:
+        experiments = {}
+        if settings.experiments.file is not None:  # checked before the (slow) engine starts
+            experiments = load_experiments(settings.experiments.file)
+            check_arms(experiments.values(), [m.id for m in live.current.catalog])
         if engine is None:
             assert base_dir is not None
             engine = build_engine(base_dir, settings.engine, settings.served_model_name)
@@ -74,8 +79,19 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         live.discard()
         raise
     served = live.current
+    book = FeedbackBook(
+        settings.experiments.feedback_log or settings.cache / "feedback.jsonl",
+        settings.experiments.feedback_window,
+    )
     chat = ChatService(
-        engine, served.catalog, metrics, settings.server, live.dynamic, hold=live.hold
+        engine,
+        served.catalog,
+        metrics,
+        settings.server,
+        live.dynamic,
+        hold=live.hold,
+        experiments=experiments,
+        feedback=book,
     )
 
     def on_change(new: ServedSet) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Summary,
     generate_latest,
 )
 
@@ -120,6 +121,42 @@ class Metrics:
         self.experts = Gauge(
             "mergeserve_experts",
             "Experts in the served expert set.",
+            registry=r,
+        )
+        # A/B experiments: the same per-arm figures, labelled by experiment (bounded by
+        # the experiments file) so an experiment's arms are never mixed with direct use.
+        self.exp_requests = Counter(
+            "mergeserve_experiment_requests",
+            "Requests to an A/B experiment by assigned arm and status class.",
+            ["experiment", "arm", "status"],
+            registry=r,
+        )
+        self.exp_tokens = Counter(
+            "mergeserve_experiment_tokens",
+            "Tokens of an A/B experiment's requests, by arm and kind.",
+            ["experiment", "arm", "kind"],
+            registry=r,
+        )
+        self.exp_ttft = Histogram(
+            "mergeserve_experiment_time_to_first_token_seconds",
+            "Seconds to the first token of an A/B experiment's requests, by arm.",
+            ["experiment", "arm"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exp_latency = Histogram(
+            "mergeserve_experiment_request_latency_seconds",
+            "Seconds to the last token of an A/B experiment's requests, by arm.",
+            ["experiment", "arm"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # A summary (count and sum: the mean score per arm); scores may be negative,
+        # and a histogram with negative buckets exposes no _sum.
+        self.feedback = Summary(
+            "mergeserve_feedback_score",
+            "Feedback scores (POST /v1/feedback) by experiment ('none': a direct request) and arm.",
+            ["experiment", "arm"],
             registry=r,
         )
         Info("mergeserve_build", "mergeserve version.", registry=r).info({"version": version})

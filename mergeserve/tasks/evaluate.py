@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,6 +49,9 @@ class EvalResult:
     normalized: dict[str, float | None]
     examples: dict[str, dict[str, list[dict[str, str]]]]
     """model -> task -> a few (prompt, answer, reply) for reading the failures."""
+    outcomes: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+    """model -> task -> exact match of each prompt, in split order (paired across
+    models: the same prompts): what confidence intervals are drawn from."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,7 +102,9 @@ REPLIES_FILE = "replies.jsonl"
 ReplyKey = tuple[str, str | None, str, str, int, str, int]
 """(model, its content digest from /v1/models, task, split, prompt index, prompt,
 max_tokens). The digest keeps a reply from being reused once the model behind a name
-changes (a retrained expert, a new router); a server that gives none keys by name."""
+changes (a retrained expert, a new router); since equal digests give equal greedy
+replies, a model with a digest is keyed by the digest alone (model ""), so `dynamic`
+reuses the replies of the arm it is an alias of. A server that gives none keys by name."""
 
 
 def load_reply_cache(path: Path) -> dict[ReplyKey, str]:
@@ -110,9 +115,10 @@ def load_reply_cache(path: Path) -> dict[ReplyKey, str]:
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
+            digest = r.get("digest")
             key = (
-                r["model"],
-                r.get("digest"),
+                "" if digest else r["model"],
+                digest,
                 r["task"],
                 r["split"],
                 r["i"],
@@ -165,7 +171,8 @@ async def _run(
         for t, ss in samples.items():
             row = replies[(m, t)] = [None] * len(ss)
             for i, s in enumerate(ss):
-                cached = cache.get((m, digests.get(m), t, split, i, s.prompt, max_tokens))
+                d = digests.get(m)
+                cached = cache.get(("" if d else m, d, t, split, i, s.prompt, max_tokens))
                 if cached is None:
                     todo.append((m, t, i, s.prompt))
                 row[i] = cached
@@ -264,12 +271,14 @@ def evaluate(
     )
     cells: dict[str, dict[str, Cell]] = {}
     examples: dict[str, dict[str, list[dict[str, str]]]] = {}
+    outcomes: dict[str, dict[str, list[bool]]] = {}
     for m in chosen:
-        cells[m], examples[m] = {}, {}
+        cells[m], examples[m], outcomes[m] = {}, {}, {}
         for t in task_names:
             task, ss, rs = TASKS[t], samples[t], replies[(m, t)]
             ok = [r is not None and task.matches(r, s.answer) for r, s in zip(rs, ss, strict=True)]
             held = [o for o, s in zip(ok, ss, strict=True) if s.held_out]
+            outcomes[m][t] = ok
             cells[m][t] = Cell(
                 accuracy=sum(ok) / len(ok),
                 held_out_accuracy=sum(held) / len(held) if held else None,
@@ -288,6 +297,7 @@ def evaluate(
         cells,
         normalized_scores(cells, task_names),
         examples,
+        outcomes,
     )
 
 

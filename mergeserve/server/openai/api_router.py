@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from mergeserve.errors import InvalidRequestError
+from mergeserve.server.experiments import Experiment
 from mergeserve.server.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     ModelCard,
     ModelList,
 )
@@ -47,13 +52,14 @@ def get_chat(state: Annotated[AppState, Depends(get_state)]) -> ChatService:
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    body: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)]
+    body: ChatCompletionRequest, request: Request, chat: Annotated[ChatService, Depends(get_chat)]
 ) -> Any:
+    headers = request.headers  # case-insensitive: an experiment's sticky-key header
     if not body.stream:
-        response = await chat.complete(body)
+        response = await chat.complete(body, headers)
         arm = response.merge.arm if response.merge is not None else body.model
         return JSONResponse(response.model_dump(), headers={ARM_HEADER: arm})
-    prepared, acct = await chat.start(body)
+    prepared, acct = await chat.start(body, headers)
     return _GuardedStream(
         chat.stream(body, prepared, acct),
         on_close=lambda: chat.abandon(acct),
@@ -62,12 +68,42 @@ async def chat_completions(
     )
 
 
+def _experiment_card(exp: Experiment) -> ModelCard:
+    shares = exp.shares
+    root = "A/B experiment: " + ", ".join(f"{m} {100 * w:.0f}%" for m, w in shares.items())
+    return ModelCard(id=exp.name, root=root, arms=shares)
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(state: Annotated[AppState, Depends(get_state)]) -> ModelList:
-    return ModelList(data=[ModelCard(id=m.id, root=m.root, digest=m.digest) for m in state.catalog])
+    cards = [ModelCard(id=m.id, root=m.root, digest=m.digest) for m in state.catalog]
+    cards += [_experiment_card(e) for e in state.chat.experiments.values()]
+    return ModelList(data=cards)
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, state: Annotated[AppState, Depends(get_state)]) -> ModelCard:
+    exp = state.chat.experiments.get(model_id)
+    if exp is not None:
+        return _experiment_card(exp)
     m = state.catalog.resolve(model_id)
     return ModelCard(id=m.id, root=m.root, digest=m.digest)
+
+
+@router.post("/feedback", response_model=FeedbackResponse)
+async def feedback(
+    body: FeedbackRequest, chat: Annotated[ChatService, Depends(get_chat)]
+) -> FeedbackResponse:
+    """Record an outcome for a response this server gave, against the arm that gave it."""
+    book = chat.feedback
+    if book is None:
+        raise InvalidRequestError("feedback is not recorded by this server")
+    answered = await asyncio.to_thread(book.record, body.id, body.score, body.comment)
+    chat.metrics.feedback.labels(answered.experiment or "none", answered.arm).observe(body.score)
+    return FeedbackResponse(
+        id=body.id,
+        model=answered.model,
+        arm=answered.arm,
+        experiment=answered.experiment,
+        score=body.score,
+    )

@@ -116,6 +116,8 @@ class MergeInfo(BaseModel):
     """Dynamic arms: rank of the merged adapter as served."""
     truncated: bool | None = None
     """Dynamic arms: True when the merge exceeded the engine's slot rank and was truncated."""
+    experiment: str | None = None
+    """The A/B experiment that assigned `arm`, when the request named one."""
 
 
 class UsageInfo(BaseModel):
@@ -179,6 +181,27 @@ class ModelCard(BaseModel):
     digest: str | None = None
     """mergeserve's extension: content digest of what answers (equal digest, equal greedy
     replies); `mergeserve eval --resume` keys its reply cache on it."""
+    arms: dict[str, float] | None = None
+    """An A/B experiment's arms: served model -> share of the traffic."""
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: an outcome for a response this server gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    """The response's `id` (chatcmpl-…)."""
+    score: float
+    comment: str | None = Field(None, max_length=2000)
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    model: str
+    arm: str
+    experiment: str | None
+    score: float
 
 
 class ModelList(BaseModel):

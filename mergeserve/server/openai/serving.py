@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -35,6 +35,12 @@ from mergeserve.runtime.engine import (
 from mergeserve.runtime.materialize import AdapterLease
 from mergeserve.server.catalog import ModelCatalog, ServedModel
 from mergeserve.server.errors import sse_error
+from mergeserve.server.experiments import (
+    Answered,
+    ArmUnavailableError,
+    Experiment,
+    FeedbackBook,
+)
 from mergeserve.server.metrics import Metrics, StatusClass, status_class
 from mergeserve.server.openai.protocol import (
     AssistantMessage,
@@ -79,6 +85,7 @@ class _Accounting:
 
     arm: str
     started: float
+    experiment: str | None = None
     binding: Binding | None = None
     first_token_at: float | None = None
     prompt_tokens: int = 0
@@ -109,6 +116,8 @@ class PreparedChat:
     params: GenerationParams
     route_text: str
     """What the router reads: the last user message (all messages if none is a user's)."""
+    experiment: str | None = None
+    """The A/B experiment that chose `model`, when the request named one."""
 
 
 def route_text(messages: list[dict[str, str]]) -> str:
@@ -125,13 +134,19 @@ class ChatService:
         settings: ServerSettings,
         dynamic: DynamicMerger | None = None,
         hold: Callable[[ServedModel], Release | None] | None = None,
+        experiments: Mapping[str, Experiment] | None = None,
+        feedback: FeedbackBook | None = None,
     ):
         """`hold(model)` is called as a request for `model` is bound and returns what
-        releases the model's files when the request ends (or None)."""
+        releases the model's files when the request ends (or None). `experiments` are
+        model names that assign each request an arm; `feedback` remembers which arm
+        answered each response id."""
         self.engine = engine
         self.metrics = metrics
         self.settings = settings
         self.hold = hold
+        self.experiments: Mapping[str, Experiment] = experiments or {}
+        self.feedback = feedback
         self._pending = 0
         self.publish(catalog, dynamic)
 
@@ -144,8 +159,25 @@ class ChatService:
 
     # ------------------------------------------------------------------ preparation
 
-    def _prepare(self, req: ChatCompletionRequest) -> PreparedChat:
-        model = self.catalog.resolve(req.model)
+    def _resolve(
+        self, req: ChatCompletionRequest, headers: Mapping[str, str]
+    ) -> tuple[ServedModel, str | None]:
+        """The served model that answers `req`, and the experiment that chose it."""
+        exp = self.experiments.get(req.model)
+        if exp is None:
+            return self.catalog.resolve(req.model), None
+        key, _ = exp.sticky_key(req.user, headers)
+        arm = exp.assign(key)
+        if arm not in self.catalog:
+            raise ArmUnavailableError(
+                f"experiment {exp.name!r} assigned this request to {arm!r}, which is not "
+                "served at the moment"
+            )
+        return self.catalog.resolve(arm), exp.name
+
+    def _prepare(
+        self, req: ChatCompletionRequest, model: ServedModel, experiment: str | None = None
+    ) -> PreparedChat:
         if req.merge_weights is not None and model.kind != "dynamic":
             raise InvalidRequestError(
                 "merge_weights applies to the dynamic models only "
@@ -173,7 +205,12 @@ class ChatService:
             ignore_eos=req.ignore_eos,
         )
         return PreparedChat(
-            f"chatcmpl-{uuid.uuid4().hex}", model, prompt, params, route_text(messages)
+            f"chatcmpl-{uuid.uuid4().hex}",
+            model,
+            prompt,
+            params,
+            route_text(messages),
+            experiment,
         )
 
     async def _bind(self, p: PreparedChat, req: ChatCompletionRequest) -> Binding:
@@ -189,6 +226,7 @@ class ChatService:
                     arm=model.arm,
                     weights=dict(model.weights),
                     adapter_id=lora.int_id if lora is not None else None,
+                    experiment=p.experiment,
                 ),
                 hold=hold,
             )
@@ -231,6 +269,7 @@ class ChatService:
             routed=req.merge_weights is None,
             rank=merged.rank,
             truncated=merged.truncated,
+            experiment=p.experiment,
         )
         return Binding(lease.target, info, lease)
 
@@ -261,22 +300,44 @@ class ChatService:
             m.latency.labels(acct.arm).observe(now - acct.started)
             if acct.first_token_at is not None:
                 m.ttft.labels(acct.arm).observe(acct.first_token_at - acct.started)
+        if acct.experiment is not None:
+            e, a = acct.experiment, acct.arm
+            m.exp_requests.labels(e, a, status).inc()
+            m.exp_tokens.labels(e, a, "prompt").inc(acct.prompt_tokens)
+            m.exp_tokens.labels(e, a, "completion").inc(acct.completion_tokens)
+            if status == "ok":
+                m.exp_latency.labels(e, a).observe(now - acct.started)
+                if acct.first_token_at is not None:
+                    m.exp_ttft.labels(e, a).observe(acct.first_token_at - acct.started)
 
-    async def start(self, req: ChatCompletionRequest) -> tuple[PreparedChat, _Accounting]:
+    async def start(
+        self, req: ChatCompletionRequest, headers: Mapping[str, str] | None = None
+    ) -> tuple[PreparedChat, _Accounting]:
         """Check, admit and bind a request; a refusal is counted and raised before any
-        output, and gives back whatever it held."""
+        output, and gives back whatever it held. `headers` (lower-case names) can carry
+        an experiment's sticky key."""
         started = time.perf_counter()
+        model: ServedModel | None = None
+        experiment = None
         try:
-            prepared = self._prepare(req)
+            model, experiment = self._resolve(req, headers or {})
+            prepared = self._prepare(req, model, experiment)
             self._admit()
         except MergeserveError as e:
-            # The arm is the requested model only if it exists: labels stay bounded.
-            arm = self.catalog.resolve(req.model).arm if req.model in self.catalog else "unknown"
-            self.metrics.requests.labels(arm, status_class(e.status_code)).inc()
+            # The arm is a served model's only when one was resolved: labels stay bounded.
+            arm = model.arm if model is not None else "unknown"
+            status = status_class(e.status_code)
+            self.metrics.requests.labels(arm, status).inc()
+            if req.model in self.experiments:
+                self.metrics.exp_requests.labels(req.model, arm, status).inc()
             raise
-        acct = _Accounting(prepared.model.arm, started)
+        acct = _Accounting(prepared.model.arm, started, experiment)
         with self._settled(acct, release_on_success=False):
             acct.binding = await self._bind(prepared, req)
+        if self.feedback is not None:
+            self.feedback.answered(
+                prepared.request_id, Answered(req.model, acct.arm, experiment, time.time())
+            )
         return prepared, acct
 
     @contextlib.contextmanager
@@ -309,8 +370,10 @@ class ChatService:
         lora = acct.binding.lora if acct.binding is not None else None
         return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora)
 
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        prepared, acct = await self.start(req)
+    async def complete(
+        self, req: ChatCompletionRequest, headers: Mapping[str, str] | None = None
+    ) -> ChatCompletionResponse:
+        prepared, acct = await self.start(req, headers)
         text: list[str] = []
         finish = None
         with self._settled(acct):
