@@ -9,6 +9,7 @@
     mergeserve eval --base-url URL --models base,expert:*  (exact-match table)
     mergeserve train-router [--experts-dir DIR]          (the MLP router, saved beside them)
     mergeserve route [--router NAME] < prompts.jsonl     ({"prompt": …} lines -> weights)
+    mergeserve ab-report --experiment NAME --base-url URL  (A/B arms, bootstrap CIs)
     mergeserve add-expert NAME DIR [--by-path]             (hot-add to a running server)
     mergeserve remove-expert NAME | list-experts | rebuild (the server's /admin API)
 
@@ -432,8 +433,70 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--floor", type=float, default=0.0, help="drop weights below this")
     r.add_argument("--grid", type=float, default=0.05, help="round weights to this (0: no)")
     r.set_defaults(func=_route)
+    ab = sub.add_parser("ab-report", help="compare an A/B experiment's arms (bootstrap CIs)")
+    ab.add_argument("--experiment", required=True, help="the experiment's model name")
+    ab.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
+    ab.add_argument("--out", type=Path, default=Path("ab-report"), help="output dir")
+    ab.add_argument("--tasks", default="all", help="comma-separated demo tasks, or all")
+    ab.add_argument("--n", type=int, default=50, help="offline: test prompts per task")
+    ab.add_argument("--no-offline", action="store_true", help="feedback only, no eval")
+    ab.add_argument("--feedback", type=Path, help="the server's feedback log (JSONL)")
+    ab.add_argument(
+        "--online",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first send N labelled dev prompts per task through the experiment and post "
+        "each reply's exact match as feedback",
+    )
+    ab.add_argument("--concurrency", type=int, default=8)
+    ab.add_argument("--max-tokens", type=int, default=32)
+    ab.add_argument("--reply-cache", type=Path, help="default: <out>/replies.jsonl")
+    ab.add_argument("--fresh", action="store_true", help="ignore cached replies")
+    ab.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.set_defaults(func=_ab_report)
     _admin_parsers(sub)
     return p
+
+
+def _ab_report(args: argparse.Namespace) -> None:
+    from mergeserve.tasks.ab_report import ab_report, online_feedback
+
+    tasks = None if args.tasks == "all" else args.tasks.split(",")
+    if args.online:
+        if args.feedback is None:
+            raise MergeserveError("--online needs --feedback (the server's feedback log)")
+        from mergeserve.tasks import TASKS
+
+        sent = online_feedback(
+            args.base_url,
+            args.experiment,
+            tasks or list(TASKS),
+            args.online,
+            args.concurrency,
+            args.max_tokens,
+        )
+        print(f"online: {sent} labelled requests through {args.experiment}, feedback posted")
+    report = ab_report(
+        args.base_url,
+        args.experiment,
+        args.out,
+        tasks=tasks,
+        n=args.n,
+        offline=not args.no_offline,
+        feedback_log=args.feedback,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        reply_cache=args.reply_cache,
+        resume=not args.fresh,
+        boot=args.boot,
+        seed=args.seed,
+    )
+    for part in ("offline", "feedback"):
+        if part in report:
+            print(report[part]["verdict"])
+    print(f"written: {args.out}/ab-report.{{md,json,png}}")
 
 
 # ------------------------------------------------------------------ admin client

@@ -187,8 +187,11 @@ class Answered:
     model: str
     """The model the client asked for (an experiment's name, or a served model)."""
     arm: str
+    """The served arm (`dynamic` resolved to its mode), as the metrics label it."""
     experiment: str | None
     created: float
+    choice: str | None = None
+    """The experiment's arm as its config names it (`dynamic`, not `dynamic:exact`)."""
 
 
 class FeedbackBook:
@@ -235,6 +238,7 @@ class FeedbackBook:
                 "model": a.model,
                 "experiment": a.experiment,
                 "arm": a.arm,
+                "choice": a.choice,
                 "score": score,
             }
             if comment:

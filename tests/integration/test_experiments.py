@@ -16,7 +16,7 @@ import pytest
 from mergeserve.config import ExperimentSettings, Settings
 from mergeserve.errors import ConfigurationError
 from mergeserve.runtime.engine import FakeEngine
-from tests.integration.conftest import Served, metric_samples, serve
+from tests.integration.conftest import Served, metric_samples, serve, uvicorn_in_thread
 
 AB = """
 [experiments.ab]
@@ -175,3 +175,58 @@ async def test_an_experiment_with_an_unserved_arm_refuses_to_start(
     with pytest.raises(ConfigurationError, match="expert:nobody"):
         async for _ in serve(bad, FakeEngine(context_len=256)):
             pass
+
+
+def test_ab_report_end_to_end(
+    ab_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mergeserve ab-report` over HTTP: offline eval of both arms, online feedback through
+    the experiment, intervals and a verdict (static:ties answers right, dynamic wrong)."""
+    from mergeserve.cli import main
+    from mergeserve.server.app import create_app
+    from mergeserve.tasks import TASKS, generate
+
+    answers = {
+        s.prompt: s.answer
+        for t in ("add", "capital")
+        for split in ("test", "dev")
+        for s in generate(t, split, 20)  # type: ignore[arg-type]
+    }
+
+    def reply(adapter: str | None, prompt: str) -> str:
+        good = adapter == "static:ties"
+        return answers.get(prompt, "?") if good else "I do not know"
+
+    app = create_app(ab_settings, FakeEngine(context_len=512, reply_fn=reply))
+    out = tmp_path / "report"
+    with uvicorn_in_thread(app) as url:
+        main(
+            [
+                "ab-report",
+                "--experiment", "ab",
+                "--base-url", url,
+                "--tasks", "add,capital",
+                "--n", "20",
+                "--online", "10",
+                "--feedback", str(ab_settings.experiments.feedback_log),
+                "--out", str(out),
+                "--boot", "300",
+            ]
+        )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "online: 20 labelled requests" in printed
+    report = json.loads((out / "ab-report.json").read_text())
+    off = report["offline"]
+    assert off["accuracy"]["static:ties"]["value"] == 1.0
+    assert off["accuracy"]["dynamic"]["value"] == 0.0
+    assert "**`static:ties` is better**" in off["verdict"]
+    fb = report["feedback"]
+    assert sum(fb["count"].values()) == 20
+    assert fb["count"]["static:ties"] > 0  # 20 users: both arms got some
+    assert fb["mean"]["static:ties"]["value"] == 1.0
+    assert fb["mean"]["dynamic"]["value"] == 0.0
+    assert set(fb["count"]) == {"static:ties", "dynamic"}
+    md = (out / "ab-report.md").read_text()
+    assert "| `static:ties` | 100 | 100 | 100.0 [100.0, 100.0] |" in md
+    assert (out / "ab-report.png").stat().st_size > 1000
+    assert set(TASKS) >= set(off["tasks"])

@@ -335,8 +335,10 @@ class ChatService:
         with self._settled(acct, release_on_success=False):
             acct.binding = await self._bind(prepared, req)
         if self.feedback is not None:
+            choice = prepared.model.id if experiment is not None else None
             self.feedback.answered(
-                prepared.request_id, Answered(req.model, acct.arm, experiment, time.time())
+                prepared.request_id,
+                Answered(req.model, acct.arm, experiment, time.time(), choice),
             )
         return prepared, acct
 
