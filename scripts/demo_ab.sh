@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce docs/ab/: the A/B report of static:ties vs dynamic on the demo experts.
+# Serves the experiment of examples/experiments.toml at slot rank 64 (static:ties is a
+# rank-48 merge), then `mergeserve ab-report`:
+#  - offline: both arms answer the same N test prompts per task (paired bootstrap CIs);
+#    replies are shared with docs/results (keyed by content digest, so a reply already
+#    there for the same adapter is not asked again);
+#  - online: ONLINE labelled dev prompts per task sent through the experiment itself,
+#    each from its own user, each reply's exact match posted to /v1/feedback.
+# Usage: scripts/demo_ab.sh [N per task, default 50] [ONLINE per task, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-50}"
+ONLINE="${2:-10}"
+PORT="${PORT:-8766}"
+ms=.venv/bin/mergeserve
+out=docs/ab
+mkdir -p "$out"
+rm -f "$out/feedback.jsonl"
+work="$(mktemp -d)"
+trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+MERGESERVE_ENGINE__MAX_LORA_RANK=64 MERGESERVE_MERGE__STATIC_METHODS='["ties"]' \
+  MERGESERVE_EXPERIMENTS__FILE=examples/experiments.toml \
+  MERGESERVE_EXPERIMENTS__FEEDBACK_LOG="$out/feedback.jsonl" \
+  $ms serve --experts-dir examples/experts --port "$PORT" > "$work/server.log" 2>&1 &
+server=$!
+for _ in $(seq 900); do
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  kill -0 "$server" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
+  sleep 1
+done
+$ms ab-report --experiment ties-vs-dynamic --base-url "http://127.0.0.1:$PORT" \
+  --n "$N" --online "$ONLINE" --feedback "$out/feedback.jsonl" \
+  --reply-cache docs/results/replies.jsonl --concurrency 16 --max-tokens 32 --out "$out"
+kill "$server"; wait "$server" || true
