@@ -53,6 +53,21 @@ def _quantiles(xs: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def _intervals(
+    point: Mapping[str, float], samples: Mapping[str, list[float]]
+) -> tuple[dict[str, Interval], dict[tuple[str, str], Interval]]:
+    """Percentile intervals of each arm and of each difference a − b, from bootstrap
+    samples drawn together (sample i of every arm comes from the same resample)."""
+    each = {a: Interval(point[a], *_quantiles(samples[a])) for a in point}
+    diffs = {}
+    for a in point:
+        for b in point:
+            if a != b:
+                d = [x - y for x, y in zip(samples[a], samples[b], strict=True)]
+                diffs[(a, b)] = Interval(point[a] - point[b], *_quantiles(d))
+    return each, diffs
+
+
 def paired_bootstrap(
     outcomes: Mapping[str, Mapping[str, Sequence[bool]]],
     arms: Sequence[str],
@@ -77,14 +92,7 @@ def paired_bootstrap(
         picks = {t: [rng.randrange(sizes[t]) for _ in range(sizes[t])] for t in tasks}
         for a in arms:
             samples[a].append(acc(a, picks))
-    each = {a: Interval(point[a], *_quantiles(samples[a])) for a in arms}
-    diffs = {}
-    for a in arms:
-        for b in arms:
-            if a != b:
-                d = [x - y for x, y in zip(samples[a], samples[b], strict=True)]
-                diffs[(a, b)] = Interval(point[a] - point[b], *_quantiles(d))
-    return each, diffs
+    return _intervals(point, samples)
 
 
 def independent_bootstrap(
@@ -99,14 +107,7 @@ def independent_bootstrap(
         for a in arms:
             s = scores[a]
             samples[a].append(sum(s[rng.randrange(len(s))] for _ in s) / len(s))
-    each = {a: Interval(means[a], *_quantiles(samples[a])) for a in arms}
-    diffs = {}
-    for a in arms:
-        for b in arms:
-            if a != b:
-                d = [x - y for x, y in zip(samples[a], samples[b], strict=True)]
-                diffs[(a, b)] = Interval(means[a] - means[b], *_quantiles(d))
-    return each, diffs
+    return _intervals(means, samples)
 
 
 def verdict(
