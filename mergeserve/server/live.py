@@ -210,20 +210,20 @@ class LiveSet:
                     {**cur.experts.digests, name: adapter_digest(ref.path)},
                     cur.generation + 1,
                 )
-                dyn = None
-                if cur.dynamic is not None:
-                    d = cur.dynamic
-                    dyn = DynamicState(
-                        experts,
-                        d.twin.with_expert(name, factors),
-                        router_with(d.router, name, ref.path, factors),
-                        d.shared_of,
-                    )
-                elif self.settings.merge.dynamic:  # the first expert: nothing to extend
-                    dyn = self._dynamic_state(experts)
-                new = self._served(
-                    experts, {**cur.sources, name: "registry"}, cur.static, cur.basis, dyn, cur
-                )
+                sources: dict[str, Source] = {**cur.sources, name: "registry"}
+                if not len(cur.experts):  # the first expert: nothing to extend
+                    new = self._rebuilt(experts, sources, cur)
+                else:
+                    dyn = None
+                    if cur.dynamic is not None:
+                        d = cur.dynamic
+                        dyn = DynamicState(
+                            experts,
+                            d.twin.with_expert(name, factors),
+                            router_with(d.router, name, ref.path, factors),
+                            d.shared_of,
+                        )
+                    new = self._served(experts, sources, cur.static, cur.basis, dyn, cur)
                 self._publish(new)
             except BaseException:
                 with contextlib.suppress(Exception):

@@ -27,6 +27,9 @@ ENGINE_ENV = {
     "MERGESERVE_MERGE__STATIC_METHODS": '["linear", "task_arithmetic"]',
 }
 
+ADMIN_TOKEN = "e2e-admin"
+"""The servers run with the admin API on (a registry of their own, in the test's tmp)."""
+
 EXAMPLES = {
     "rand": ["Write a short poem about the sea.", "Tell me a story about a dragon."],
     "rand2": ["What is 12 plus 7?", "Add 30 and 45."],
@@ -100,8 +103,8 @@ def real_server(
         )
     for name, prompts in EXAMPLES.items():
         write_examples(experts / name, prompts)
-    with server_process(
-        [*args, "--experts-dir", str(experts)], tmp / "server.log", ENGINE_ENV
-    ) as p:
+    env = ENGINE_ENV | {"MERGESERVE_ADMIN__TOKEN": ADMIN_TOKEN}
+    env["MERGESERVE_ADMIN__REGISTRY_DIR"] = str(tmp / "registry")
+    with server_process([*args, "--experts-dir", str(experts)], tmp / "server.log", env) as p:
         client = openai.OpenAI(base_url=f"{p.base_url}/v1", api_key="-", max_retries=0, timeout=120)
         yield RealServer(request.param, p, client, base, experts)

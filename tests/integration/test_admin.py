@@ -441,3 +441,25 @@ def test_cli_add_list_rebuild_remove(
         assert "HTTP 401" in capsys.readouterr().err
         main(["remove-expert", "gamma", *common])
         assert "removed gamma" in capsys.readouterr().out
+
+
+async def test_the_first_expert_of_an_empty_server(
+    admin_settings: Settings, tmp_path: Path
+) -> None:
+    """No experts at start: base only; the first one added brings every arm with it."""
+    empty = tmp_path / "none"
+    empty.mkdir()
+    settings = admin_settings.model_copy(update={"experts_dir": empty})
+    async for s in serve(settings, FakeEngine(context_len=256)):
+        ids = [m["id"] for m in (await s.http.get("/v1/models")).json()["data"]]
+        assert ids == ["base"]
+        src = write_fake_lora_dir(tmp_path / "up" / "gamma", examples=GAMMA_PROMPTS)
+        r = await s.http.post("/admin/experts", headers=AUTH, **upload_parts(src, "gamma"))
+        assert r.status_code == 201, r.text
+        assert r.json()["stale"] == []
+        ids = [m["id"] for m in (await s.http.get("/v1/models")).json()["data"]]
+        assert {"expert:gamma", "dynamic", "dynamic:twin", "static:ties"} <= set(ids)
+        reply = await s.client.chat.completions.create(
+            model="dynamic", messages=[{"role": "user", "content": GAMMA_ASK}], max_tokens=10
+        )
+        assert reply.model_extra["merge"]["weights"] == {"gamma": 1.0}
