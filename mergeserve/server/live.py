@@ -165,7 +165,7 @@ class LiveSet:
         try:
             self._current = self._start()
         except BaseException:
-            self.close_registry()
+            self.discard()
             raise
 
     # ------------------------------------------------------------------ reading
