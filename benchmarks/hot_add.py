@@ -9,7 +9,10 @@ and keeps the load on. Prints one JSON object:
 
 * `post_s`: the POST's own latency (validation, copy, Twin exclusive, router update);
 * `first_routed_s`: from the POST's start to the first response chunk whose `merge`
-  names the new expert (client-observed; includes that request's routing and merge);
+  names the new expert (client-observed; includes that request's routing and merge).
+  From the POST on, a probe request of the new task is sent every 0.1 s, so this
+  measures the server, not when the mixed load happens to ask for the new task (that
+  figure is `first_routed_in_steady_load_s`);
 * `failed`: requests that did not end in a whole 200 stream (target 0), before, during
   and after the add;
 * `new_task_routed_after`: share of the new task's prompts sent after the add that were
@@ -103,8 +106,33 @@ async def bench(base_url: str, new_dir: Path, args: argparse.Namespace) -> dict[
     await asyncio.sleep(args.before_s)
 
     files = [("files", (f, (new_dir / f).read_bytes())) for f in UPLOAD_FILES]
+    probes: list[Done] = []
+    probing = asyncio.Event()
+
+    async def prober() -> None:
+        """From the POST on, a request of the new task every 0.1 s, each on its own (the
+        steady load above reaches the new task only every sixth request): when is the
+        first one routed to the new expert?"""
+        new_task = [s.prompt for s in generate(args.expert, "dev", 50)]
+        pending = []
+        for i in itertools.count():
+            if probing.is_set() or i >= 300:
+                break
+            prompt = new_task[i % len(new_task)]
+
+            async def probe(p: str = prompt) -> None:
+                d = await one(client, args.expert, p, 1)
+                probes.append(d)
+                if d.weights and args.expert in d.weights:
+                    probing.set()
+
+            pending.append(asyncio.create_task(probe()))
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*pending)
+
     async with httpx.AsyncClient(timeout=600) as http:
         t_post = time.perf_counter()
+        probe_task = asyncio.create_task(prober())
         r = await http.post(
             f"{base_url}/admin/experts",
             headers={"Authorization": f"Bearer {TOKEN}"},
@@ -117,11 +145,19 @@ async def bench(base_url: str, new_dir: Path, args: argparse.Namespace) -> dict[
         await asyncio.gather(*workers)
         raise SystemExit(f"the add failed: HTTP {r.status_code} {r.text}")
     await asyncio.sleep(args.after_s)
+    probing.set()
+    await probe_task
     stop.set()
     await asyncio.gather(*workers)
 
-    routed = [d for d in done if d.weights and args.expert in d.weights and d.first_chunk]
-    first = min((d.first_chunk for d in routed if d.first_chunk), default=None)
+    def first_routed(ds: list[Done]) -> Done | None:
+        routed = [d for d in ds if d.weights and args.expert in d.weights and d.first_chunk]
+        return min(routed, key=lambda d: d.first_chunk or 0.0, default=None)
+
+    probe = first_routed(probes)
+    in_load = first_routed(done)
+    first = probe.first_chunk if probe is not None else None
+    done += probes
     new_after = [d for d in done if d.task == args.expert and d.started > t_post + post_s]
     failed = [d for d in done if not d.ok]
     return {
@@ -138,6 +174,11 @@ async def bench(base_url: str, new_dir: Path, args: argparse.Namespace) -> dict[
         "post_s": round(post_s, 3),
         "server_add_s": r.json()["seconds"],
         "first_routed_s": round(first - t_post, 3) if first is not None else None,
+        "first_routed_probe_sent_s": round(probe.started - t_post, 3) if probe else None,
+        "first_routed_in_steady_load_s": round((in_load.first_chunk or 0.0) - t_post, 3)
+        if in_load
+        else None,
+        "probes": len(probes),
         "failed": len(failed),
         "failures": [d.error for d in failed[:5]],
         "new_task_routed_after": round(

@@ -39,7 +39,6 @@ from mergeserve.adapters.lowrank import (
     ScaledFactors,
     aligned_or_empty,
     frobenius_sq,
-    inner,
     merge_adapters,
     subtract,
     truncate,
@@ -287,9 +286,10 @@ def _exclusive(
         s = aligned_or_empty(shared, kind, lay, like)
         own = subtract(d, s).astype(torch.float64)
         x = truncate(own, cfg.exclusive_rank, cfg.exclusive_energy)
-        # ‖x − own‖² = ‖x‖² + ‖own‖² − 2⟨x, own⟩, all from Gram matrices.
+        # x is own's best rank-k approximation, so own − x ⟂ x (Eckart–Young):
+        # ‖own − x‖² = ‖own‖² − ‖x‖², all from Gram matrices of the factors.
         own_sq = float(frobenius_sq(own).sum())
-        num += max(0.0, float(frobenius_sq(x).sum()) + own_sq - 2 * float(inner(x, own).sum()))
+        num += max(0.0, own_sq - float(frobenius_sq(x).sum()))
         den_own += own_sq
         den_delta += float(frobenius_sq(d.astype(torch.float64)).sum())
         groups[kind] = x.astype(d.A.dtype)
