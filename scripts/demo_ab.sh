@@ -33,3 +33,5 @@ $ms ab-report --experiment ties-vs-dynamic --base-url "http://127.0.0.1:$PORT" \
   --n "$N" --online "$ONLINE" --feedback "$out/feedback.jsonl" \
   --reply-cache docs/results/replies.jsonl --concurrency 16 --max-tokens 32 --out "$out"
 kill "$server"; wait "$server" || true
+printf '\nReproduce: `scripts/demo_ab.sh %s %s` (serves examples/experiments.toml at slot rank 64, then `mergeserve ab-report --experiment ties-vs-dynamic --n %s --online %s --feedback docs/ab/feedback.jsonl`). Online prompts come from the dev split, offline ones from the test split.\n' \
+  "$N" "$ONLINE" "$N" "$ONLINE" >> "$out/ab-report.md"
