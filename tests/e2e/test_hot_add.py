@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mergeserve.server.admin import UPLOAD_FILES
 from mergeserve.testing import make_random_lora
 from tests.e2e.conftest import ADMIN_TOKEN, RealServer
 
@@ -41,7 +42,7 @@ def test_hot_added_expert_serves_at_once(real_server: RealServer, tmp_path: Path
         "".join(json.dumps({"prompt": p}) + "\n" for p in FRESH_EXAMPLES)
     )
     base = [greedy(real_server, "base", p)[0] for p in PROMPTS]
-    files = [("files", (f.name, f.read_bytes())) for f in sorted(src.iterdir()) if f.is_file()]
+    files = [("files", (f, (src / f).read_bytes())) for f in UPLOAD_FILES]
     r = httpx.post(
         f"{real_server.base_url}/admin/experts",
         headers=AUTH,
@@ -88,7 +89,7 @@ def test_an_adapter_of_another_base_is_refused(real_server: RealServer, tmp_path
     src = make_random_lora(other, tmp_path / "alien", rank=4)
     (src / "examples.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     before = httpx.get(f"{real_server.base_url}/admin/experts", headers=AUTH).json()
-    files = [("files", (f.name, f.read_bytes())) for f in sorted(src.iterdir()) if f.is_file()]
+    files = [("files", (f, (src / f).read_bytes())) for f in UPLOAD_FILES]
     r = httpx.post(
         f"{real_server.base_url}/admin/experts",
         headers=AUTH,
