@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -89,6 +89,30 @@ class ExpertSet:
 
     def __len__(self) -> int:
         return len(self.infos)
+
+    def plus(self, info: LoraAdapterInfo, factors: AdapterFactors, digest: str) -> ExpertSet:
+        """This set and one expert more, as the next generation."""
+        n = info.name
+        return ExpertSet(
+            {**self.infos, n: info},
+            {**self.factors, n: factors},
+            {**self.digests, n: digest},
+            self.generation + 1,
+        )
+
+    def minus(self, name: str) -> ExpertSet:
+        """This set without `name`, as the next generation."""
+        keep = [n for n in self.names if n != name]
+        return ExpertSet(
+            {n: self.infos[n] for n in keep},
+            {n: self.factors[n] for n in keep},
+            {n: self.digests[n] for n in keep},
+            self.generation + 1,
+        )
+
+    def next_generation(self) -> ExpertSet:
+        """The same experts as the next generation (a rebuild)."""
+        return replace(self, generation=self.generation + 1)
 
     @classmethod
     def load(cls, infos: Sequence[LoraAdapterInfo], base: BaseModelSpec | None = None) -> ExpertSet:

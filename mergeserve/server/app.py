@@ -100,8 +100,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         metrics.experts.set(len(new.experts))
 
     live.subscribe(on_change)
-    metrics.registry_version.set(served.generation)
-    metrics.experts.set(len(served.experts))
+    on_change(served)
     log.info("serving %s", ", ".join(m.id for m in served.catalog))
     return AppState(engine, metrics, chat, base_dir or Path("(engine supplied)"), live)
 
@@ -131,7 +130,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     @app.get("/health")
     async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
         await state.engine.check_health()
-        return JSONResponse({"status": "ok", "models": len(state.chat.catalog)})
+        return JSONResponse({"status": "ok", "models": len(state.catalog)})
 
     @app.get("/metrics")
     async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:

@@ -32,9 +32,8 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -82,11 +81,11 @@ from mergeserve.server.catalog import (
     ServedModel,
     dynamic_id,
 )
+from mergeserve.server.openai.serving import Release
 
 log = logging.getLogger(__name__)
 
 Source = Literal["seed", "registry"]
-Release = Callable[[], None]
 
 
 class SeedExpertError(AdapterError):
@@ -115,8 +114,6 @@ def _digest(*parts: object) -> str:
 class ServedSet:
     """Everything that answers requests at one moment; never mutated."""
 
-    generation: int
-    """The registry version: 1 at start-up, +1 on every published change."""
     experts: ExpertSet
     sources: Mapping[str, Source]
     static: Mapping[str, LoraAdapterInfo]
@@ -125,7 +122,11 @@ class ServedSet:
     """The experts that S and the static merges were computed over."""
     dynamic: DynamicState | None
     catalog: ModelCatalog
-    changed_at: float = field(default_factory=time.time)
+
+    @property
+    def generation(self) -> int:
+        """The registry version: 1 at start-up, +1 on every published change."""
+        return self.experts.generation
 
     @property
     def stale(self) -> tuple[str, ...]:
@@ -204,12 +205,7 @@ class LiveSet:
                 ref = snap[name]
                 info = read_lora_dir(ref.path, name)
                 factors = load_lora_factors(ref.path)
-                experts = ExpertSet(
-                    {**cur.experts.infos, name: info},
-                    {**cur.experts.factors, name: factors},
-                    {**cur.experts.digests, name: adapter_digest(ref.path)},
-                    cur.generation + 1,
-                )
+                experts = cur.experts.plus(info, factors, adapter_digest(ref.path))
                 sources: dict[str, Source] = {**cur.sources, name: "registry"}
                 if not len(cur.experts):  # the first expert: nothing to extend
                     new = self._rebuilt(experts, sources, cur)
@@ -248,14 +244,9 @@ class LiveSet:
                     "writes; remove its dir there and restart",
                     code="seed_expert",
                 )
-            keep = [n for n in cur.experts.names if n != name]
-            experts = ExpertSet(
-                {n: cur.experts.infos[n] for n in keep},
-                {n: cur.experts.factors[n] for n in keep},
-                {n: cur.experts.digests[n] for n in keep},
-                cur.generation + 1,
-            )
-            new = self._rebuilt(experts, {n: cur.sources[n] for n in keep}, cur)
+            experts = cur.experts.minus(name)
+            sources = {n: s for n, s in cur.sources.items() if n != name}
+            new = self._rebuilt(experts, sources, cur)
             self._publish(new)
             # Unpublished above; now wait for requests still generating with its files.
             self.registry.remove(name, timeout=self.settings.admin.remove_timeout_s)
@@ -266,10 +257,7 @@ class LiveSet:
         """Recompute S, the exclusives and the static merges of the current experts."""
         with self._lock:
             cur = self._current
-            experts = ExpertSet(
-                cur.experts.infos, cur.experts.factors, cur.experts.digests, cur.generation + 1
-            )
-            new = self._rebuilt(experts, cur.sources, cur)
+            new = self._rebuilt(cur.experts.next_generation(), cur.sources, cur)
             self._publish(new)
         log.info("rebuilt %d experts (generation %d)", len(new.experts), new.generation)
         return new
@@ -388,7 +376,6 @@ class LiveSet:
             reuse=prev.catalog if prev is not None else None,
         )
         return ServedSet(
-            experts.generation,
             experts,
             MappingProxyType(dict(sources)),
             MappingProxyType(dict(static)),

@@ -36,20 +36,25 @@ def greedy(server: RealServer, model: str, prompt: str, **extra: object) -> tupl
     return r.choices[0].message.content or "", r.model_extra["merge"]
 
 
+def upload(server: RealServer, name: str, src: Path) -> httpx.Response:
+    """POST /admin/experts with the three files of `src`, as `mergeserve add-expert`."""
+    files = [("files", (f, (src / f).read_bytes())) for f in UPLOAD_FILES]
+    return httpx.post(
+        f"{server.base_url}/admin/experts",
+        headers=AUTH,
+        data={"name": name},
+        files=files,
+        timeout=300,
+    )
+
+
 def test_hot_added_expert_serves_at_once(real_server: RealServer, tmp_path: Path) -> None:
     src = make_random_lora(real_server.base, tmp_path / "fresh", rank=8, seed=11)
     (src / "examples.jsonl").write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in FRESH_EXAMPLES)
     )
     base = [greedy(real_server, "base", p)[0] for p in PROMPTS]
-    files = [("files", (f, (src / f).read_bytes())) for f in UPLOAD_FILES]
-    r = httpx.post(
-        f"{real_server.base_url}/admin/experts",
-        headers=AUTH,
-        data={"name": "fresh"},
-        files=files,
-        timeout=300,
-    )
+    r = upload(real_server, "fresh", src)
     assert r.status_code == 201, r.text
     try:
         alone = [greedy(real_server, "expert:fresh", p)[0] for p in PROMPTS]
@@ -89,13 +94,6 @@ def test_an_adapter_of_another_base_is_refused(real_server: RealServer, tmp_path
     src = make_random_lora(other, tmp_path / "alien", rank=4)
     (src / "examples.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     before = httpx.get(f"{real_server.base_url}/admin/experts", headers=AUTH).json()
-    files = [("files", (f, (src / f).read_bytes())) for f in UPLOAD_FILES]
-    r = httpx.post(
-        f"{real_server.base_url}/admin/experts",
-        headers=AUTH,
-        data={"name": "alien"},
-        files=files,
-        timeout=300,
-    )
+    r = upload(real_server, "alien", src)
     assert r.status_code == 400, r.text
     assert httpx.get(f"{real_server.base_url}/admin/experts", headers=AUTH).json() == before
