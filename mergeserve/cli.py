@@ -315,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
-    s.add_argument("--engine", choices=["vllm", "fake"], help="engine (default vllm)")
+    s.add_argument(
+        "--engine",
+        choices=["vllm", "remote", "fake"],
+        help="engine (default vllm; remote: MERGESERVE_ENGINE__REMOTE__URL)",
+    )
     s.set_defaults(func=_serve)
 
     m = sub.add_parser("prepare-model", help="convert the embedded base model once; print its dir")

@@ -31,11 +31,40 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 """The seven linear layers of a llama block: the default LoRA targets everywhere."""
 
 
+class RemoteSettings(BaseModel):
+    """A vLLM OpenAI server that generates for mergeserve (`MERGESERVE_ENGINE__KIND=remote`).
+
+    Start it with runtime LoRA loading on and the same LoRA limits as mergeserve's engine
+    settings, e.g. ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora
+    --max-lora-rank 16 --max-loras 8 --lora-target-modules q_proj ...``. mergeserve hands
+    it adapters by path: the expert dirs, the registry, `cache` (static merges) and
+    `merge.cache_dir` (merged adapters) must be readable by it, on a volume both mount, at
+    the same path or mapped by `path_map`.
+    """
+
+    url: str | None = None
+    """Base URL of the server, e.g. ``http://vllm:8000`` (without ``/v1``)."""
+    api_key: SecretStr | None = None
+    """Sent as a bearer token (vLLM's ``--api-key``)."""
+    model: str | None = None
+    """The base model's name on the server (default: the first model it lists)."""
+    path_map: dict[str, str] = {}
+    """Local path prefix -> the same dir as the server sees it (volumes mounted at other
+    paths); the longest matching prefix wins."""
+    max_adapters: int = Field(256, ge=1)
+    """Adapters kept registered on the server; the least recently used is unloaded."""
+    connect_timeout_s: float = Field(300.0, gt=0)
+    """How long start-up waits for the server to answer (it may still be loading)."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Longest silence on one generation stream before it fails."""
+
+
 class EngineSettings(BaseModel):
     """How the generation engine is built."""
 
-    kind: Literal["vllm", "fake"] = "vllm"
-    """`vllm`: vLLM's in-process async engine. `fake`: the deterministic test engine."""
+    kind: Literal["vllm", "remote", "fake"] = "vllm"
+    """`vllm`: vLLM's in-process async engine. `remote`: an existing vLLM OpenAI server at
+    `remote_url` (see RemoteSettings). `fake`: the deterministic test engine."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Chosen deliberately: vLLM's "auto" picks bfloat16 for fp32 checkpoints on CPU, which
@@ -74,6 +103,9 @@ class EngineSettings(BaseModel):
     """Threads of the CPU worker; default: every core this process may use."""
 
     seed: int = 0
+
+    remote: RemoteSettings = Field(default_factory=lambda: RemoteSettings())
+    """The vLLM server behind `kind=remote`."""
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -148,6 +180,10 @@ class AdminSettings(BaseModel):
     """Largest adapter upload accepted."""
     remove_timeout_s: float = Field(30.0, gt=0)
     """How long a removal waits for in-flight requests using the expert."""
+    watch_interval_s: float = Field(0.5, ge=0)
+    """How often the registry's manifest is checked for changes made by other replicas
+    that share `registry_dir` (0: never). A removal waits 4x this (at least 1 s) before
+    deleting files, for the other replicas to stop using them first."""
 
 
 class ExperimentSettings(BaseModel):

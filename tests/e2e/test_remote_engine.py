@@ -1,0 +1,188 @@
+"""mergeserve in front of a real `vllm serve` (RemoteVllmEngine), both on loopback.
+
+vLLM's own OpenAI server runs the tiny llama with runtime LoRA loading on; mergeserve
+serves the same model dir with `MERGESERVE_ENGINE__KIND=remote` and registers every adapter
+it serves (experts, static merges, per-request merges) on it by path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mergeserve.config import LLAMA_PROJECTIONS
+from mergeserve.testing import (
+    ServerProcess,
+    make_random_lora,
+    make_tiny_llama,
+    server_process,
+    vllm_server_process,
+)
+from tests.e2e.conftest import ENGINE_ENV, EXAMPLES, write_examples
+
+pytestmark = pytest.mark.vllm
+
+VLLM_NAME = "tiny-remote"
+
+
+@dataclass
+class Stack:
+    vllm: ServerProcess
+    mergeserve: ServerProcess
+    ours: openai.OpenAI
+    theirs: openai.OpenAI
+    experts: Path
+    merged: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("remote")
+    base = make_tiny_llama(tmp / "tiny-llama")
+    experts = tmp / "experts"
+    make_random_lora(base, experts / "rand", rank=8)
+    make_random_lora(base, experts / "rand2", rank=4, seed=2)
+    for name in ("rand", "rand2"):
+        write_examples(experts / name, EXAMPLES[name])
+    vllm_args = [
+        "--served-model-name",
+        VLLM_NAME,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",  # mergeserve's own setting says 1024: the server's window must win
+        "--max-num-seqs",
+        "16",
+        "--enable-lora",
+        "--max-lora-rank",
+        "64",
+        "--max-loras",
+        "2",
+        "--lora-target-modules",
+        *LLAMA_PROJECTIONS,
+    ]
+    merged = tmp / "shared" / "merged"
+    with vllm_server_process(base, tmp / "vllm.log", vllm_args) as v:
+        env = ENGINE_ENV | {
+            "MERGESERVE_ENGINE__KIND": "remote",
+            "MERGESERVE_ENGINE__REMOTE__URL": v.base_url,
+            "MERGESERVE_MERGE__CACHE_DIR": str(merged),
+            "MERGESERVE_CACHE": str(tmp / "cache"),
+        }
+        args = ["--model", str(base), "--experts-dir", str(experts)]
+        with server_process(args, tmp / "mergeserve.log", env) as m:
+            yield Stack(
+                v,
+                m,
+                openai.OpenAI(base_url=f"{m.base_url}/v1", api_key="-", max_retries=0),
+                openai.OpenAI(base_url=f"{v.base_url}/v1", api_key="-", max_retries=0),
+                experts,
+                merged,
+            )
+
+
+def chat(client: openai.OpenAI, model: str, content: str, **kw: Any) -> Any:
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_tokens=12,
+        **kw,
+    )
+
+
+def registered(stack: Stack) -> dict[str, str]:
+    """The adapters registered on the vLLM server: name -> path."""
+    models = httpx.get(f"{stack.vllm.base_url}/v1/models", timeout=10).json()["data"]
+    return {m["id"]: m["root"] for m in models if m["id"] != VLLM_NAME}
+
+
+def test_base_answers_as_vllm_itself(stack: Stack) -> None:
+    """Same greedy text and token counts as asking vLLM directly: the chat template is
+    rendered and tokenized alike on both ends."""
+    prompt = "Tell me a story about a dragon."
+    ours = chat(stack.ours, "base", prompt)
+    theirs = chat(stack.theirs, VLLM_NAME, prompt)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+    assert ours.usage.completion_tokens == theirs.usage.completion_tokens
+    assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason
+
+
+def test_expert_is_registered_by_path_and_applied(stack: Stack) -> None:
+    prompt = "Write a short poem about the sea."
+    base = chat(stack.ours, "base", prompt).choices[0].message.content
+    ours = chat(stack.ours, "expert:rand", prompt).choices[0].message.content
+    assert ours != base
+    names = [n for n, root in registered(stack).items() if root == str(stack.experts / "rand")]
+    assert len(names) == 1, registered(stack)
+    theirs = chat(stack.theirs, names[0], prompt).choices[0].message.content
+    assert ours == theirs
+
+
+def test_dynamic_merge_is_written_to_the_shared_dir_and_served(stack: Stack) -> None:
+    prompt = "Add 30 and 45."
+    r = chat(stack.ours, "dynamic:exact", prompt, extra_body={"merge_weights": {"rand2": 1}})
+    merge = r.model_extra["merge"]
+    assert merge["weights"] == {"rand2": 1.0}
+    roots = registered(stack).values()
+    merged = [p for p in roots if Path(p).is_relative_to(stack.merged)]
+    assert merged, roots
+    # rand2 alone at weight 1 is rand2: the same greedy text as expert:rand2.
+    alone = chat(stack.ours, "expert:rand2", prompt).choices[0].message.content
+    assert r.choices[0].message.content == alone
+    routed = chat(stack.ours, "dynamic", "Add 12 and 7.")
+    assert routed.model_extra["merge"]["routed"] is True
+
+
+def test_stream_equals_non_stream_with_usage(stack: Stack) -> None:
+    prompt = "Put 8, 1, 4 in ascending order."
+    whole = chat(stack.ours, "expert:rand", prompt)
+    parts, usage = [], None
+    for chunk in chat(
+        stack.ours, "expert:rand", prompt, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(parts) == whole.choices[0].message.content
+    assert usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_servers_context_window_bounds_requests(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.ours.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=600
+        )
+    assert "512" in e.value.message
+    ok = stack.ours.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert ok.usage.completion_tokens == 4
+
+
+def test_a_stopped_server_is_503_not_a_hang(stack: Stack) -> None:
+    """Last in the module: stops vLLM, then mergeserve must say it is unavailable."""
+    os.kill(stack.vllm.pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if httpx.get(f"{stack.mergeserve.base_url}/health", timeout=10).status_code == 503:
+            break
+        time.sleep(0.5)
+    health = httpx.get(f"{stack.mergeserve.base_url}/health", timeout=10)
+    assert health.status_code == 503
+    assert "unreachable" in health.json()["error"]["message"]
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(stack.ours, "base", "hi")
+    assert e.value.status_code == 503
