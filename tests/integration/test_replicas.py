@@ -80,6 +80,7 @@ def test_a_hot_add_on_one_replica_is_served_by_the_other(replicas: tuple) -> Non
     )
     assert r.status_code == 201, r.text
     seen = wait_for(b, present=True, since=time.monotonic())
+    print(f"\nreplica b served the expert added on a {seen:.2f} s after the POST's answer")
     assert seen < DEADLINE_S, f"replica b served the new expert {seen:.2f} s after the add"
     assert ask(b, "expert:fresh")["choices"][0]["message"]["content"].startswith("[expert:fresh]")
     merge = ask(b, "dynamic:exact", merge_weights={"fresh": 1})["merge"]
@@ -103,6 +104,7 @@ def test_a_removal_on_one_replica_is_dropped_by_the_other(replicas: tuple) -> No
         gone = wait_for(a, present=False, since=t0)
         r = pending.result()
     assert r.status_code == 200, r.text
+    print(f"\nreplica a dropped the expert removed on b {gone:.2f} s after the DELETE was sent")
     assert gone < DEADLINE_S
     r = httpx.post(
         f"{a.base_url}/v1/chat/completions",
