@@ -169,7 +169,15 @@ class AdminSettings(BaseModel):
     """The operator API under /admin (hot-add, remove, rebuild). Off unless a token is set."""
 
     token: SecretStr | None = None
-    """Bearer token of every /admin request; None (the default) turns /admin off."""
+    """Bearer token of every /admin request; None or empty (the default) turns /admin off."""
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v: object) -> object:
+        # MERGESERVE_ADMIN__TOKEN= (set but empty) would open /admin to no one: it is off.
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        return v
     allowed_roots: list[Path] = []
     """Dirs under which `POST /admin/experts` may read an expert by path (an upload needs
     none). Empty: adding by path is refused."""

@@ -48,3 +48,12 @@ def test_settings_instances_do_not_share_nested_defaults() -> None:
     a, b = Settings(), Settings()
     a.server.port = 1
     assert b.server.port == 8000
+
+
+def test_an_empty_admin_token_turns_admin_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGESERVE_ADMIN__TOKEN", "")
+    assert Settings().admin.token is None
+    monkeypatch.setenv("MERGESERVE_ADMIN__TOKEN", "s3cret")
+    token = Settings().admin.token
+    assert token is not None
+    assert token.get_secret_value() == "s3cret"
