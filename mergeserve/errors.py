@@ -36,6 +36,12 @@ class InvalidRequestError(MergeserveError):
     error_type = "invalid_request_error"
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is over a configured size limit."""
+
+    status_code = 413
+
+
 class ContextLengthExceededError(InvalidRequestError):
     """Prompt plus completion would not fit the model's context window."""
 

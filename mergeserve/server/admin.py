@@ -32,6 +32,7 @@ from mergeserve.errors import (
     AdapterError,
     AuthenticationError,
     InvalidRequestError,
+    PayloadTooLargeError,
     PermissionDeniedError,
 )
 from mergeserve.router.routers import EXAMPLES_FILE
@@ -130,8 +131,19 @@ def _name(value: object) -> str:
         raise InvalidRequestError(e.message, param="name") from None
 
 
+_FORM_SLACK = 64 << 10
+"""Bytes of multipart framing and the name field allowed above the files' own limit."""
+
+
 async def _add_upload(request: Request, live: Live) -> tuple[str, ServedSet]:
     limit = live.settings.admin.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + _FORM_SLACK:
+        # Refused before a byte of the body is parsed (spooled to disk) or stored.
+        raise PayloadTooLargeError(
+            f"the upload is {declared} bytes, over {limit} (MERGESERVE_ADMIN__MAX_UPLOAD_BYTES)",
+            param="files",
+        )
     # Room for a few stray files, so that one is refused by name below.
     async with request.form(max_files=len(UPLOAD_FILES) + 5, max_fields=4) as form:
         name = _name(form.get("name"))
@@ -154,7 +166,7 @@ async def _add_upload(request: Request, live: Live) -> tuple[str, ServedSet]:
                     while chunk := await up.read(_CHUNK):
                         total += len(chunk)
                         if total > limit:
-                            raise InvalidRequestError(
+                            raise PayloadTooLargeError(
                                 f"the upload is larger than {limit} bytes "
                                 "(MERGESERVE_ADMIN__MAX_UPLOAD_BYTES)",
                                 param="files",
@@ -163,7 +175,12 @@ async def _add_upload(request: Request, live: Live) -> tuple[str, ServedSet]:
             missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (src / f).is_file()]
             if missing:
                 raise InvalidRequestError(f"the upload has no {', '.join(missing)}", param="files")
-            served = await asyncio.to_thread(live.add, name, src)
+            try:
+                served = await asyncio.to_thread(live.add, name, src)
+            except AdapterError as e:  # name the upload, not this server's temp dir
+                e.message = e.message.replace(f"{src}/", "").replace(str(src), f"upload {name!r}")
+                e.args = (e.message,)
+                raise
     return name, served
 
 

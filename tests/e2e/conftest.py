@@ -28,6 +28,7 @@ ENGINE_ENV = {
 }
 
 ADMIN_TOKEN = "e2e-admin"
+MAX_UPLOAD_BYTES = 32 << 20
 """The servers run with the admin API on (a registry of their own, in the test's tmp)."""
 
 EXAMPLES = {
@@ -61,6 +62,9 @@ class RealServer:
     client: openai.OpenAI
     base: Path
     experts: Path
+    registry: Path
+    allowed: Path
+    """The admin API's allowed root (MERGESERVE_ADMIN__ALLOWED_ROOTS)."""
 
     @property
     def base_url(self) -> str:
@@ -105,6 +109,9 @@ def real_server(
         write_examples(experts / name, prompts)
     env = ENGINE_ENV | {"MERGESERVE_ADMIN__TOKEN": ADMIN_TOKEN}
     env["MERGESERVE_ADMIN__REGISTRY_DIR"] = str(tmp / "registry")
+    (tmp / "allowed").mkdir()
+    env["MERGESERVE_ADMIN__ALLOWED_ROOTS"] = json.dumps([str(tmp / "allowed")])
+    env["MERGESERVE_ADMIN__MAX_UPLOAD_BYTES"] = str(MAX_UPLOAD_BYTES)
     with server_process([*args, "--experts-dir", str(experts)], tmp / "server.log", env) as p:
         client = openai.OpenAI(base_url=f"{p.base_url}/v1", api_key="-", max_retries=0, timeout=120)
-        yield RealServer(request.param, p, client, base, experts)
+        yield RealServer(request.param, p, client, base, experts, tmp / "registry", tmp / "allowed")
