@@ -96,7 +96,8 @@ def test_prometheus_scrapes_arm_router_and_merge_metrics(
         target = base_url.removeprefix("http://")
         for url in start_prometheus(prometheus_bin, target, tmp_path):
             wait_for(url, 'up{job="mergeserve"}', 1)
-            wait_for(url, 'mergeserve_requests_total{arm="dynamic:exact",status="ok"}', 3)
+            got = wait_for(url, 'mergeserve_requests_total{arm="dynamic:exact",status="ok"}', 3)
+            print(f"\nPrometheus /api/v1/query mergeserve_requests_total: {got}")
             wait_for(url, 'mergeserve_requests_total{arm="static:ties",status="ok"}', 1)
             wait_for(url, "sum(mergeserve_merge_latency_seconds_count)", 3)
             wait_for(url, "mergeserve_router_latency_seconds_count", 3)
