@@ -178,6 +178,7 @@ class AdminSettings(BaseModel):
         if v is None or (isinstance(v, str) and not v.strip()):
             return None
         return v
+
     allowed_roots: list[Path] = []
     """Dirs under which `POST /admin/experts` may read an expert by path (an upload needs
     none). Empty: adding by path is refused."""
