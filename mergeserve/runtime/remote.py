@@ -1,8 +1,10 @@
 """`RemoteVllmEngine`: generation on an existing vLLM OpenAI server, over HTTP.
 
 This is how mergeserve scales past one machine: vLLM runs where the accelerators are, with
-its own tensor/pipeline parallelism (or as replicas behind a balancer), and mergeserve routes
-and merges in front of it. The contract with the server:
+its own tensor/pipeline parallelism, and mergeserve routes and merges in front of it. One
+engine talks to one vLLM endpoint (adapters are registered with that server); for several
+vLLM replicas, pair each with a mergeserve and share the registry between the pairs.
+The contract with the server:
 
 * runtime LoRA loading is on (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), with LoRA limits
   at least mergeserve's (``--max-lora-rank``, ``--max-loras``, ``--lora-target-modules``);
@@ -179,9 +181,16 @@ class RemoteVllmEngine(EngineClient):
         if params.seed is not None:
             body["seed"] = params.seed
         try:
-            async with self._http.stream(
-                "POST", "/v1/completions", json=body, headers={"x-request-id": request_id}
-            ) as r:
+            async with contextlib.AsyncExitStack() as stack:
+                r = await self._open(body, request_id, stack)
+                if r.status_code == 404 and lora is not None:
+                    # The server lost our registration (it restarted): register again.
+                    await r.aread()
+                    await stack.aclose()
+                    self._loaded.pop(lora.int_id, None)
+                    body["model"] = await self._acquire(lora)
+                    self._release(lora)  # acquired twice now: once is this request's
+                    r = await self._open(body, request_id, stack)
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
                     raise remote_error(r.status_code, text, "the vLLM server refused the request")
@@ -219,6 +228,17 @@ class RemoteVllmEngine(EngineClient):
         finally:
             if lora is not None:
                 self._release(lora)
+
+    async def _open(
+        self, body: dict[str, Any], request_id: str, stack: contextlib.AsyncExitStack
+    ) -> httpx.Response:
+        """POST /v1/completions, streamed; the response is closed with `stack`."""
+        request = self._http.build_request(
+            "POST", "/v1/completions", json=body, headers={"x-request-id": request_id}
+        )
+        response = await self._http.send(request, stream=True)
+        stack.push_async_callback(response.aclose)
+        return response
 
     async def check_health(self) -> None:
         if self._closed:

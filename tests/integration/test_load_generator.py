@@ -21,19 +21,21 @@ def test_bounded_clients_stream_and_failures_are_counted(settings: Settings) -> 
     prompts = itertools.cycle([("t", "hello there"), ("t", "another one")])
     seen: list[int] = []
 
-    async def watch() -> None:  # mid-run: how many requests does the server have?
-        seen.append(len(engine.in_flight))
+    async def watch() -> None:  # mid-run, for 1 s: how many requests does the server have?
+        for _ in range(100):
+            seen.append(len(engine.in_flight))
+            await asyncio.sleep(0.01)
 
     with uvicorn_in_thread(create_app(settings, engine)) as url:
         r = asyncio.run(
-            run_load(url, clients=20, duration_s=3, prompts=prompts, model="base", at=(1.5, watch))
+            run_load(url, clients=20, duration_s=3, prompts=prompts, model="base", at=(1.0, watch))
         )
         s = summarize(r)
         assert s["failed"] == 0, s["failures"]
         assert s["requests"] == s["ok"]
         assert isinstance(s["requests"], int)
         assert s["requests"] >= 20
-        assert seen == [20]  # bounded: exactly one stream per client
+        assert max(seen) == 20  # bounded: one stream per client, never more
         ttft = s["ttft_s"]
         assert isinstance(ttft, dict)
         assert 0 < ttft["p50"] <= ttft["p99"] <= ttft["max"]

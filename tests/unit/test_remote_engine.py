@@ -112,6 +112,17 @@ async def test_an_unreadable_adapter_dir_says_to_share_the_volume() -> None:
     assert await generate(e, target(2)) == ("abc", 3)  # a failed load leaves nothing behind
 
 
+async def test_a_restarted_server_gets_the_adapter_registered_again() -> None:
+    server = Server()
+    e = engine(server)
+    assert await generate(e, target(1)) == ("abc", 3)
+    server.adapters.clear()  # vLLM restarted: it knows no adapter any more
+    assert await generate(e, target(1)) == ("abc", 3)
+    assert server.loads == 2
+    assert list(server.adapters) == ["mergeserve-1-expert:e1"]
+    assert e._in_use == {}  # nothing leaked by the retry
+
+
 def test_refusals_map_to_openai_statuses() -> None:
     body = json.dumps({"error": {"message": "too long"}})
     assert isinstance(remote_error(400, body, "x"), InvalidRequestError)
