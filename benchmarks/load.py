@@ -41,7 +41,7 @@ import httpx
 from mergeserve.config import default_experts_dir
 from mergeserve.server.admin import UPLOAD_FILES
 from mergeserve.tasks import TASKS, generate
-from mergeserve.testing import server_process
+from mergeserve.testing import demo_experts_without, server_process
 
 TOKEN = "load-benchmark"
 
@@ -275,11 +275,7 @@ def main() -> None:
         raise SystemExit("run from a checkout: the demo experts are in examples/experts")
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        served = Path(tmp) / "experts"
-        served.mkdir()
-        for t in TASKS:
-            if t != args.expert:
-                (served / t).symlink_to((experts / t).resolve())
+        served = demo_experts_without(args.expert, Path(tmp) / "experts")
         env = {
             "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
             "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs),

@@ -139,6 +139,22 @@ def make_random_lora(
     return out_dir
 
 
+def demo_experts_without(name: str, dest: Path) -> Path:
+    """A dir at `dest` with the demo experts (symlinked) except `name`: a server's seed for
+    hot-adding `name` later (benchmarks/hot_add.py, load.py)."""
+    from mergeserve.config import default_experts_dir
+    from mergeserve.tasks import TASKS
+
+    experts = default_experts_dir()
+    if experts is None:
+        raise RuntimeError("run from a checkout: the demo experts are in examples/experts")
+    dest.mkdir(parents=True)
+    for t in TASKS:
+        if t != name:
+            (dest / t).symlink_to((experts / t).resolve())
+    return dest
+
+
 @dataclass(frozen=True)
 class ServerProcess:
     base_url: str
