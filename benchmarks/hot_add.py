@@ -26,22 +26,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
-import platform
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import openai
+from hot_add_harness import (
+    HotAddServer,
+    hot_add_server,
+    interleaved,
+    machine,
+    probe_until_routed,
+    task_test_prompts,
+    upload_expert,
+)
 
-from mergeserve.config import default_experts_dir
-from mergeserve.server.admin import UPLOAD_FILES
 from mergeserve.tasks import TASKS, generate
-from mergeserve.testing import demo_experts_without, server_process
 
 TOKEN = "hot-add-benchmark"
 
@@ -81,16 +82,12 @@ async def one(client: openai.AsyncOpenAI, task: str, prompt: str, max_tokens: in
         return Done(task, t0, first, weights, False, f"{type(e).__name__}: {e}")
 
 
-async def bench(base_url: str, new_dir: Path, args: argparse.Namespace) -> dict[str, object]:
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0, timeout=600)
-    prompts = {t: [s.prompt for s in generate(t, "test", 60)] for t in TASKS}
-    mix = itertools.cycle(
-        [
-            (t, p)
-            for group in zip(*(prompts[t] for t in TASKS), strict=True)
-            for t, p in zip(TASKS, group, strict=True)
-        ]
+async def bench(server: HotAddServer, args: argparse.Namespace) -> dict[str, object]:
+    client = openai.AsyncOpenAI(
+        base_url=f"{server.base_url}/v1", api_key="-", max_retries=0, timeout=600
     )
+    prompts = task_test_prompts()
+    mix = interleaved(prompts)
     done: list[Done] = []
     stop = asyncio.Event()
 
@@ -105,48 +102,26 @@ async def bench(base_url: str, new_dir: Path, args: argparse.Namespace) -> dict[
     workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
     await asyncio.sleep(args.before_s)
 
-    files = [("files", (f, (new_dir / f).read_bytes())) for f in UPLOAD_FILES]
-    probes: list[Done] = []
+    # From the POST on, a probe of the new task every 0.1 s: when is the first one routed
+    # to the new expert?
     probing = asyncio.Event()
-
-    async def prober() -> None:
-        """From the POST on, a request of the new task every 0.1 s, each on its own (the
-        steady load above reaches the new task only every sixth request): when is the
-        first one routed to the new expert?"""
-        new_task = [s.prompt for s in generate(args.expert, "dev", 50)]
-        pending = []
-        for i in itertools.count():
-            if probing.is_set() or i >= 300:
-                break
-            prompt = new_task[i % len(new_task)]
-
-            async def probe(p: str = prompt) -> None:
-                d = await one(client, args.expert, p, 1)
-                probes.append(d)
-                if d.weights and args.expert in d.weights:
-                    probing.set()
-
-            pending.append(asyncio.create_task(probe()))
-            await asyncio.sleep(0.1)
-        await asyncio.gather(*pending)
-
-    async with httpx.AsyncClient(timeout=600) as http:
-        t_post = time.perf_counter()
-        probe_task = asyncio.create_task(prober())
-        r = await http.post(
-            f"{base_url}/admin/experts",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            data={"name": args.expert},
-            files=files,
+    probe_task = asyncio.create_task(
+        probe_until_routed(
+            lambda p: one(client, args.expert, p, 1),
+            lambda d: bool(d.weights and args.expert in d.weights),
+            [s.prompt for s in generate(args.expert, "dev", 50)],
+            probing,
         )
-        post_s = time.perf_counter() - t_post
+    )
+    upload = await upload_expert(server)
+    r, t_post, post_s = upload.response, upload.started, upload.seconds
     if r.status_code != 201:
         stop.set()
         await asyncio.gather(*workers)
         raise SystemExit(f"the add failed: HTTP {r.status_code} {r.text}")
     await asyncio.sleep(args.after_s)
     probing.set()
-    await probe_task
+    probes = await probe_task
     stop.set()
     await asyncio.gather(*workers)
 
@@ -206,26 +181,11 @@ def main() -> None:
         help="CPU threads of the engine (set explicitly: runs are compared)",
     )
     args = p.parse_args()
-    experts = default_experts_dir()
-    if experts is None:
-        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
-    with tempfile.TemporaryDirectory() as tmp:
-        served = demo_experts_without(args.expert, Path(tmp) / "experts")
-        env = {
-            "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
-            "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency)),
-            "MERGESERVE_MERGE__STATIC_METHODS": "[]",  # not measured here; saves start-up
-            "MERGESERVE_ADMIN__TOKEN": TOKEN,
-            "MERGESERVE_ADMIN__REGISTRY_DIR": str(Path(tmp) / "registry"),
-        }
-        with server_process(["--experts-dir", str(served)], Path(tmp) / "server.log", env) as s:
-            result = asyncio.run(bench(s.base_url, experts / args.expert, args))
-            result["server_startup_s"] = round(s.startup_s, 1)
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "engine_threads": args.threads,
-        "processor": platform.processor() or platform.machine(),
-    }
+    env = {"MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency))}
+    with hot_add_server(args.expert, threads=args.threads, token=TOKEN, env=env) as s:
+        result = asyncio.run(bench(s, args))
+        result["server_startup_s"] = round(s.server.startup_s, 1)
+    result["machine"] = machine(args.threads)
     print(json.dumps(result, indent=2))
 
 
