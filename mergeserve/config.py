@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
@@ -85,6 +85,18 @@ class EngineSettings(BaseModel):
     rank-8 experts) and Twin merges above it are truncated to it (thin QR-SVD). Set 64 to
     serve those exactly."""
 
+    mixture: bool = True
+    """Serve dynamic arms by the in-engine mixture (mergeserve/vllm_plugin.py): one bundle
+    adapter per expert-set version in one pinned slot, each request's weights applied as a
+    rank-space scale. Off: every distinct merge is materialized as its own adapter (the
+    reference path, and what a remote engine always does)."""
+
+    mixture_max_rank: int = 64
+    """Largest bundle rank (Σ of the experts' ranks, plus S for twin) served by the
+    mixture; a larger bundle falls back to materializing. The engine's slots are sized
+    max(max_lora_rank, this) while `mixture` is on; with the plugin's CPU path an adapter
+    costs its own rank, not the slot's."""
+
     max_loras: int = Field(8, ge=1)
     """LoRA slots: distinct adapters that can run in one batch. Dynamic merging keeps
     several keys in flight at once; too few slots make requests wait for one."""
@@ -107,12 +119,19 @@ class EngineSettings(BaseModel):
     remote: RemoteSettings = Field(default_factory=lambda: RemoteSettings())
     """The vLLM server behind `kind=remote`."""
 
-    @field_validator("max_lora_rank")
+    @field_validator("max_lora_rank", "mixture_max_rank")
     @classmethod
-    def _rank_allowed(cls, v: int) -> int:
+    def _rank_allowed(cls, v: int, info: ValidationInfo) -> int:
         if v not in VLLM_LORA_RANKS:
-            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {v}")
+            raise ValueError(f"{info.field_name} must be one of {VLLM_LORA_RANKS}, got {v}")
         return v
+
+    @property
+    def slot_rank(self) -> int:
+        """vLLM's max_lora_rank: the slot size the engine is started with."""
+        return (
+            max(self.max_lora_rank, self.mixture_max_rank) if self.mixture else self.max_lora_rank
+        )
 
 
 class RouterSettings(BaseModel):

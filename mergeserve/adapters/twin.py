@@ -59,7 +59,7 @@ from mergeserve.adapters.methods import (
 from mergeserve.errors import AdapterError, InvalidRequestError
 
 TWIN_FILE = "twin.json"
-_SHARED = "\0shared"  # not a valid expert name, so it cannot collide
+SHARED_TERM = "\0shared"  # not a valid expert name, so it cannot collide
 SHARED_DENSE_FILE = "shared_dense.safetensors"
 DEFAULT_LAMBDA = 0.3
 
@@ -148,7 +148,7 @@ class TwinDecomposition:
         """Shared and exclusives concatenated once: `merged_view` gathers over it."""
         terms = dict(self.exclusives)
         if self.shared is not None:
-            terms = {_SHARED: self.shared, **terms}
+            terms = {SHARED_TERM: self.shared, **terms}
         return ConcatBasis.build(terms)
 
     def merged_view(self, weights: Mapping[str, float]) -> ScaledFactors:

@@ -7,6 +7,14 @@ Two modes over one expert set (DESIGN.md, "Two kinds of experts"):
 Either merge is built by rank concatenation. A merge whose rank exceeds the engine's
 slot rank (`max_rank`) is truncated to it by the thin QR-SVD, and says so (`truncated`).
 
+Two ways to serve a merge:
+* the *mixture* (when the engine supports it and the bundle fits `mixture_rank`): every
+  request of a mode leases the one bundle adapter of the state (runtime/mixture.py),
+  pinned in an engine slot, and carries its weights as a `MixtureSpec`; nothing is built
+  per key and a new state (hot-add) gets a new bundle, while requests on the old one
+  finish on it (their leases keep it; it is unpinned once they are done);
+* *materializing* (the fallback and the reference): one adapter per content key.
+
 The content key of a merged adapter is a hash of (mode, expert-set version, Twin
 configuration, the rounded weights), so equal requests share one materialized adapter
 and a changed expert set can never reuse a stale one.
@@ -14,20 +22,28 @@ and a changed expert set can never reuse a stale one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
-from mergeserve.adapters.twin import TwinDecomposition
+from mergeserve.adapters.twin import SHARED_TERM, TwinDecomposition
 from mergeserve.router.policy import MergeKey, Routing, RoutingPolicy
 from mergeserve.router.routers import Router
 from mergeserve.runtime.batching import MicroBatcher
+from mergeserve.runtime.engine import LoRATarget
 from mergeserve.runtime.expert_set import ExpertSet
-from mergeserve.runtime.materialize import AdapterCache, AdapterLease
+from mergeserve.runtime.materialize import AdapterCache, AdapterLease, MaterializedAdapter
+from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec
+
+log = logging.getLogger(__name__)
+
+AdapterHook = Callable[[LoRATarget], Awaitable[None]]
 
 DynamicMode = Literal["twin", "exact"]
 DYNAMIC_MODES: tuple[DynamicMode, ...] = ("twin", "exact")
@@ -50,8 +66,11 @@ class MergedAdapter:
     key: MergeKey
     lease: AdapterLease
     rank: int
-    """Rank of the served adapter (after truncation)."""
+    """Rank of the served merge (after truncation)."""
     truncated: bool
+    mixture: MixtureSpec | None = None
+    """Set when served by the in-engine mixture: `lease` holds the bundle adapter and
+    this is the request's scale over its blocks."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +121,20 @@ class DynamicMerger:
         *,
         max_batch: int = 32,
         on_batch: Callable[[int, float], None] | None = None,
+        mixture_rank: int | None = None,
+        pin: AdapterHook | None = None,
+        unpin: AdapterHook | None = None,
     ) -> None:
         self._state = DynamicState(experts, twin, router)
         self.policy = policy
         self.cache = cache
         self.max_rank = max_rank
+        self.mixture_rank = mixture_rank
+        """Largest bundle rank served by the mixture; None: always materialize."""
+        self._pin_fn, self._unpin_fn = pin, unpin
+        self._pinned: dict[DynamicMode, MaterializedAdapter] = {}
+        self._retiring: list[MaterializedAdapter] = []
+        self._pin_lock = asyncio.Lock()
         self._batcher: MicroBatcher[str, tuple[Routing, DynamicState]] = MicroBatcher(
             self._route_batch, max_batch=max_batch, name="router", on_batch=on_batch
         )
@@ -213,14 +241,110 @@ class DynamicMerger:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    # ------------------------------------------------------------------- mixture
+
+    @staticmethod
+    def bundle_terms(mode: DynamicMode, state: DynamicState) -> dict[str, AdapterFactors]:
+        """The bundle's blocks in order: S then the exclusives (twin), or the experts."""
+        if mode == "exact":
+            return dict(state.experts.factors)
+        terms = dict(state.twin.exclusives)
+        if state.twin.shared is not None:
+            terms = {SHARED_TERM: state.twin.shared, **terms}
+        return terms
+
+    def bundle_rank(self, mode: DynamicMode, state: DynamicState | None = None) -> int:
+        terms = self.bundle_terms(mode, state or self._state)
+        return sum(max(f.ranks.values(), default=0) for f in terms.values())
+
+    def uses_mixture(self, mode: DynamicMode, state: DynamicState | None = None) -> bool:
+        """Whether requests of `mode` under `state` are served by the mixture."""
+        return self.mixture_rank is not None and self.bundle_rank(mode, state) <= self.mixture_rank
+
+    def bundle_key(self, mode: DynamicMode, state: DynamicState | None = None) -> str:
+        state = state or self._state
+        h = hashlib.sha256(b"mergeserve-bundle/1\n")
+        h.update(f"{mode}\n{state.experts.version}\n".encode())
+        if mode == "twin":
+            h.update(f"{state.twin_id}\n".encode())
+        return h.hexdigest()
+
+    def mixture_spec(self, mode: DynamicMode, key: MergeKey, state: DynamicState) -> MixtureSpec:
+        terms = self.bundle_terms(mode, state)
+        ranks = tuple(max(f.ranks.values(), default=0) for f in terms.values())
+        weights = key.as_dict()
+        w = tuple(1.0 if n == SHARED_TERM else float(weights.get(n, 0.0)) for n in terms)
+        return MixtureSpec(ranks, w)
+
+    async def _acquire_mixture(
+        self, mode: DynamicMode, key: MergeKey, st: DynamicState
+    ) -> MergedAdapter:
+        spec = self.mixture_spec(mode, key, st)
+        lease = await self.cache.acquire(
+            self.bundle_key(mode, st),
+            lambda: MixtureBundle.build(self.bundle_terms(mode, st)).factors,
+        )
+        try:
+            await self._pin(mode, lease.adapter)
+        except BaseException:
+            lease.release()
+            raise
+        return MergedAdapter(mode, key, lease, self.merged_rank(mode, key, st), False, spec)
+
+    async def _pin(self, mode: DynamicMode, adapter: MaterializedAdapter) -> None:
+        """Pin the current bundle of `mode` in the engine; unpin bundles of older states
+        once no request holds them."""
+        cur = self._pinned.get(mode)
+        if cur is None or cur.key != adapter.key:
+            async with self._pin_lock:
+                cur = self._pinned.get(mode)
+                if cur is None or cur.key != adapter.key:
+                    if self._pin_fn is not None:
+                        try:
+                            await self._pin_fn(adapter.target)
+                        except Exception as e:  # the engine loads it on demand instead
+                            log.warning("could not pin %s: %s", adapter.target.name, e)
+                    self._pinned[mode] = adapter
+                    if cur is not None:
+                        self._retiring.append(cur)
+        if self._retiring:
+            await self._sweep()
+
+    async def _sweep(self) -> None:
+        done = [a for a in self._retiring if self.cache.pins(a.key) == 0]
+        for a in done:
+            self._retiring.remove(a)
+            if self._unpin_fn is not None:
+                try:
+                    await self._unpin_fn(a.target)
+                except Exception as e:
+                    log.warning("could not unpin %s: %s", a.target.name, e)
+
+    def use_mixture(
+        self, rank: int | None, pin: AdapterHook | None = None, unpin: AdapterHook | None = None
+    ) -> None:
+        """Serve by the in-engine mixture from now on, bundles up to `rank` (None: off)."""
+        self.mixture_rank = rank
+        self._pin_fn, self._unpin_fn = pin, unpin
+
+    @property
+    def pinned(self) -> dict[DynamicMode, LoRATarget]:
+        """The bundle pinned per mode now."""
+        return {m: a.target for m, a in self._pinned.items()}
+
+    # ------------------------------------------------------------------- leases
+
     async def acquire(
         self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
     ) -> MergedAdapter:
-        """Lease the merge of `key` under `state` (default: the current one)."""
+        """Lease the merge of `key` under `state` (default: the current one): the bundle
+        and a mixture spec when the mixture serves it, else the materialized merge."""
         st = state or self._state
         unknown = set(key.experts) - set(st.experts.names)
         if unknown:  # a key from one state asked of another: never merge it silently
             raise ValueError(f"experts {sorted(unknown)} are not in this expert set")
+        if self.uses_mixture(mode, st):
+            return await self._acquire_mixture(mode, key, st)
         lease = await self.cache.acquire(
             self.content_key(mode, key, st), lambda: self.build(mode, key, st)
         )

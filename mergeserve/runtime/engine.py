@@ -29,6 +29,7 @@ from mergeserve.errors import (
     InvalidRequestError,
     MergeserveError,
 )
+from mergeserve.runtime.mixture import MixtureSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,12 @@ class EngineClient(ABC):
         params: GenerationParams,
         request_id: str,
         lora: LoRATarget | None = None,
+        mixture: MixtureSpec | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
-        """Stream a completion. Closing the iterator early aborts the request in the engine."""
+        """Stream a completion. Closing the iterator early aborts the request in the engine.
+
+        `mixture` scales the rank blocks of `lora` (a bundle adapter) for this request;
+        only for an engine whose `supports_mixture` is true."""
 
     @abstractmethod
     async def check_health(self) -> None:
@@ -110,6 +115,26 @@ class EngineClient(ABC):
     def metrics_registry(self) -> CollectorRegistry | None:
         """The engine's own Prometheus registry, exported beside mergeserve's."""
         return None
+
+    @property
+    def supports_mixture(self) -> bool:
+        """Whether `generate` applies a per-request `mixture` over a bundle adapter (the
+        mergeserve vLLM plugin is active in the engine)."""
+        return False
+
+    async def pin_adapter(self, lora: LoRATarget) -> None:  # noqa: B027 (optional hook)
+        """Load `lora` and keep it in a slot until `unpin_adapter` (a bundle adapter)."""
+
+    async def unpin_adapter(self, lora: LoRATarget) -> None:  # noqa: B027 (optional hook)
+        """Release what `pin_adapter` holds."""
+
+    def _check_mixture(self, lora: LoRATarget | None, mixture: MixtureSpec | None) -> None:
+        if mixture is None:
+            return
+        if not self.supports_mixture:
+            raise ConfigurationError("this engine cannot apply per-request mixtures")
+        if lora is None:
+            raise InvalidRequestError("a mixture needs its bundle adapter")
 
 
 def load_chat_tokenizer(model_dir: Path) -> Any:
@@ -145,9 +170,10 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
 class VllmEngine(EngineClient):
     """vLLM's in-process AsyncLLM (engine core in a child process), LoRA enabled."""
 
-    def __init__(self, engine: Any, max_model_len: int):
+    def __init__(self, engine: Any, max_model_len: int, *, mixture: bool = False):
         self._engine = engine
         self._max_model_len = max_model_len
+        self._mixture = mixture
         self._tokenizer = engine.get_tokenizer()
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise ConfigurationError("the model's tokenizer has no chat template")
@@ -163,6 +189,11 @@ class VllmEngine(EngineClient):
         if settings.cpu_threads is not None:
             os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
         os.environ["HF_HUB_OFFLINE"] = "1"
+        # The mixture plugin (mergeserve/vllm_plugin.py) loads in vLLM's processes through
+        # its entry point; this switch, inherited by them, turns it on or off.
+        from mergeserve import vllm_plugin
+
+        os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.mixture else "0"
 
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -174,7 +205,7 @@ class VllmEngine(EngineClient):
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             enable_lora=True,
-            max_lora_rank=settings.max_lora_rank,
+            max_lora_rank=settings.slot_rank,
             max_loras=settings.max_loras,
             max_cpu_loras=settings.max_cpu_loras,
             lora_target_modules=settings.lora_target_modules,
@@ -185,7 +216,7 @@ class VllmEngine(EngineClient):
             engine = AsyncLLM.from_engine_args(args)
         except Exception as e:
             raise ConfigurationError(f"vLLM could not start on {model_dir}: {e}") from e
-        return cls(engine, settings.max_model_len)
+        return cls(engine, settings.max_model_len, mixture=settings.mixture)
 
     @property
     def max_model_len(self) -> int:
@@ -200,15 +231,16 @@ class VllmEngine(EngineClient):
         params: GenerationParams,
         request_id: str,
         lora: LoRATarget | None = None,
+        mixture: MixtureSpec | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         from vllm import SamplingParams
         from vllm.exceptions import GracefulHTTPError
-        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
+        self._check_mixture(lora, mixture)
         sampling = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -219,10 +251,9 @@ class VllmEngine(EngineClient):
             frequency_penalty=params.frequency_penalty,
             ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            extra_args=mixture.extra_args() if mixture is not None else None,
         )
-        lora_request = (
-            LoRARequest(lora.name, lora.int_id, str(lora.path)) if lora is not None else None
-        )
+        lora_request = _lora_request(lora) if lora is not None else None
         stream = self._engine.generate(
             {"prompt_token_ids": prompt_token_ids},
             sampling,
@@ -269,6 +300,23 @@ class VllmEngine(EngineClient):
         # vLLM's PrometheusStatLogger registers into the default registry in this process.
         return REGISTRY
 
+    @property
+    def supports_mixture(self) -> bool:
+        return self._mixture
+
+    async def pin_adapter(self, lora: LoRATarget) -> None:
+        await self._engine.add_lora(_lora_request(lora))
+        await self._engine.pin_lora(lora.int_id)
+
+    async def unpin_adapter(self, lora: LoRATarget) -> None:
+        await self._engine.remove_lora(lora.int_id)
+
+
+def _lora_request(lora: LoRATarget) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora.name, lora.int_id, str(lora.path))
+
 
 # --------------------------------------------------------------------------------------
 # Fake (tests only)
@@ -292,6 +340,11 @@ class FakeEngine(EngineClient):
     loras_seen: list[str] = field(default_factory=list)
     healthy: bool = True
     closed: bool = False
+    mixture: bool = False
+    """Whether it accepts per-request mixtures (as vLLM with the plugin does)."""
+    mixtures_seen: list[MixtureSpec] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)
+    """Names of the adapters pinned now."""
     reply_fn: Callable[[str | None, str], str] | None = None
     """(adapter name or None, last user message) -> reply, replacing the default."""
 
@@ -309,9 +362,13 @@ class FakeEngine(EngineClient):
         params: GenerationParams,
         request_id: str,
         lora: LoRATarget | None = None,
+        mixture: MixtureSpec | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         if self.closed:
             raise EngineUnavailableError("the engine is shut down")
+        self._check_mixture(lora, mixture)
+        if mixture is not None:
+            self.mixtures_seen.append(mixture)
         prompt = "".join(map(chr, prompt_token_ids))
         last_user = prompt.rsplit("<user>: ", 1)[-1].split("\n<", 1)[0]
         if self.reply_fn is not None:
@@ -337,6 +394,16 @@ class FakeEngine(EngineClient):
                 yield GenerationDelta(ch, 1, n_prompt, finish if i + 1 == len(reply) else None)
         finally:
             self.in_flight.discard(request_id)
+
+    @property
+    def supports_mixture(self) -> bool:
+        return self.mixture
+
+    async def pin_adapter(self, lora: LoRATarget) -> None:
+        self.pinned.append(lora.name)
+
+    async def unpin_adapter(self, lora: LoRATarget) -> None:
+        self.pinned.remove(lora.name)
 
     async def check_health(self) -> None:
         if self.closed or not self.healthy:

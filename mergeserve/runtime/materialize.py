@@ -196,6 +196,11 @@ class AdapterCache:
             evictions=self._evictions,
         )
 
+    def pins(self, key: str) -> int:
+        """Leases held on `key` now (0 when it is not cached)."""
+        entry = self._entries.get(key)
+        return entry.pins if entry is not None else 0
+
     def __len__(self) -> int:
         return len(self._entries)
 

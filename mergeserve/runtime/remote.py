@@ -51,6 +51,7 @@ from mergeserve.runtime.engine import (
     load_chat_tokenizer,
     render_chat,
 )
+from mergeserve.runtime.mixture import MixtureSpec
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,13 @@ class RemoteVllmEngine(EngineClient):
         params: GenerationParams,
         request_id: str,
         lora: LoRATarget | None = None,
+        mixture: MixtureSpec | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
+        # A remote vLLM may not run the plugin: mixtures are never sent there
+        # (supports_mixture is false, so dynamic arms materialize).
+        self._check_mixture(lora, mixture)
         model = self._model
         if lora is not None:
             model = await self._acquire(lora)

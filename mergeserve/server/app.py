@@ -75,6 +75,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         if engine is None:
             assert base_dir is not None
             engine = build_engine(base_dir, settings.engine, settings.served_model_name)
+        live.attach_engine(engine)
     except BaseException:
         live.discard()
         raise

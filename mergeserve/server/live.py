@@ -69,6 +69,7 @@ from mergeserve.router.routers import (
     router_with,
 )
 from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger, DynamicState
+from mergeserve.runtime.engine import EngineClient
 from mergeserve.runtime.expert_set import (
     STATIC_DEFAULTS,
     ExpertSet,
@@ -161,6 +162,7 @@ class LiveSet:
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[ServedSet], None]] = []
         self.dynamic: DynamicMerger | None = None
+        self._engine: EngineClient | None = None
         self.registry: ExpertRegistry | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -453,6 +455,20 @@ class LiveSet:
             catalog,
         )
 
+    def attach_engine(self, engine: EngineClient) -> None:
+        """The engine dynamic arms run on: they use its in-engine mixture when it has one
+        and `engine.mixture` is on (else each merge is materialized)."""
+        self._engine = engine
+        if self.dynamic is not None:
+            self._configure_mixture(self.dynamic)
+
+    def _configure_mixture(self, merger: DynamicMerger) -> None:
+        es, engine = self.settings.engine, self._engine
+        if engine is not None and es.mixture and engine.supports_mixture:
+            merger.use_mixture(es.slot_rank, engine.pin_adapter, engine.unpin_adapter)
+        else:
+            merger.use_mixture(None)
+
     def _ensure_merger(self, state: DynamicState) -> None:
         if self.dynamic is not None:
             return
@@ -474,6 +490,7 @@ class LiveSet:
             max_batch=rs.max_batch,
             on_batch=self._on_batch,
         )
+        self._configure_mixture(self.dynamic)
 
     def _publish(self, new: ServedSet) -> None:
         if new.dynamic is not None and self.dynamic is not None:

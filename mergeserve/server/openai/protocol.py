@@ -116,6 +116,9 @@ class MergeInfo(BaseModel):
     """Dynamic arms: rank of the merged adapter as served."""
     truncated: bool | None = None
     """Dynamic arms: True when the merge exceeded the engine's slot rank and was truncated."""
+    mixture: bool | None = None
+    """Dynamic arms: True when served by the in-engine mixture (the bundle adapter with
+    this request's weights), False when by a materialized merged adapter."""
     experiment: str | None = None
     """The A/B experiment that assigned `arm`, when the request named one."""
 

@@ -33,6 +33,7 @@ from mergeserve.runtime.engine import (
     LoRATarget,
 )
 from mergeserve.runtime.materialize import AdapterLease
+from mergeserve.runtime.mixture import MixtureSpec
 from mergeserve.server.catalog import ModelCatalog, ServedModel
 from mergeserve.server.errors import sse_error
 from mergeserve.server.experiments import (
@@ -69,6 +70,8 @@ class Binding:
     lease: AdapterLease | None = None
     hold: Release | None = None
     """Keeps a hot-added expert's files while the request runs (LiveSet.hold)."""
+    mixture: MixtureSpec | None = None
+    """The request's scale over `lora`, a bundle adapter (in-engine mixture)."""
 
     def release(self) -> None:
         try:
@@ -269,9 +272,10 @@ class ChatService:
             routed=req.merge_weights is None,
             rank=merged.rank,
             truncated=merged.truncated,
+            mixture=merged.mixture is not None,
             experiment=p.experiment,
         )
-        return Binding(lease.target, info, lease)
+        return Binding(lease.target, info, lease, mixture=merged.mixture)
 
     def _admit(self) -> None:
         if self._pending >= self.settings.max_pending_requests:
@@ -369,8 +373,9 @@ class ChatService:
     def _generate(
         self, p: PreparedChat, acct: _Accounting
     ) -> AsyncGenerator[GenerationDelta, None]:
-        lora = acct.binding.lora if acct.binding is not None else None
-        return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora)
+        b = acct.binding
+        lora, mixture = (b.lora, b.mixture) if b is not None else (None, None)
+        return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora, mixture)
 
     async def complete(
         self, req: ChatCompletionRequest, headers: Mapping[str, str] | None = None

@@ -1,0 +1,165 @@
+"""The in-engine mixture: one *bundle* adapter per expert-set version, and a per-request
+scale over its rank axis.
+
+A weighted merge of low-rank terms is rank concatenation (adapters/lowrank.py):
+
+    Σ_t w_t B_t A_t = [B_1 | … | B_T] · diag(s) · [A_1; …; A_T],   s = (w_1·1_{r_1}, …)
+
+so the engine can hold the concatenation once — the bundle — and serve any weights by
+scaling the rank-space activations between LoRA shrink and expand (the vLLM plugin,
+mergeserve/vllm_plugin.py). For `dynamic:twin` the terms are the shared adapter (first
+block, scale 1) and the exclusives; for `dynamic:exact` the uncompressed experts.
+
+Every term is one *block* of a fixed rank in every module kind: a kind where a term has
+a smaller rank (rank_pattern) or none is padded with zero rows/columns. Zero columns add
+exact zeros, so Δ is unchanged, and the engine needs only one scale vector per request,
+not one per module kind.
+
+The request carries `MixtureSpec.extra_args()` in vLLM's SamplingParams.extra_args; the
+plugin expands it to the [R] scale. Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergeserve.adapters.lowrank import AdapterFactors, LowRank, aligned, union_layout
+
+MIX_ARG = "mergeserve_mixture"
+"""The key of SamplingParams.extra_args that carries a request's mixture."""
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """A request's weights over a bundle's blocks: block t (rank `ranks[t]`) is scaled by
+    `weights[t]`."""
+
+    ranks: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ranks) != len(self.weights):
+            raise ValueError(f"{len(self.ranks)} block ranks but {len(self.weights)} weights")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"block ranks must be >= 1, got {list(self.ranks)}")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError("mixture weights must be finite")
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    def scale(self) -> Tensor:
+        """The [R] float32 scale vector: weights[t] repeated over block t."""
+        return torch.repeat_interleave(
+            torch.tensor(self.weights, dtype=torch.float32), torch.tensor(self.ranks)
+        )
+
+    def extra_args(self) -> dict[str, Any]:
+        """What goes into SamplingParams.extra_args (JSON-able: also travels as
+        `vllm_xargs` to a remote vLLM server with the plugin installed)."""
+        return {MIX_ARG: {"ranks": list(self.ranks), "weights": list(self.weights)}}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> MixtureSpec | None:
+        """The spec a request carries, or None. Raises ValueError for a malformed one."""
+        if not extra_args or MIX_ARG not in extra_args:
+            return None
+        raw = extra_args[MIX_ARG]
+        try:
+            ranks = tuple(int(r) for r in raw["ranks"])
+            weights = tuple(float(w) for w in raw["weights"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed {MIX_ARG}: {raw!r}") from e
+        return cls(ranks, weights)
+
+
+@dataclass(frozen=True)
+class MixtureBundle:
+    """Terms concatenated along the rank axis, one block per term (see the module doc).
+
+    `factors` is a plain adapter of rank `rank` (Σ block ranks): written as a PEFT dir,
+    any LoRA engine loads it; with the scale of `spec(...)` applied between shrink and
+    expand it computes Σ_t w_t Δ_t.
+    """
+
+    names: tuple[str, ...]
+    """Block order; a shared adapter, when there is one, is the first block."""
+    ranks: tuple[int, ...]
+    factors: AdapterFactors
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    @classmethod
+    def build(cls, terms: Mapping[str, AdapterFactors]) -> MixtureBundle:
+        """Concatenate `terms` in order; each block gets the term's largest rank over its
+        module kinds, the other kinds padded with zeros."""
+        if not terms:
+            raise ValueError("a bundle needs at least one term")
+        names = tuple(terms)
+        values = [terms[n] for n in names]
+        prefixes = {t.prefix for t in values}
+        if len(prefixes) != 1:
+            raise ValueError(f"terms of different module layouts: {sorted(prefixes)}")
+        ranks = tuple(max(t.ranks.values(), default=0) for t in values)
+        if any(r < 1 for r in ranks):
+            empty = [n for n, r in zip(names, ranks, strict=True) if r < 1]
+            raise ValueError(f"terms without factors: {empty}")
+        layout = union_layout(values)
+        groups: dict[str, LowRank] = {}
+        for kind, lay in layout.items():
+            like = next(t.groups[kind] for t in values if kind in t.groups)
+            a_parts, b_parts = [], []
+            for t, r in zip(values, ranks, strict=True):
+                lr = aligned(t, kind, lay)
+                A = like.A.new_zeros(len(lay), r, like.in_features)
+                B = like.B.new_zeros(len(lay), like.out_features, r)
+                if lr is not None:
+                    A[:, : lr.rank] = lr.A
+                    B[:, :, : lr.rank] = lr.B
+                a_parts.append(A)
+                b_parts.append(B)
+            groups[kind] = LowRank(torch.cat(a_parts, 1), torch.cat(b_parts, 2))
+        return cls(names, ranks, AdapterFactors(groups, layout, values[0].prefix))
+
+    def spec(
+        self, weights: Mapping[str, float], *, fixed: Mapping[str, float] | None = None
+    ) -> MixtureSpec:
+        """The spec for `weights` by term name (absent terms weigh 0); `fixed` names
+        terms whose weight does not come from the request (the shared adapter: 1)."""
+        fixed = fixed or {}
+        unknown = set(weights) - set(self.names)
+        if unknown:
+            raise ValueError(f"terms {sorted(unknown)} are not in the bundle {list(self.names)}")
+        w = tuple(float(fixed.get(n, weights.get(n, 0.0))) for n in self.names)
+        return MixtureSpec(self.ranks, w)
+
+
+def scale_rows(
+    specs: Sequence[MixtureSpec | None], num_tokens: Sequence[int], width: int
+) -> Tensor | None:
+    """Per-token scale rows [Σ num_tokens, width] for a batch whose request i has
+    `num_tokens[i]` consecutive tokens: its spec's scale (zero-padded to `width`), or ones
+    for a request without a spec. None when no request has one (nothing to scale)."""
+    if len(specs) != len(num_tokens):
+        raise ValueError(f"{len(specs)} specs for {len(num_tokens)} requests")
+    if all(s is None for s in specs):
+        return None
+    rows = torch.ones(int(sum(num_tokens)), width, dtype=torch.float32)
+    start = 0
+    for spec, n in zip(specs, num_tokens, strict=True):
+        if spec is not None and n:
+            if spec.rank > width:
+                raise ValueError(f"a mixture of rank {spec.rank} exceeds the slot rank {width}")
+            rows[start : start + n, : spec.rank] = spec.scale()
+            rows[start : start + n, spec.rank :] = 0.0
+        start += n
+    return rows

@@ -1,0 +1,447 @@
+"""vLLM plugin: per-request mixtures over one LoRA slot, and a faster CPU LoRA path.
+
+Loaded by vLLM in every process through the `vllm.general_plugins` entry point
+(pyproject.toml); `register()` is idempotent. Set MERGESERVE_MIXTURE_PLUGIN=0 to leave
+vLLM untouched. Nothing of vLLM is copied: the plugin subclasses the platform's punica
+wrapper and wraps four methods, each named in `PATCHES`:
+
+* the platform's `get_punica_wrapper` returns `MixturePunicaCPU` / `MixturePunicaGPU`,
+  subclasses of vLLM's wrappers that multiply the rank-space activations between LoRA
+  shrink and expand by a per-token scale row (ones unless a request carries a mixture,
+  see runtime/mixture.py);
+* `LoRAModelManager.activate_adapter` tells the wrappers each slot's true rank (the CPU
+  path computes at that rank, not at max_lora_rank);
+* `LoRAModelRunnerMixin.set_active_loras` / `_set_active_loras` (the model runner used on
+  CPU, and on GPU without the V2 runner) and, on CUDA, the V2 runner's `add_requests` and
+  `LoraState.make_lora_inputs`: once per step, outside any compiled graph, the requests'
+  `extra_args["mergeserve_mixture"]` are expanded to per-token scale rows and written
+  into the wrappers' persistent buffer. Warm-up and dummy runs (which call
+  `_set_active_loras` directly) and requests without a mixture get ones.
+
+The CPU wrapper also replaces vLLM's per-token weight gathers (sgmv/bgmv in
+`vllm.lora.ops.torch_ops`: each token's [r, in] A and [out, r] B copied, then einsum)
+by one GEMM pair per active slot at that slot's rank, and does no LoRA work at all for a
+batch without LoRA tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergeserve.runtime.mixture import MixtureSpec, scale_rows
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "MERGESERVE_MIXTURE_PLUGIN"
+"""`0` disables the plugin (vLLM then runs stock)."""
+
+PATCHES = (
+    "vllm.platforms.<current>.get_punica_wrapper",
+    "vllm.lora.model_manager.LoRAModelManager.activate_adapter",
+    "vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin.set_active_loras",
+    "vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin._set_active_loras",
+    "vllm.v1.worker.gpu.model_runner.GPUModelRunner.add_requests (CUDA)",
+    "vllm.v1.worker.gpu.lora_utils.LoraState.make_lora_inputs/remove_request (CUDA)",
+)
+"""What the plugin wraps in vLLM (0.32): the places to re-check when vLLM moves."""
+
+_MARK = "__mergeserve_patched__"
+_state: dict[str, bool] = {"registered": False}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def is_registered() -> bool:
+    """Whether `register()` has patched vLLM in this process."""
+    return _state["registered"]
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+class MixtureScaleMixin:
+    """The per-token scale buffer shared by the CPU and GPU wrappers.
+
+    `_mix_scale` is allocated once ([max tokens, max_lora_rank], float32, ones) so a
+    captured graph reads it in place; `set_mixture_rows` rewrites the rows of one step.
+    """
+
+    _mix_scale: Tensor
+    _mix_dirty: int
+    _mix_on: bool
+    _slot_ranks: dict[int, int]
+
+    def _init_mixture(self, max_tokens: int, max_rank: int, device: torch.device | str) -> None:
+        self._mix_scale = torch.ones(max_tokens, max_rank, dtype=torch.float32, device=device)
+        self._mix_dirty = 0
+        self._mix_on = False
+        self._slot_ranks = {}
+
+    @property
+    def mixture_width(self) -> int:
+        return int(self._mix_scale.shape[1])
+
+    def set_mixture_rows(self, rows: Tensor | None) -> None:
+        """Scale rows [T, ≤ width] for the step's T tokens, or None (all ones)."""
+        if self._mix_dirty:
+            self._mix_scale[: self._mix_dirty].fill_(1.0)
+            self._mix_dirty = 0
+        self._mix_on = rows is not None
+        if rows is None:
+            return
+        n, w = rows.shape
+        if n > self._mix_scale.shape[0] or w > self._mix_scale.shape[1]:
+            raise ValueError(
+                f"scale rows {tuple(rows.shape)} exceed {tuple(self._mix_scale.shape)}"
+            )
+        self._mix_scale[:n, :w].copy_(rows, non_blocking=True)
+        self._mix_dirty = n
+
+    def set_slot_rank(self, index: int, rank: int) -> None:
+        self._slot_ranks[index] = rank
+
+    def _scale_shrunk(self, x: Tensor | Sequence[Tensor]) -> None:
+        """x *= scale rows, in place: x is [slices, T, r] or a tuple of [T, r]."""
+        parts = [x] if isinstance(x, Tensor) else list(x)
+        for p in parts:
+            t, r = p.shape[-2], p.shape[-1]
+            p.mul_(self._mix_scale[:t, :r])
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def _lora_rank(lora_model: Any) -> int:
+    """The largest rank over a vLLM LoRAModel's modules (packed modules hold lists)."""
+    best = 0
+    for lw in getattr(lora_model, "loras", {}).values():
+        a = lw.lora_a
+        for t in a if isinstance(a, list | tuple) else [a]:
+            if t is not None:
+                best = max(best, int(t.shape[0]))
+    return best or int(getattr(lora_model, "rank", 0))
+
+
+def _make_cpu_class() -> type:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    class MixturePunicaCPU(MixtureScaleMixin, PunicaWrapperCPU):  # type: ignore[misc]
+        """vLLM's CPU punica wrapper with the mixture scale and grouped GEMMs."""
+
+        def __init__(
+            self,
+            max_num_batched_tokens: int,
+            max_batches: int,
+            device: torch.device | str,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+            cfg = kwargs.get("lora_config")
+            max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
+            self._init_mixture(max_num_batched_tokens, max_rank, device)
+            self._groups: list[tuple[int, slice | Tensor]] = []
+
+        def update_metadata(self, mapping: Any, *args: Any, **kwargs: Any) -> None:
+            super().update_metadata(mapping, *args, **kwargs)
+            # Token rows per active slot, from the runs of equal slot indices that the
+            # base class computed (vLLM's CPU runner always maps as prefill).
+            if not self.is_prefill:
+                self._update_prefill_metadata(self.token_lora_indices)
+            n = self.batch_size
+            slots = self._lora_indices_per_batch[:n].tolist()
+            starts = self._seq_start_locs[:n].tolist()
+            lens = self._seq_lengths[:n].tolist()
+            runs: dict[int, list[tuple[int, int]]] = {}
+            for s, a, m in zip(slots, starts, lens, strict=True):
+                if s >= 0:
+                    runs.setdefault(s, []).append((a, a + m))
+            groups: list[tuple[int, slice | Tensor]] = []
+            for s, spans in runs.items():
+                if len(spans) == 1:
+                    groups.append((s, slice(*spans[0])))
+                else:
+                    idx = torch.cat([torch.arange(a, b) for a, b in spans])
+                    groups.append((s, idx.to(self.device)))
+            self._groups = groups
+
+        def add_lora_linear(
+            self,
+            y: Tensor,
+            x: Tensor,
+            lora_a_stacked: tuple[Tensor, ...],
+            lora_b_stacked: tuple[Tensor, ...],
+            scale: float,
+            output_slices: tuple[int, ...],
+            *,
+            buffer: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            if not self._groups:  # no LoRA token in this batch
+                return
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = y.view(-1, y.shape[-1])
+            max_rank = lora_a_stacked[0].shape[2]
+            for slot, rows in self._groups:
+                r = min(self._slot_ranks.get(slot, max_rank), max_rank)
+                if r == 0:
+                    continue
+                xs = x2[rows].to(torch.float32)
+                s = self._mix_scale[rows, :r] if self._mix_on else None
+                offset = 0
+                for a_st, b_st, size in zip(
+                    lora_a_stacked, lora_b_stacked, output_slices, strict=True
+                ):
+                    h = xs @ a_st[slot, 0, :r].to(torch.float32).t()  # [n, r]
+                    if scale != 1.0:
+                        h.mul_(scale)
+                    if s is not None:
+                        h.mul_(s)
+                    d = h.to(y2.dtype) @ b_st[slot, 0, :, :r].t()  # [n, size]
+                    if isinstance(rows, slice):
+                        y2[rows, offset : offset + size].add_(d)
+                    else:
+                        y2[:, offset : offset + size].index_add_(0, rows, d)
+                    offset += size
+
+        def add_expand(self, y: Tensor, x: Any, *args: Any, **kwargs: Any) -> None:
+            # Used by the sharded/row-parallel layers that shrink and expand separately.
+            if self._mix_on:
+                self._scale_shrunk(x)
+            super().add_expand(y, x, *args, **kwargs)
+
+    return MixturePunicaCPU
+
+
+def _make_gpu_class() -> type:
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    class MixturePunicaGPU(MixtureScaleMixin, PunicaWrapperGPU):  # type: ignore[misc]
+        """vLLM's GPU punica wrapper with the mixture scale between its Triton shrink and
+        expand. The multiply always runs (a captured CUDA graph must contain it); rows
+        without a mixture are ones."""
+
+        def __init__(
+            self,
+            max_num_batched_tokens: int,
+            max_batches: int,
+            device: torch.device | str,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+            cfg = kwargs.get("lora_config")
+            max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
+            self._init_mixture(max_num_batched_tokens, max_rank, device)
+
+        def add_expand(self, y: Tensor, x: Any, *args: Any, **kwargs: Any) -> None:
+            self._scale_shrunk(x)
+            super().add_expand(y, x, *args, **kwargs)
+
+    return MixturePunicaGPU
+
+
+_classes: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """`MixturePunicaCPU` / `MixturePunicaGPU`, built on first use (vLLM resolves the
+    wrapper by qualified name, and importing this module must not import vLLM)."""
+    makers: dict[str, Callable[[], type]] = {
+        "MixturePunicaCPU": _make_cpu_class,
+        "MixturePunicaGPU": _make_gpu_class,
+    }
+    if name not in makers:
+        raise AttributeError(name)
+    if name not in _classes:
+        _classes[name] = makers[name]()
+    return _classes[name]
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _wrappers(runner: Any) -> list[MixtureScaleMixin]:
+    manager = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+    mapping = getattr(manager, "punica_wrapper_mapping", None) or {}
+    seen: dict[int, MixtureScaleMixin] = {}
+    for w in mapping.values():
+        if isinstance(w, MixtureScaleMixin):
+            seen[id(w)] = w
+    return list(seen.values())
+
+
+_warned: set[str] = set()
+
+
+def _spec_of(req_id: str, extra_args: Any) -> MixtureSpec | None:
+    try:
+        return MixtureSpec.from_extra_args(extra_args)
+    except ValueError as e:
+        # The engine must not die of one bad request: it runs on the bundle at zero
+        # weights (the base model), and the log says why.
+        if req_id not in _warned:
+            _warned.add(req_id)
+            log.error("request %s: %s; its mixture weights are taken as 0", req_id, e)
+        return MixtureSpec((1,), (0.0,))
+
+
+def _push_rows(runner: Any, pending: tuple[list[MixtureSpec | None], Sequence[int]] | None) -> None:
+    wrappers = _wrappers(runner)
+    if not wrappers:
+        return
+    rows = None
+    if pending is not None:
+        specs, counts = pending
+        width = wrappers[0].mixture_width
+        specs = [
+            s if s is None or s.rank <= width else MixtureSpec((width,), (0.0,)) for s in specs
+        ]
+        rows = scale_rows(specs, [int(c) for c in counts], width)
+    for w in wrappers:
+        w.set_mixture_rows(rows)
+
+
+def _mark(fn: Any) -> Any:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def _patched(owner: Any, name: str) -> bool:
+    return bool(getattr(getattr(owner, name, None), _MARK, False))
+
+
+def _patch_platform() -> None:
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if _patched(cls, "get_punica_wrapper"):
+        return
+    stock = cls.get_punica_wrapper()
+    ours = {
+        "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU": f"{__name__}.MixturePunicaCPU",
+        "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU": f"{__name__}.MixturePunicaGPU",
+    }.get(stock)
+    if ours is None:
+        log.warning("mergeserve plugin: no mixture wrapper for %s; LoRA stays stock", stock)
+        return
+
+    def get_punica_wrapper(_cls: Any) -> str:
+        return ours
+
+    cls.get_punica_wrapper = classmethod(_mark(get_punica_wrapper))
+
+
+def _patch_manager() -> None:
+    from vllm.lora.model_manager import LoRAModelManager
+
+    if _patched(LoRAModelManager, "activate_adapter"):
+        return
+    stock = LoRAModelManager.activate_adapter
+
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        result: bool = stock(self, lora_id)
+        if lora_id in self.lora_index_to_id:
+            index = self.lora_index_to_id.index(lora_id)
+            rank = _lora_rank(self._registered_adapters[lora_id])
+            for w in self.punica_wrapper_mapping.values():
+                if isinstance(w, MixtureScaleMixin):
+                    w.set_slot_rank(index, rank)
+        return result
+
+    LoRAModelManager.activate_adapter = _mark(activate_adapter)
+
+
+def _patch_runner_mixin() -> None:
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    if _patched(LoRAModelRunnerMixin, "_set_active_loras"):
+        return
+    stock_set = LoRAModelRunnerMixin.set_active_loras
+    stock_inner = LoRAModelRunnerMixin._set_active_loras
+
+    def set_active_loras(
+        self: Any, input_batch: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        requests = getattr(self, "requests", {})
+        specs = []
+        for rid in input_batch.req_ids:
+            st = requests.get(rid)
+            sp = getattr(st, "sampling_params", None)
+            specs.append(_spec_of(rid, getattr(sp, "extra_args", None)))
+        self._mergeserve_pending = (specs, list(num_scheduled_tokens))
+        return stock_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
+
+    def _set_active_loras(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = self.__dict__.pop("_mergeserve_pending", None)
+        lora_state = getattr(self, "lora_state", None)
+        if pending is None and lora_state is not None:
+            pending = lora_state.__dict__.pop("_mergeserve_pending", None)
+        result = stock_inner(self, *args, **kwargs)
+        if pending is not None and all(s is None for s in pending[0]):
+            pending = None
+        _push_rows(self, pending)
+        return result
+
+    LoRAModelRunnerMixin.set_active_loras = _mark(set_active_loras)
+    LoRAModelRunnerMixin._set_active_loras = _mark(_set_active_loras)
+
+
+def _patch_v2_runner() -> None:
+    from vllm.v1.worker.gpu.lora_utils import LoraState
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    if _patched(GPUModelRunner, "add_requests"):
+        return
+    stock_add = GPUModelRunner.add_requests
+    stock_remove = LoraState.remove_request
+    stock_inputs = LoraState.make_lora_inputs
+
+    def add_requests(self: Any, scheduler_output: Any) -> Any:
+        specs = self.lora_state.__dict__.setdefault("_mergeserve_specs", {})
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = getattr(new, "sampling_params", None)
+            specs[new.req_id] = _spec_of(new.req_id, getattr(sp, "extra_args", None))
+        return stock_add(self, scheduler_output)
+
+    def remove_request(self: Any, req_id: str) -> Any:
+        self.__dict__.get("_mergeserve_specs", {}).pop(req_id, None)
+        return stock_remove(self, req_id)
+
+    def make_lora_inputs(
+        self: Any, req_ids: list[str], idx_mapping: Any, num_scheduled_tokens: Any
+    ) -> Any:
+        specs = self.__dict__.get("_mergeserve_specs", {})
+        self._mergeserve_pending = (
+            [specs.get(r) for r in req_ids],
+            [int(n) for n in num_scheduled_tokens],
+        )
+        return stock_inputs(self, req_ids, idx_mapping, num_scheduled_tokens)
+
+    GPUModelRunner.add_requests = _mark(add_requests)
+    LoraState.remove_request = _mark(remove_request)
+    LoraState.make_lora_inputs = _mark(make_lora_inputs)
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: patch vLLM in this process, once."""
+    if _state["registered"] or not enabled():
+        return
+    from vllm.platforms import current_platform
+
+    _patch_platform()
+    _patch_manager()
+    _patch_runner_mixin()
+    if current_platform.is_cuda_alike():
+        try:
+            _patch_v2_runner()
+        except ImportError as e:  # a vLLM without the V2 runner
+            log.info("mergeserve plugin: V2 model runner not patched (%s)", e)
+    _state["registered"] = True
+    log.info("mergeserve mixture plugin registered")
