@@ -14,8 +14,8 @@ wrapper and wraps four methods, each named in `PATCHES`:
 * `LoRAModelRunnerMixin.set_active_loras` / `_set_active_loras` (the model runner used on
   CPU, and on GPU without the V2 runner) and, on CUDA, the V2 runner's `add_requests` and
   `LoraState.make_lora_inputs`: once per step, outside any compiled graph, the requests'
-  `extra_args["mergeserve_mixture"]` are expanded to per-token scale rows and written
-  into the wrappers' persistent buffer. Warm-up and dummy runs (which call
+  `extra_args` (mergeserve_mix_ranks, mergeserve_mix_weights) are expanded to per-token
+  scale rows and written into the wrappers' persistent buffer. Warm-up and dummy runs (which call
   `_set_active_loras` directly) and requests without a mixture get ones.
 
 The CPU wrapper also replaces vLLM's per-token weight gathers (sgmv/bgmv in

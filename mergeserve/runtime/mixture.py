@@ -15,8 +15,9 @@ a smaller rank (rank_pattern) or none is padded with zero rows/columns. Zero col
 exact zeros, so Δ is unchanged, and the engine needs only one scale vector per request,
 not one per module kind.
 
-The request carries `MixtureSpec.extra_args()` in vLLM's SamplingParams.extra_args; the
-plugin expands it to the [R] scale. Imports no vLLM.
+The request carries `MixtureSpec.extra_args()` in vLLM's SamplingParams.extra_args (or as
+`vllm_xargs` in a request to vLLM's OpenAI server); the plugin expands it to the [R]
+scale. Imports no vLLM.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors, LowRank, aligned, union_layout
 
-MIX_ARG = "mergeserve_mixture"
-"""The key of SamplingParams.extra_args that carries a request's mixture."""
+MIX_RANKS = "mergeserve_mix_ranks"
+MIX_WEIGHTS = "mergeserve_mix_weights"
+"""The keys of SamplingParams.extra_args that carry a request's mixture: two flat lists,
+so that they also pass as `vllm_xargs` through vLLM's OpenAI server."""
 
 
 @dataclass(frozen=True)
@@ -64,19 +67,19 @@ class MixtureSpec:
     def extra_args(self) -> dict[str, Any]:
         """What goes into SamplingParams.extra_args (JSON-able: also travels as
         `vllm_xargs` to a remote vLLM server with the plugin installed)."""
-        return {MIX_ARG: {"ranks": list(self.ranks), "weights": list(self.weights)}}
+        return {MIX_RANKS: list(self.ranks), MIX_WEIGHTS: list(self.weights)}
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> MixtureSpec | None:
         """The spec a request carries, or None. Raises ValueError for a malformed one."""
-        if not extra_args or MIX_ARG not in extra_args:
+        if not extra_args or (MIX_RANKS not in extra_args and MIX_WEIGHTS not in extra_args):
             return None
-        raw = extra_args[MIX_ARG]
+        raw_r, raw_w = extra_args.get(MIX_RANKS), extra_args.get(MIX_WEIGHTS)
         try:
-            ranks = tuple(int(r) for r in raw["ranks"])
-            weights = tuple(float(w) for w in raw["weights"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed {MIX_ARG}: {raw!r}") from e
+            ranks = tuple(int(r) for r in raw_r)  # type: ignore[union-attr]
+            weights = tuple(float(w) for w in raw_w)  # type: ignore[union-attr]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"malformed mixture: ranks {raw_r!r}, weights {raw_w!r}") from e
         return cls(ranks, weights)
 
 

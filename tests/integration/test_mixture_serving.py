@@ -1,0 +1,164 @@
+"""Dynamic arms served by the in-engine mixture (an engine that supports it): one bundle
+adapter per expert-set version, pinned, each request carrying its own weights; hot-add
+makes a new bundle while requests on the old one finish on it; the materializing path
+remains when the engine cannot mix or the setting is off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mergeserve.config import AdminSettings, Settings
+from mergeserve.runtime.engine import FakeEngine
+from mergeserve.runtime.mixture import MixtureSpec
+from tests.conftest import write_fake_lora_dir
+from tests.integration.conftest import Served, serve
+from tests.integration.test_admin import AUTH, GAMMA_PROMPTS, TOKEN
+
+SUM = [{"role": "user", "content": "What is 25 plus 17?"}]
+
+
+def merge_of(obj: Any) -> dict[str, Any]:
+    m = (obj.model_extra or {}).get("merge")
+    assert isinstance(m, dict), f"no merge object in {obj}"
+    return m
+
+
+@pytest.fixture
+def mix_settings(settings: Settings, tmp_path: Path) -> Settings:
+    allowed = tmp_path / "incoming"
+    allowed.mkdir()
+    return settings.model_copy(
+        update={"admin": AdminSettings(token=TOKEN, allowed_roots=[allowed])}
+    )
+
+
+@pytest.fixture
+async def mixed(mix_settings: Settings) -> AsyncIterator[Served]:
+    async for s in serve(mix_settings, FakeEngine(context_len=256, mixture=True)):
+        yield s
+
+
+def expected_spec(weights: dict[str, float], names: list[str], ranks: list[int]) -> MixtureSpec:
+    return MixtureSpec(tuple(ranks), tuple(weights.get(n, 0.0) for n in names))
+
+
+async def test_every_weighting_shares_one_pinned_bundle(mixed: Served) -> None:
+    engine = mixed.engine
+    pins = [{"alpha": 0.7, "beta": 0.3}, {"alpha": 0.25, "beta": 0.75}, {"beta": 1.0}]
+    merges = []
+    for w in pins:
+        r = await mixed.client.chat.completions.create(
+            model="dynamic:exact", messages=SUM, extra_body={"merge_weights": w}
+        )
+        merges.append(merge_of(r))
+    assert all(m["mixture"] is True for m in merges)
+    assert len({m["adapter_id"] for m in merges}) == 1  # one bundle for all three
+    bundle = f"dynamic-{merges[0]['adapter_id']}"
+    assert engine.loras_seen == [bundle] * 3
+    assert engine.pinned == [bundle]
+    # The bundle's blocks are the experts in name order (alpha rank 8, beta rank 4); each
+    # request's spec carries its own weights over them.
+    assert engine.mixtures_seen == [expected_spec(w, ["alpha", "beta"], [8, 4]) for w in pins]
+    assert [m["rank"] for m in merges] == [12, 12, 4]  # the rank of the equivalent merge
+    # Routed requests ride on the same bundle.
+    routed = merge_of(await mixed.client.chat.completions.create(model="dynamic", messages=SUM))
+    assert routed["routed"] is True
+    assert routed["adapter_id"] == merges[0]["adapter_id"]
+    assert engine.mixtures_seen[-1].weights[0] == pytest.approx(routed["weights"]["alpha"])
+
+
+async def test_twin_bundle_starts_with_the_shared_block_at_weight_one(mixed: Served) -> None:
+    r = await mixed.client.chat.completions.create(
+        model="dynamic:twin",
+        messages=SUM,
+        extra_body={"merge_weights": {"alpha": 0.4, "beta": 0.6}},
+    )
+    m = merge_of(r)
+    assert m["mixture"] is True
+    spec = mixed.engine.mixtures_seen[-1]
+    assert m["weights"] == {"alpha": 0.4, "beta": 0.6}
+    assert spec.weights == (1.0, 0.4, 0.6)  # S, alpha, beta
+    assert len(mixed.engine.pinned) == 1
+
+
+async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
+    mixed: Served, mix_settings: Settings
+) -> None:
+    engine = mixed.engine
+    first = merge_of(await mixed.client.chat.completions.create(model="dynamic", messages=SUM))
+    old = f"dynamic-{first['adapter_id']}"
+    assert engine.pinned == [old]
+    # A request on the old bundle stays in flight across the hot-add (a long reply).
+    engine.token_delay_s = 0.02
+    engine.reply_fn = lambda lora, msg: "x" * 200 if msg.startswith("SLOW") else "ok"
+    slow = asyncio.create_task(
+        mixed.client.chat.completions.create(
+            model="dynamic",
+            messages=[{"role": "user", "content": "SLOW: what is 25 plus 17?"}],
+            max_tokens=200,
+        )
+    )
+    await asyncio.sleep(0.3)
+    root = mix_settings.admin.allowed_roots[0]
+    write_fake_lora_dir(root / "gamma", examples=GAMMA_PROMPTS)
+    r = await mixed.http.post(
+        "/admin/experts", headers=AUTH, json={"name": "gamma", "path": str(root / "gamma")}
+    )
+    assert r.status_code == 201, r.text
+    new = merge_of(
+        await mixed.client.chat.completions.create(
+            model="dynamic", messages=SUM, extra_body={"merge_weights": {"gamma": 1.0}}
+        )
+    )
+    assert new["adapter_id"] != first["adapter_id"]
+    assert engine.mixtures_seen[-1].weights == (0.0, 0.0, 1.0)  # alpha, beta, gamma
+    # The old bundle is still held by the slow request: pinned beside the new one.
+    assert f"dynamic-{new['adapter_id']}" in engine.pinned
+    assert old in engine.pinned
+    assert not slow.done()
+    done = merge_of(await slow)
+    assert done["adapter_id"] == first["adapter_id"]  # it finished on the old bundle
+    await mixed.client.chat.completions.create(model="dynamic", messages=SUM)
+    assert engine.pinned == [f"dynamic-{new['adapter_id']}"]
+
+
+async def test_an_engine_without_mixtures_materializes(settings: Settings) -> None:
+    async for s in serve(settings, FakeEngine(context_len=256, mixture=False)):
+        r = await s.client.chat.completions.create(
+            model="dynamic:exact", messages=SUM, extra_body={"merge_weights": {"alpha": 0.6}}
+        )
+        assert merge_of(r)["mixture"] is False
+        assert s.engine.mixtures_seen == []
+        assert s.engine.pinned == []
+
+
+async def test_the_setting_turns_the_mixture_off(settings: Settings) -> None:
+    off = settings.model_copy(
+        update={"engine": settings.engine.model_copy(update={"mixture": False})}
+    )
+    async for s in serve(off, FakeEngine(context_len=256, mixture=True)):
+        r = await s.client.chat.completions.create(model="dynamic", messages=SUM)
+        assert merge_of(r)["mixture"] is False
+        assert s.engine.mixtures_seen == []
+
+
+async def test_a_bundle_above_the_mixture_rank_falls_back(settings: Settings) -> None:
+    small = settings.model_copy(
+        update={
+            "engine": settings.engine.model_copy(update={"max_lora_rank": 8, "mixture_max_rank": 8})
+        }
+    )
+    async for s in serve(small, FakeEngine(context_len=256, mixture=True)):
+        # exact: alpha (8) + beta (4) = 12 > 8: materialized (and truncated to 8).
+        r = await s.client.chat.completions.create(
+            model="dynamic:exact",
+            messages=SUM,
+            extra_body={"merge_weights": {"alpha": 0.5, "beta": 0.5}},
+        )
+        m = merge_of(r)
+        assert (m["mixture"], m["truncated"], m["rank"]) == (False, True, 8)
