@@ -1,19 +1,32 @@
-"""Generation throughput of `dynamic` vs one LoRA expert vs `base`, on one engine.
+"""Serving throughput of `dynamic` by the in-engine mixture vs by materialized adapters vs
+one static LoRA vs `base` on an engine with LoRA off, side by side in one run.
 
-Starts `mergeserve serve` on the embedded SmolLM2-135M-Instruct with the demo experts
-(examples/experts), then runs rounds of C concurrent streaming clients on a mixed-task
-workload (test-split prompts of all six demo tasks, interleaved), each round timing
-`dynamic`, `expert:<one>` and `base` back to back (order rotating), with `ignore_eos` so
-every request generates exactly max_tokens. Prints one JSON object. The figures:
+Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo experts:
 
-* `dynamic_over_lora`: tokens/s of `dynamic` / tokens/s of one static LoRA, side by side;
-* `lora_over_base`: the price of LoRA itself on this engine;
-* `cache_hit_rate`: merged-adapter cache hits / dynamic requests (server metrics);
-* `router_ms_per_request` and `distinct_keys`: routing cost and how many merged adapters
-  the policy made (each distinct key takes a LoRA slot while it runs).
+* server M: `mergeserve serve` with the mixture on (the default; the vLLM plugin);
+* server P: `mergeserve serve` with `engine.mixture=false` (every merge materialized);
+* server O: vLLM's own OpenAI server with LoRA off.
 
-    python benchmarks/serve_throughput.py [--concurrency 16] [--requests 48] [--max-tokens 64]
-        [--max-lora-rank 16] [--max-loras 8] [--top-k 2] [--grid 0.05] [--mode exact]
+Both mergeserve servers have rank-64 slots, so no merge is truncated. Then runs rounds of
+C concurrent streaming clients (mixed test-split prompts, `ignore_eos`, exactly max_tokens
+each), arms in rotating order:
+
+* `dynamic:mixture`       M, `dynamic:exact` with pinned `merge_weights`: a different
+                          weighting of all six experts for every request (rank 48);
+* `dynamic:materialized`  P, the same requests: each one's merge is built and loaded;
+* `dynamic:routed`        M, `dynamic` routed by the MiniLM router (the production path);
+* `static`                M, `static:linear`: one static LoRA of the same rank (48);
+* `expert`                M, `expert:add`: one rank-8 LoRA;
+* `base:lora-off`         O.
+
+Prints one JSON object: tokens/s per arm (median over rounds) and the ratios
+
+* `mixture_over_static`   ≥ 0.95 wanted: a per-request mixture costs what one LoRA costs;
+* `mixture_over_materialized`  ≥ 3 wanted;
+* `*_over_lora_off`       the price of LoRA on this engine.
+
+    python benchmarks/serve_throughput.py [--concurrency 16] [--requests 48]
+        [--max-tokens 64] [--rounds 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -23,18 +36,23 @@ import asyncio
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from mergeserve.config import default_experts_dir
+from mergeserve.config import Settings, default_experts_dir
+from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.tasks import TASKS, generate
-from mergeserve.testing import server_process
+from mergeserve.testing import server_process, vllm_server_process
+
+EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
 
 
 def mixed_prompts(n: int) -> list[str]:
@@ -44,29 +62,50 @@ def mixed_prompts(n: int) -> list[str]:
     return mixed[:n]
 
 
+def distinct_weights(n: int, rng: random.Random) -> list[dict[str, float]]:
+    """n weightings of all six experts, pairwise distinct after the server's 0.001 grid."""
+    out: list[dict[str, float]] = []
+    seen: set[tuple[float, ...]] = set()
+    while len(out) < n:
+        raw = [rng.uniform(0.05, 1.0) for _ in EXPERTS]
+        w = tuple(round(x / sum(raw), 3) for x in raw)
+        if w not in seen:
+            seen.add(w)
+            out.append(dict(zip(EXPERTS, w, strict=True)))
+    return out
+
+
 async def run_round(
-    client: openai.AsyncOpenAI, model: str, concurrency: int, prompts: list[str], max_tokens: int
+    client: openai.AsyncOpenAI,
+    model: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    weights: list[dict[str, float]] | None,
 ) -> dict[str, float]:
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(prompts)):
+        queue.put_nowait(i)
     tokens = 0
     ttfts: list[float] = []
 
     async def worker() -> None:
         nonlocal tokens
         while not queue.empty():
-            prompt = queue.get_nowait()
+            i = queue.get_nowait()
+            body: dict[str, object] = {"ignore_eos": True}
+            if weights is not None:
+                body["merge_weights"] = weights[i]
             t0 = time.perf_counter()
             first = None
             stream = await client.chat.completions.create(
                 model=model,
-                messages=[{"role": "user", "content": prompt}],
+                messages=[{"role": "user", "content": prompts[i]}],
                 max_tokens=max_tokens,
                 temperature=0,
                 stream=True,
                 stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
+                extra_body=body,
             )
             async for chunk in stream:
                 if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -87,13 +126,8 @@ async def run_round(
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """The server metrics this benchmark reads, summed over their labels."""
-    want = {
-        "mergeserve_merge_latency_seconds_count",
-        "mergeserve_router_latency_seconds_count",
-        "mergeserve_router_latency_seconds_sum",
-        "mergeserve_materialized_adapters",
-    }
+    """mergeserve metrics this benchmark reads, summed over their labels."""
+    want = {"mergeserve_materialized_adapters"}
     out: dict[str, float] = {}
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     for fam in text_string_to_metric_families(text):
@@ -106,53 +140,73 @@ def scrape(base_url: str) -> dict[str, float]:
     return out
 
 
-async def bench(base_url: str, args: argparse.Namespace) -> dict[str, object]:
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0, timeout=900)
-    arms = ["dynamic", f"expert:{args.expert}", "base"]
+async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+    clients = {
+        k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
+        for k, u in urls.items()
+    }
     prompts = mixed_prompts(args.requests)
-    # Warm up every path (a LoRA's first use loads it into a slot; MiniLM's first batch).
-    for model in arms:
-        await run_round(client, model, 2, prompts[:2], 8)
-    before = scrape(base_url)
-    rounds: dict[str, list[dict[str, float]]] = {m: [] for m in arms}
+    rng = random.Random(0)
+    arms: dict[str, tuple[str, str, bool]] = {  # arm: (server, model, pinned weights)
+        "dynamic:mixture": ("M", "dynamic:exact", True),
+        "dynamic:materialized": ("P", "dynamic:exact", True),
+        "dynamic:routed": ("M", "dynamic", False),
+        "static": ("M", "static:linear", False),
+        "expert": ("M", f"expert:{args.expert}", False),
+        "base:lora-off": ("O", "base", False),
+    }
+    for server, model, pinned in arms.values():  # warm up: loads, first batches
+        w = distinct_weights(2, rng) if pinned else None
+        await run_round(clients[server], model, prompts[:2], 2, 4, w)
+    before = {k: scrape(urls[k]) for k in ("M", "P")}
+    names = list(arms)
+    rounds: dict[str, list[dict[str, float]]] = {a: [] for a in names}
     for r in range(args.rounds):
-        order = arms[r % 3 :] + arms[: r % 3]
-        for model in order:
-            rounds[model].append(
-                await run_round(client, model, args.concurrency, prompts, args.max_tokens)
+        # Every round: fresh weightings, the same ones for the mixture and materialized
+        # arms (each server sees each weighting once).
+        weights = distinct_weights(len(prompts), rng)
+        k = r % len(names)
+        for arm in names[k:] + names[:k]:
+            server, model, pinned = arms[arm]
+            res = await run_round(
+                clients[server],
+                model,
+                prompts,
+                args.concurrency,
+                args.max_tokens,
+                weights if pinned else None,
             )
-    after = scrape(base_url)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    dyn_requests = delta.get("mergeserve_merge_latency_seconds_count", 0.0)
-    routed = delta.get("mergeserve_router_latency_seconds_count", 0.0)
-    tps = {m: statistics.median(x["tokens_per_s"] for x in v) for m, v in rounds.items()}
-    lora = f"expert:{args.expert}"
+            rounds[arm].append(res)
+            print(f"round {r} {arm}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+    after = {k: scrape(urls[k]) for k in ("M", "P")}
+    tps = {a: statistics.median(x["tokens_per_s"] for x in v) for a, v in rounds.items()}
+    off = tps["base:lora-off"]
+
+    def hits(server: str) -> float | None:
+        d = {k: after[server].get(k, 0.0) - before[server].get(k, 0.0) for k in after[server]}
+        n = d.get("merge_hit", 0.0) + d.get("merge_miss", 0.0)
+        return round(d.get("merge_hit", 0.0) / n, 3) if n else None
+
     return {
         "benchmark": "serve_throughput",
         "model": "SmolLM2-135M-Instruct (fp32)",
-        "experts": "examples/experts (six rank-8 demo experts)",
+        "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
         "workload": "mixed: test-split prompts of the six tasks, interleaved",
-        "dynamic_mode": args.mode,
-        "policy": {"top_k": args.top_k, "floor": args.floor, "grid": args.grid},
-        "engine": {"max_lora_rank": args.max_lora_rank, "max_loras": args.max_loras},
         "concurrency": args.concurrency,
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "tokens_per_s": {m: round(v, 2) for m, v in tps.items()},
-        "dynamic_over_lora": round(tps["dynamic"] / tps[lora], 3),
-        "lora_over_base": round(tps[lora] / tps["base"], 3),
-        "cache_hit_rate": round(delta.get("merge_hit", 0.0) / dyn_requests, 3)
-        if dyn_requests
-        else None,
-        "router_ms_per_request": round(
-            1000 * delta.get("mergeserve_router_latency_seconds_sum", 0.0) / routed, 2
-        )
-        if routed
-        else None,
-        "distinct_keys": int(after.get("mergeserve_materialized_adapters", 0.0)),
+        "tokens_per_s": {a: round(v, 2) for a, v in tps.items()},
+        "mixture_over_static": round(tps["dynamic:mixture"] / tps["static"], 3),
+        "mixture_over_materialized": round(tps["dynamic:mixture"] / tps["dynamic:materialized"], 3),
+        "routed_over_static": round(tps["dynamic:routed"] / tps["static"], 3),
+        "over_lora_off": {a: round(v / off, 3) for a, v in tps.items() if a != "base:lora-off"},
+        "cache_hit_rate": {"mixture_server": hits("M"), "materializing_server": hits("P")},
+        "materialized_adapters_after": {
+            k: int(after[k].get("mergeserve_materialized_adapters", 0.0)) for k in ("M", "P")
+        },
         "ttft_p50_s": {
-            m: round(statistics.median(x["ttft_p50_s"] for x in v), 3) for m, v in rounds.items()
+            a: round(statistics.median(x["ttft_p50_s"] for x in v), 3) for a, v in rounds.items()
         },
         "per_round": rounds,
     }
@@ -165,40 +219,52 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--expert", default="add", help="the single-LoRA arm (expert:<name>)")
-    p.add_argument("--mode", choices=["exact", "twin"], default="exact", help="`dynamic` is")
-    p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--floor", type=float, default=0.1)
-    p.add_argument("--grid", type=float, default=0.05)
     p.add_argument(
         "--threads",
         type=int,
         default=os.cpu_count() or 1,
-        help="CPU threads of the engine (set explicitly: runs are compared)",
+        help="CPU threads of each engine (set explicitly: runs are compared)",
     )
     args = p.parse_args()
 
     experts = default_experts_dir()
     if experts is None:
         raise SystemExit("run from a checkout: the demo experts are in examples/experts")
+    model = ensure_embedded_model(Settings().cache)
+    seqs = str(max(16, args.concurrency))
     env = {
         "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
-        "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency)),
-        "MERGESERVE_ENGINE__MAX_LORA_RANK": str(args.max_lora_rank),
+        "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
+        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
         "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras),
-        "MERGESERVE_MERGE__DEFAULT_MODE": args.mode,
-        "MERGESERVE_MERGE__STATIC_METHODS": "[]",  # not measured here; saves start-up
-        "MERGESERVE_ROUTER__TOP_K": str(args.top_k),
-        "MERGESERVE_ROUTER__FLOOR": str(args.floor),
-        "MERGESERVE_ROUTER__GRID": str(args.grid),
+        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
+        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
+        "MERGESERVE_ROUTER__GRID": "0.001",
+        # Materialized merges live until evicted: room for every distinct weighting.
+        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
     }
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        server_process(["--experts-dir", str(experts)], Path(tmp) / "server.log", env) as s,
-    ):
-        result = asyncio.run(bench(s.base_url, args))
-        result["server_startup_s"] = round(s.startup_s, 1)
+    off_args = ["--dtype", "float32", "--max-model-len", "2048", "--served-model-name", "base"]
+    off_args += ["--max-num-seqs", seqs]
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        t = Path(tmp)
+        serve = ["--experts-dir", str(experts)]
+        m = stack.enter_context(server_process(serve, t / "mixture.log", env))
+        pm = stack.enter_context(
+            server_process(
+                serve, t / "materialize.log", {**env, "MERGESERVE_ENGINE__MIXTURE": "false"}
+            )
+        )
+        o = stack.enter_context(
+            vllm_server_process(
+                model,
+                t / "lora-off.log",
+                off_args,
+                {"OMP_NUM_THREADS": str(args.threads), "MERGESERVE_MIXTURE_PLUGIN": "0"},
+                timeout_s=900,
+            )
+        )
+        result = asyncio.run(bench({"M": m.base_url, "P": pm.base_url, "O": o.base_url}, args))
     result["machine"] = {
         "cpus": os.cpu_count(),
         "engine_threads": args.threads,

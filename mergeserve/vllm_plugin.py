@@ -130,6 +130,65 @@ def _lora_rank(lora_model: Any) -> int:
     return best or int(getattr(lora_model, "rank", 0))
 
 
+Rows = slice | Tensor
+"""A slot's token rows in a batch: a slice when they are contiguous, else an index."""
+
+
+def grouped_lora_linear(
+    y: Tensor,
+    x: Tensor,
+    lora_a_stacked: Sequence[Tensor],
+    lora_b_stacked: Sequence[Tensor],
+    output_slices: Sequence[int],
+    groups: Sequence[tuple[int, Rows]],
+    slot_ranks: dict[int, int],
+    scale_rows: Tensor | None = None,
+    scale: float = 1.0,
+    cache: dict[tuple[int, int, int], Tensor] | None = None,
+) -> None:
+    """y[rows, slice i] += (s ⊙ (x[rows] A_slot,iᵀ)) B_slot,iᵀ for each (slot, rows), in place.
+
+    A slot's tokens take one shrink GEMM for all output slices (the slices' A stacked
+    along the rank, kept in `cache` when given) and one fused multiply-add GEMM per slice,
+    at the slot's own rank (`slot_ranks`, default the stacked width): vLLM's stacked
+    layout, lora_a_stacked[i] [max_loras, 1, max_rank, in], lora_b_stacked[i]
+    [max_loras, 1, out_i, max_rank]. `scale_rows` [≥ tokens, ≥ rank] is the per-token
+    mixture scale (None: ones). The shrink runs in float32, as vLLM's punica ops do.
+    Device-neutral and vLLM-free.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    max_rank = lora_a_stacked[0].shape[2]
+    n_slices = len(lora_a_stacked)
+    for slot, rows in groups:
+        r = min(slot_ranks.get(slot, max_rank), max_rank)
+        if r == 0:
+            continue
+        xs = x2[rows].to(torch.float32)
+        key = (id(lora_a_stacked[0]), slot, r)
+        a_t = cache.get(key) if cache is not None else None
+        if a_t is None:
+            a_t = torch.cat([a[slot, 0, :r] for a in lora_a_stacked]).to(torch.float32).t()
+            if cache is not None:
+                cache[key] = a_t = a_t.contiguous()
+        h = xs @ a_t  # [n, slices * r]
+        if scale != 1.0:
+            h.mul_(scale)
+        if scale_rows is not None:
+            h.view(-1, n_slices, r).mul_(scale_rows[rows, :r].unsqueeze(1))
+        h = h.to(y2.dtype)
+        offset = 0
+        for i, (b_st, size) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
+            b_t = b_st[slot, 0, :, :r].t()  # [r, out_i]
+            hi = h[:, i * r : (i + 1) * r]
+            if isinstance(rows, slice):
+                out = y2[rows, offset : offset + size]
+                out.addmm_(hi, b_t)
+            else:
+                y2[:, offset : offset + size].index_add_(0, rows, hi @ b_t)
+            offset += size
+
+
 def _make_cpu_class() -> type:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -147,7 +206,13 @@ def _make_cpu_class() -> type:
             cfg = kwargs.get("lora_config")
             max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
             self._init_mixture(max_num_batched_tokens, max_rank, device)
-            self._groups: list[tuple[int, slice | Tensor]] = []
+            self._groups: list[tuple[int, Rows]] = []
+            # Each slot's A of all slices of a layer, stacked: rebuilt after any activation.
+            self._stacked_a: dict[tuple[int, int, int], Tensor] = {}
+
+        def set_slot_rank(self, index: int, rank: int) -> None:
+            super().set_slot_rank(index, rank)
+            self._stacked_a.clear()
 
         def update_metadata(self, mapping: Any, *args: Any, **kwargs: Any) -> None:
             super().update_metadata(mapping, *args, **kwargs)
@@ -163,7 +228,7 @@ def _make_cpu_class() -> type:
             for s, a, m in zip(slots, starts, lens, strict=True):
                 if s >= 0:
                     runs.setdefault(s, []).append((a, a + m))
-            groups: list[tuple[int, slice | Tensor]] = []
+            groups: list[tuple[int, Rows]] = []
             for s, spans in runs.items():
                 if len(spans) == 1:
                     groups.append((s, slice(*spans[0])))
@@ -186,30 +251,18 @@ def _make_cpu_class() -> type:
         ) -> None:
             if not self._groups:  # no LoRA token in this batch
                 return
-            x2 = x.reshape(-1, x.shape[-1])
-            y2 = y.view(-1, y.shape[-1])
-            max_rank = lora_a_stacked[0].shape[2]
-            for slot, rows in self._groups:
-                r = min(self._slot_ranks.get(slot, max_rank), max_rank)
-                if r == 0:
-                    continue
-                xs = x2[rows].to(torch.float32)
-                s = self._mix_scale[rows, :r] if self._mix_on else None
-                offset = 0
-                for a_st, b_st, size in zip(
-                    lora_a_stacked, lora_b_stacked, output_slices, strict=True
-                ):
-                    h = xs @ a_st[slot, 0, :r].to(torch.float32).t()  # [n, r]
-                    if scale != 1.0:
-                        h.mul_(scale)
-                    if s is not None:
-                        h.mul_(s)
-                    d = h.to(y2.dtype) @ b_st[slot, 0, :, :r].t()  # [n, size]
-                    if isinstance(rows, slice):
-                        y2[rows, offset : offset + size].add_(d)
-                    else:
-                        y2[:, offset : offset + size].index_add_(0, rows, d)
-                    offset += size
+            grouped_lora_linear(
+                y,
+                x,
+                lora_a_stacked,
+                lora_b_stacked,
+                output_slices,
+                self._groups,
+                self._slot_ranks,
+                self._mix_scale if self._mix_on else None,
+                scale,
+                self._stacked_a,
+            )
 
         def add_expand(self, y: Tensor, x: Any, *args: Any, **kwargs: Any) -> None:
             # Used by the sharded/row-parallel layers that shrink and expand separately.

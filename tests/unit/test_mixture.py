@@ -1,0 +1,320 @@
+"""The mixture's math (runtime/mixture.py) and the plugin's punica wrappers at torch level
+(mergeserve/vllm_plugin.py): CPU here, the GPU wrapper where CUDA is present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mergeserve.adapters.lowrank import AdapterFactors, LowRank, merge_adapters
+from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec, scale_rows
+
+
+def factors(ranks: dict[str, int], layers: dict[str, tuple[int, ...]], seed: int) -> AdapterFactors:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj": (12, 12), "mlp.down_proj": (12, 20)}  # (out, in)
+    groups = {}
+    for kind, r in ranks.items():
+        out, inn = shapes[kind]
+        n = len(layers[kind])
+        groups[kind] = LowRank(
+            torch.randn(n, r, inn, generator=g, dtype=torch.float64),
+            torch.randn(n, out, r, generator=g, dtype=torch.float64),
+        )
+    return AdapterFactors(groups, {k: layers[k] for k in ranks})
+
+
+def test_bundle_with_a_scale_is_the_weighted_merge() -> None:
+    # Terms with different ranks per kind, a kind one term lacks, different layer sets.
+    terms = {
+        "a": factors(
+            {"self_attn.q_proj": 4, "mlp.down_proj": 2},
+            {"self_attn.q_proj": (0, 1), "mlp.down_proj": (0, 1)},
+            1,
+        ),
+        "b": factors({"self_attn.q_proj": 3}, {"self_attn.q_proj": (1, 2)}, 2),
+        "c": factors(
+            {"mlp.down_proj": 5, "self_attn.q_proj": 5},
+            {"mlp.down_proj": (2,), "self_attn.q_proj": (0,)},
+            3,
+        ),
+    }
+    bundle = MixtureBundle.build(terms)
+    assert bundle.names == ("a", "b", "c")
+    assert bundle.ranks == (4, 3, 5)
+    assert bundle.rank == 12
+    assert set(bundle.factors.ranks.values()) == {12}  # every kind: one layout of blocks
+    for weights in ({"a": 0.7, "b": 0.3}, {"b": -0.5, "c": 2.0}, {"a": 0.2, "b": 0.3, "c": 0.5}):
+        spec = bundle.spec(weights)
+        s = spec.scale().double()
+        want = merge_adapters([terms[n] for n in weights], list(weights.values()))
+        for kind, lr in bundle.factors.groups.items():
+            got = torch.einsum("lor,r,lri->loi", lr.B, s, lr.A)
+            lay = bundle.factors.layers[kind]
+            ref = torch.zeros_like(got)
+            wl = want.layers[kind]
+            dense = want.groups[kind].to_dense()
+            for j, idx in enumerate(lay):
+                if idx in wl:
+                    ref[j] = dense[wl.index(idx)]
+            torch.testing.assert_close(got, ref)
+
+
+def test_spec_fixed_weights_and_unknown_terms() -> None:
+    bundle = MixtureBundle.build(
+        {
+            "S": factors({"self_attn.q_proj": 2}, {"self_attn.q_proj": (0,)}, 4),
+            "x": factors({"self_attn.q_proj": 3}, {"self_attn.q_proj": (0,)}, 5),
+        }
+    )
+    assert bundle.spec({"x": 0.5}, fixed={"S": 1.0}).weights == (1.0, 0.5)
+    with pytest.raises(ValueError, match="not in the bundle"):
+        bundle.spec({"y": 1.0})
+
+
+def test_spec_round_trips_through_extra_args_and_rejects_malformed() -> None:
+    spec = MixtureSpec((8, 8, 4), (0.25, 0.0, 1.5))
+    assert MixtureSpec.from_extra_args(spec.extra_args()) == spec
+    assert MixtureSpec.from_extra_args(None) is None
+    assert MixtureSpec.from_extra_args({"other": 1}) is None
+    for bad in (
+        {"mergeserve_mix_ranks": [8], "mergeserve_mix_weights": [1.0, 2.0]},
+        {"mergeserve_mix_ranks": [8]},
+        {"mergeserve_mix_ranks": [0], "mergeserve_mix_weights": [1.0]},
+        {"mergeserve_mix_ranks": ["x"], "mergeserve_mix_weights": [1.0]},
+        {"mergeserve_mix_ranks": [2], "mergeserve_mix_weights": [float("nan")]},
+    ):
+        with pytest.raises(ValueError, match=r"mixture|ranks|weights"):
+            MixtureSpec.from_extra_args(bad)
+    assert spec.scale().tolist() == [0.25] * 8 + [0.0] * 8 + [1.5] * 4
+
+
+def test_scale_rows_per_token() -> None:
+    a, b = MixtureSpec((2, 1), (0.5, 2.0)), MixtureSpec((1,), (3.0,))
+    rows = scale_rows([a, None, b], [2, 1, 3], 4)
+    assert rows is not None
+    assert rows.tolist() == [
+        [0.5, 0.5, 2.0, 0.0],
+        [0.5, 0.5, 2.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0],
+        [3.0, 0.0, 0.0, 0.0],
+        [3.0, 0.0, 0.0, 0.0],
+        [3.0, 0.0, 0.0, 0.0],
+    ]
+    assert scale_rows([None, None], [3, 1], 4) is None
+    with pytest.raises(ValueError, match="exceeds the slot rank"):
+        scale_rows([MixtureSpec((8,), (1.0,))], [1], 4)
+
+
+# ---------------------------------------------------------------------- the wrappers
+
+MAX_LORAS, MAX_RANK, IN = 3, 16, 32
+SLICES = (24, 8, 8)  # a packed qkv: three output slices
+SLOT_RANKS = {0: 4, 1: 16, 2: 8}
+IDS = [10, 20, 30]  # slot -> adapter id
+
+
+def stacked(device: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    a_st, b_st = [], []
+    for out in SLICES:
+        A = torch.zeros(MAX_LORAS, 1, MAX_RANK, IN)
+        B = torch.zeros(MAX_LORAS, 1, out, MAX_RANK)
+        for slot, r in SLOT_RANKS.items():  # vLLM's set_lora: the first r rows, zeros after
+            A[slot, 0, :r] = torch.randn(r, IN, generator=g)
+            B[slot, 0, :, :r] = torch.randn(out, r, generator=g)
+        a_st.append(A.to(device))
+        b_st.append(B.to(device))
+    return tuple(a_st), tuple(b_st)
+
+
+def reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_st: tuple[torch.Tensor, ...],
+    b_st: tuple[torch.Tensor, ...],
+    slots: list[int],
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    out = y.clone()
+    for t, s in enumerate(slots):
+        if s < 0:
+            continue
+        off = 0
+        for A, B, size in zip(a_st, b_st, SLICES, strict=True):
+            h = A[s, 0] @ x[t]
+            if rows is not None:
+                h = h * rows[t]
+            out[t, off : off + size] += B[s, 0] @ h
+            off += size
+    return out
+
+
+def make_wrapper(cls_name: str, device: str) -> object:
+    from types import SimpleNamespace
+
+    from mergeserve import vllm_plugin
+
+    cls = getattr(vllm_plugin, cls_name)
+    cfg = SimpleNamespace(max_lora_rank=MAX_RANK, max_loras=MAX_LORAS, specialize_active_lora=False)
+    w = cls(64, 8, device, lora_config=cfg)
+    for slot, r in SLOT_RANKS.items():
+        w.set_slot_rank(slot, r)
+    return w
+
+
+def apply(
+    w: object, slots: list[int], x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    from vllm.lora.layers import LoRAMapping
+
+    ids = tuple(IDS[s] if s >= 0 else 0 for s in slots)
+    w.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(IDS), MAX_LORAS, 512)  # type: ignore[attr-defined]
+    w.set_mixture_rows(rows)  # type: ignore[attr-defined]
+    a_st, b_st = stacked(str(x.device))
+    out = y.clone()
+    w.add_lora_linear(out, x, a_st, b_st, 1.0, SLICES)  # type: ignore[attr-defined]
+    return out
+
+
+BATCHES = {
+    "mixed": [0, 0, -1, 1, 1, 1, 0, 2, -1],  # slot 0 in two runs, base tokens between
+    "one slot": [1, 1, 1, 1],
+    "no lora": [-1, -1, -1],
+}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("scaled", [False, True])
+def test_cpu_wrapper_matches_the_dense_reference(batch: str, scaled: bool) -> None:
+    slots = BATCHES[batch]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(slots), IN, generator=g)
+    y = torch.randn(len(slots), sum(SLICES), generator=g)
+    rows = torch.rand(len(slots), MAX_RANK, generator=g) * 2 - 0.5 if scaled else None
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    got = apply(w, slots, x, y, rows)
+    a_st, b_st = stacked("cpu")
+    torch.testing.assert_close(got, reference(y, x, a_st, b_st, slots, rows))
+    for t, s in enumerate(slots):  # base tokens are untouched, exactly
+        if s < 0:
+            assert torch.equal(got[t], y[t])
+    # Back to no rows: the scale is ones again (warm-up, requests without a mixture).
+    again = apply(w, slots, x, y, None)
+    torch.testing.assert_close(again, reference(y, x, a_st, b_st, slots, None))
+
+
+def test_cpu_wrapper_agrees_with_stock_vllm_without_base_tokens() -> None:
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    slots = [2, 2, 0, 1, 1, 0]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(len(slots), IN, generator=g)
+    y = torch.randn(len(slots), sum(SLICES), generator=g)
+    ours = apply(make_wrapper("MixturePunicaCPU", "cpu"), slots, x, y, None)
+    stock = PunicaWrapperCPU(64, 8, "cpu")
+    ids = tuple(IDS[s] for s in slots)
+    stock.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(IDS), MAX_LORAS, 512)
+    a_st, b_st = stacked("cpu")
+    theirs = y.clone()
+    stock.add_lora_linear(theirs, x, a_st, b_st, 1.0, SLICES)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_scale_rows_larger_than_the_buffer_are_refused() -> None:
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    with pytest.raises(ValueError, match="exceed"):
+        w.set_mixture_rows(torch.ones(65, 4))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", ["mixed", "one slot"])
+def test_gpu_scale_and_grouped_path_match_the_dense_reference(batch: str) -> None:
+    """What the GPU wrapper adds to vLLM's Triton path (the persistent scale buffer, the
+    in-place scale of the shrunk [slices, T, r] activations) and the grouped GEMMs, on
+    CUDA tensors: torch only, as the device machines have no vLLM."""
+    from mergeserve.vllm_plugin import MixtureScaleMixin, grouped_lora_linear
+
+    slots = BATCHES[batch]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(len(slots), IN, generator=g)
+    y = torch.randn(len(slots), sum(SLICES), generator=g)
+    rows = torch.rand(len(slots), MAX_RANK, generator=g)
+    a_st, b_st = stacked("cpu")
+    want = reference(y, x, a_st, b_st, slots, rows)
+
+    scale = MixtureScaleMixin()
+    scale._init_mixture(64, MAX_RANK, "cuda")
+    scale.set_mixture_rows(rows.cuda())
+    runs: dict[int, list[int]] = {}
+    for t, s in enumerate(slots):
+        if s >= 0:
+            runs.setdefault(s, []).append(t)
+    groups = [(s, torch.tensor(ts, device="cuda")) for s, ts in runs.items()]
+    got = y.cuda()
+    a_cu, b_cu = stacked("cuda")
+    grouped_lora_linear(got, x.cuda(), a_cu, b_cu, SLICES, groups, SLOT_RANKS, scale._mix_scale)
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
+
+    # The Triton path's order: shrink into [slices, T, r], scale in place, expand.
+    shrunk = torch.stack([torch.zeros(len(slots), MAX_RANK)] * len(SLICES)).cuda()
+    for t, s in enumerate(slots):
+        for i, A in enumerate(a_cu):
+            if s >= 0:
+                shrunk[i, t] = A[s, 0] @ x[t].cuda()
+    scale._scale_shrunk(shrunk)
+    out = y.cuda()
+    for t, s in enumerate(slots):
+        off = 0
+        for i, (B, size) in enumerate(zip(b_cu, SLICES, strict=True)):
+            if s >= 0:
+                out[t, off : off + size] += B[s, 0] @ shrunk[i, t]
+            off += size
+    torch.testing.assert_close(out.cpu(), want, rtol=2e-3, atol=2e-3)
+    scale.set_mixture_rows(None)  # ones again everywhere it wrote
+    assert bool((scale._mix_scale == 1).all())
+
+
+def run_python(code: str, **env: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+REGISTER = """
+from mergeserve import vllm_plugin as p
+from vllm.platforms import current_platform
+from vllm.lora.model_manager import LoRAModelManager as M
+from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin as R
+p.register()
+first = (M.activate_adapter, R.set_active_loras, R._set_active_loras)
+p._state["registered"] = False  # as if the module were loaded a second time
+p.register()
+again = (M.activate_adapter, R.set_active_loras, R._set_active_loras)
+print(current_platform.get_punica_wrapper(), p.is_registered(), first == again)
+"""
+
+
+def test_register_is_idempotent_and_switchable() -> None:
+    on = run_python(REGISTER, MERGESERVE_MIXTURE_PLUGIN="1")
+    assert on == "mergeserve.vllm_plugin.MixturePunicaCPU True True"
+    off = run_python(REGISTER, MERGESERVE_MIXTURE_PLUGIN="0")
+    assert off.split()[:2] == ["vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU", "False"]
+
+
+def test_vllm_finds_the_plugin_by_its_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("mergeserve_mixture") == "mergeserve.vllm_plugin:register"
