@@ -132,7 +132,11 @@ class DynamicMerger:
         self.mixture_rank = mixture_rank
         """Largest bundle rank served by the mixture; None: always materialize."""
         self._pin_fn, self._unpin_fn = pin, unpin
-        self._pinned: dict[DynamicMode, MaterializedAdapter] = {}
+        self._max_pinned = 3
+        self._current: dict[DynamicMode, MaterializedAdapter] = {}
+        """The bundle of each mode's latest state."""
+        self._engine_pinned: dict[str, MaterializedAdapter] = {}
+        """Bundles pinned in the engine now, by key."""
         self._retiring: list[MaterializedAdapter] = []
         self._pin_lock = asyncio.Lock()
         self._batcher: MicroBatcher[str, tuple[Routing, DynamicState]] = MicroBatcher(
@@ -292,21 +296,25 @@ class DynamicMerger:
         return MergedAdapter(mode, key, lease, self.merged_rank(mode, key, st), False, spec)
 
     async def _pin(self, mode: DynamicMode, adapter: MaterializedAdapter) -> None:
-        """Pin the current bundle of `mode` in the engine; unpin bundles of older states
-        once no request holds them."""
-        cur = self._pinned.get(mode)
+        """Pin the current bundle of `mode` in the engine (while fewer than `max_pinned`
+        are: the other slots stay free for experts and static merges; an unpinned bundle
+        is loaded on demand like any adapter); unpin bundles of older states once no
+        request holds them."""
+        cur = self._current.get(mode)
         if cur is None or cur.key != adapter.key:
             async with self._pin_lock:
-                cur = self._pinned.get(mode)
+                cur = self._current.get(mode)
                 if cur is None or cur.key != adapter.key:
-                    if self._pin_fn is not None:
-                        try:
-                            await self._pin_fn(adapter.target)
-                        except Exception as e:  # the engine loads it on demand instead
-                            log.warning("could not pin %s: %s", adapter.target.name, e)
-                    self._pinned[mode] = adapter
+                    self._current[mode] = adapter
                     if cur is not None:
                         self._retiring.append(cur)
+                    await self._sweep()
+                    if self._pin_fn is not None and len(self._engine_pinned) < self._max_pinned:
+                        try:
+                            await self._pin_fn(adapter.target)
+                            self._engine_pinned[adapter.key] = adapter
+                        except Exception as e:  # the engine loads it on demand instead
+                            log.warning("could not pin %s: %s", adapter.target.name, e)
         if self._retiring:
             await self._sweep()
 
@@ -314,23 +322,29 @@ class DynamicMerger:
         done = [a for a in self._retiring if self.cache.pins(a.key) == 0]
         for a in done:
             self._retiring.remove(a)
-            if self._unpin_fn is not None:
+            if self._engine_pinned.pop(a.key, None) is not None and self._unpin_fn is not None:
                 try:
                     await self._unpin_fn(a.target)
                 except Exception as e:
                     log.warning("could not unpin %s: %s", a.target.name, e)
 
     def use_mixture(
-        self, rank: int | None, pin: AdapterHook | None = None, unpin: AdapterHook | None = None
+        self,
+        rank: int | None,
+        pin: AdapterHook | None = None,
+        unpin: AdapterHook | None = None,
+        max_pinned: int = 3,
     ) -> None:
-        """Serve by the in-engine mixture from now on, bundles up to `rank` (None: off)."""
+        """Serve by the in-engine mixture from now on, bundles up to `rank` (None: off),
+        pinning at most `max_pinned` bundles in engine slots at once."""
         self.mixture_rank = rank
         self._pin_fn, self._unpin_fn = pin, unpin
+        self._max_pinned = max_pinned
 
     @property
-    def pinned(self) -> dict[DynamicMode, LoRATarget]:
-        """The bundle pinned per mode now."""
-        return {m: a.target for m, a in self._pinned.items()}
+    def pinned(self) -> dict[str, LoRATarget]:
+        """The bundles pinned in the engine now, by key."""
+        return {k: a.target for k, a in self._engine_pinned.items()}
 
     # ------------------------------------------------------------------- leases
 

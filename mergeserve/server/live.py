@@ -465,7 +465,10 @@ class LiveSet:
     def _configure_mixture(self, merger: DynamicMerger) -> None:
         es, engine = self.settings.engine, self._engine
         if engine is not None and es.mixture and engine.supports_mixture:
-            merger.use_mixture(es.slot_rank, engine.pin_adapter, engine.unpin_adapter)
+            # Pin at most half the slots (less one): the rest serve experts and static
+            # merges. Bundles beyond that load on demand like any adapter.
+            pins = max(0, (es.max_loras - 1) // 2)
+            merger.use_mixture(es.slot_rank, engine.pin_adapter, engine.unpin_adapter, pins)
         else:
             merger.use_mixture(None)
 

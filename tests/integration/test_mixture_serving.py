@@ -162,3 +162,15 @@ async def test_a_bundle_above_the_mixture_rank_falls_back(settings: Settings) ->
         )
         m = merge_of(r)
         assert (m["mixture"], m["truncated"], m["rank"]) == (False, True, 8)
+
+
+async def test_few_slots_are_not_pinned_away(settings: Settings) -> None:
+    # Two slots: pinning a bundle per mode would leave experts and static merges none.
+    two = settings.model_copy(
+        update={"engine": settings.engine.model_copy(update={"max_loras": 2})}
+    )
+    async for s in serve(two, FakeEngine(context_len=256, mixture=True)):
+        for model in ("dynamic:exact", "dynamic:twin"):
+            r = await s.client.chat.completions.create(model=model, messages=SUM)
+            assert merge_of(r)["mixture"] is True
+        assert s.engine.pinned == []
