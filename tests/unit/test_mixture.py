@@ -190,7 +190,14 @@ BATCHES = {
 
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("scaled", [False, True])
-def test_cpu_wrapper_matches_the_dense_reference(batch: str, scaled: bool) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["block-diagonal", "per-slice"])
+def test_cpu_wrapper_matches_the_dense_reference(
+    batch: str, scaled: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergeserve import vllm_plugin
+
+    if not fused:
+        monkeypatch.setattr(vllm_plugin, "BLOCK_DIAGONAL_MAX", 0)
     slots = BATCHES[batch]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(len(slots), IN, generator=g)
