@@ -31,26 +31,21 @@ import platform
 import random
 import statistics
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import openai
+from stream_clients import mixed_prompts, run_round
 
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec
-from mergeserve.tasks import TASKS, generate
 from mergeserve.testing import vllm_server_process
 
 BUNDLE_BLOCKS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
 EXTRA_BLOCKS = ("add", "capital")
-
-
-def mixed_prompts(n: int) -> list[str]:
-    per_task = [[s.prompt for s in generate(t, "test", n // len(TASKS) + 1)] for t in TASKS]
-    return [p for group in zip(*per_task, strict=True) for p in group][:n]
 
 
 def write_bundle(experts: Path, base: Path, out: Path) -> MixtureBundle:
@@ -59,45 +54,6 @@ def write_bundle(experts: Path, base: Path, out: Path) -> MixtureBundle:
     bundle = MixtureBundle.build(terms)
     save_lora_factors(bundle.factors, out, str(base))
     return bundle
-
-
-async def run_round(
-    client: openai.AsyncOpenAI,
-    model: str,
-    prompts: list[str],
-    concurrency: int,
-    max_tokens: int,
-    xargs: list[dict[str, object]] | None,
-) -> dict[str, float]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(prompts)):
-        queue.put_nowait(i)
-    tokens = 0
-
-    async def worker() -> None:
-        nonlocal tokens
-        while not queue.empty():
-            i = queue.get_nowait()
-            body: dict[str, object] = {"ignore_eos": True}
-            if xargs is not None:
-                body["vllm_xargs"] = xargs[i]
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompts[i]}],
-                max_tokens=max_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body=body,
-            )
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    tokens += chunk.usage.completion_tokens
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens}
 
 
 async def bench(
@@ -110,11 +66,11 @@ async def bench(
     prompts = mixed_prompts(args.requests)
     rng = random.Random(0)
 
-    def distinct_mixtures() -> list[dict[str, object]]:
+    def distinct_mixtures() -> list[dict[str, Any]]:
         out = []
         for _ in prompts:
             w = [round(rng.uniform(0.05, 1.0), 4) for _ in bundle.names]
-            out.append(MixtureSpec(bundle.ranks, tuple(w)).extra_args())
+            out.append({"vllm_xargs": MixtureSpec(bundle.ranks, tuple(w)).extra_args()})
         return out
 
     arms: dict[str, tuple[str, str, bool]] = {

@@ -39,27 +39,19 @@ import platform
 import random
 import statistics
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
+from stream_clients import mixed_prompts, run_round
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
-from mergeserve.tasks import TASKS, generate
 from mergeserve.testing import server_process, vllm_server_process
 
 EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
-
-
-def mixed_prompts(n: int) -> list[str]:
-    """n test-split prompts, the six tasks interleaved (a fixed, reproducible mix)."""
-    per_task = [[s.prompt for s in generate(t, "test", n // len(TASKS) + 1)] for t in TASKS]
-    mixed = [p for group in zip(*per_task, strict=True) for p in group]
-    return mixed[:n]
 
 
 def distinct_weights(n: int, rng: random.Random) -> list[dict[str, float]]:
@@ -73,56 +65,6 @@ def distinct_weights(n: int, rng: random.Random) -> list[dict[str, float]]:
             seen.add(w)
             out.append(dict(zip(EXPERTS, w, strict=True)))
     return out
-
-
-async def run_round(
-    client: openai.AsyncOpenAI,
-    model: str,
-    prompts: list[str],
-    concurrency: int,
-    max_tokens: int,
-    weights: list[dict[str, float]] | None,
-) -> dict[str, float]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(prompts)):
-        queue.put_nowait(i)
-    tokens = 0
-    ttfts: list[float] = []
-
-    async def worker() -> None:
-        nonlocal tokens
-        while not queue.empty():
-            i = queue.get_nowait()
-            body: dict[str, object] = {"ignore_eos": True}
-            if weights is not None:
-                body["merge_weights"] = weights[i]
-            t0 = time.perf_counter()
-            first = None
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompts[i]}],
-                max_tokens=max_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body=body,
-            )
-            async for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter() - t0
-                if chunk.usage is not None:
-                    tokens += chunk.usage.completion_tokens
-            ttfts.append(first or 0.0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {
-        "tokens_per_s": tokens / wall,
-        "wall_s": wall,
-        "completion_tokens": tokens,
-        "ttft_p50_s": statistics.median(ttfts),
-    }
 
 
 def scrape(base_url: str) -> dict[str, float]:
@@ -156,7 +98,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, obj
         "base:lora-off": ("O", "base", False),
     }
     for server, model, pinned in arms.values():  # warm up: loads, first batches
-        w = distinct_weights(2, rng) if pinned else None
+        w = [{"merge_weights": x} for x in distinct_weights(2, rng)] if pinned else None
         await run_round(clients[server], model, prompts[:2], 2, 4, w)
     before = {k: scrape(urls[k]) for k in ("M", "P")}
     names = list(arms)
@@ -168,13 +110,9 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, obj
         k = r % len(names)
         for arm in names[k:] + names[:k]:
             server, model, pinned = arms[arm]
+            bodies = [{"merge_weights": w} for w in weights] if pinned else None
             res = await run_round(
-                clients[server],
-                model,
-                prompts,
-                args.concurrency,
-                args.max_tokens,
-                weights if pinned else None,
+                clients[server], model, prompts, args.concurrency, args.max_tokens, bodies
             )
             rounds[arm].append(res)
             print(f"round {r} {arm}: {res['tokens_per_s']:.1f} tok/s", flush=True)

@@ -80,6 +80,20 @@ class MixtureScaleMixin:
     _mix_on: bool
     _slot_ranks: dict[int, int]
 
+    def __init__(
+        self,
+        max_num_batched_tokens: int,
+        max_batches: int,
+        device: torch.device | str,
+        **kwargs: Any,
+    ) -> None:
+        # The punica wrapper's constructor (next in the MRO), then the scale buffer at the
+        # engine's max_lora_rank.
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)  # type: ignore[call-arg]
+        cfg = kwargs.get("lora_config")
+        max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
+        self._init_mixture(max_num_batched_tokens, max_rank, device)
+
     def _init_mixture(self, max_tokens: int, max_rank: int, device: torch.device | str) -> None:
         self._mix_scale = torch.ones(max_tokens, max_rank, dtype=torch.float32, device=device)
         self._mix_dirty = 0
@@ -272,9 +286,6 @@ def _make_cpu_class() -> type:
             **kwargs: Any,
         ) -> None:
             super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-            cfg = kwargs.get("lora_config")
-            max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
-            self._init_mixture(max_num_batched_tokens, max_rank, device)
             self._groups: list[tuple[int, Rows]] = []
             # Each slot's A of all slices of a layer, stacked: rebuilt after any activation.
             self._stacked_a: dict[tuple[int, int, int], _SlotFactors] = {}
@@ -365,18 +376,6 @@ def _make_gpu_class() -> type:
         """vLLM's GPU punica wrapper with the mixture scale between its Triton shrink and
         expand. The multiply always runs (a captured CUDA graph must contain it); rows
         without a mixture are ones."""
-
-        def __init__(
-            self,
-            max_num_batched_tokens: int,
-            max_batches: int,
-            device: torch.device | str,
-            **kwargs: Any,
-        ) -> None:
-            super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-            cfg = kwargs.get("lora_config")
-            max_rank = int(getattr(cfg, "max_lora_rank", 0) or 256)
-            self._init_mixture(max_num_batched_tokens, max_rank, device)
 
         def add_expand(self, y: Tensor, x: Any, *args: Any, **kwargs: Any) -> None:
             self._scale_shrunk(x)

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mergeserve.config import AdminSettings, Settings
+from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
 from mergeserve.runtime.mixture import MixtureSpec
 from tests.conftest import write_fake_lora_dir
 from tests.integration.conftest import Served, serve
-from tests.integration.test_admin import AUTH, GAMMA_PROMPTS, TOKEN
+from tests.integration.test_admin import AUTH, GAMMA_PROMPTS, admin_settings
 
 SUM = [{"role": "user", "content": "What is 25 plus 17?"}]
+__all__ = ["admin_settings"]  # the admin API fixture, shared with test_admin
 
 
 def merge_of(obj: Any) -> dict[str, Any]:
@@ -29,17 +29,8 @@ def merge_of(obj: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def mix_settings(settings: Settings, tmp_path: Path) -> Settings:
-    allowed = tmp_path / "incoming"
-    allowed.mkdir()
-    return settings.model_copy(
-        update={"admin": AdminSettings(token=TOKEN, allowed_roots=[allowed])}
-    )
-
-
-@pytest.fixture
-async def mixed(mix_settings: Settings) -> AsyncIterator[Served]:
-    async for s in serve(mix_settings, FakeEngine(context_len=256, mixture=True)):
+async def mixed(admin_settings: Settings) -> AsyncIterator[Served]:
+    async for s in serve(admin_settings, FakeEngine(context_len=256, mixture=True)):
         yield s
 
 
@@ -87,7 +78,7 @@ async def test_twin_bundle_starts_with_the_shared_block_at_weight_one(mixed: Ser
 
 
 async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
-    mixed: Served, mix_settings: Settings
+    mixed: Served, admin_settings: Settings
 ) -> None:
     engine = mixed.engine
     first = merge_of(await mixed.client.chat.completions.create(model="dynamic", messages=SUM))
@@ -104,7 +95,7 @@ async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
         )
     )
     await asyncio.sleep(0.3)
-    root = mix_settings.admin.allowed_roots[0]
+    root = admin_settings.admin.allowed_roots[0]
     write_fake_lora_dir(root / "gamma", examples=GAMMA_PROMPTS)
     r = await mixed.http.post(
         "/admin/experts", headers=AUTH, json={"name": "gamma", "path": str(root / "gamma")}
