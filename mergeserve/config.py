@@ -85,11 +85,16 @@ class EngineSettings(BaseModel):
     rank-8 experts) and Twin merges above it are truncated to it (thin QR-SVD). Set 64 to
     serve those exactly."""
 
+    plugin: bool = True
+    """Load mergeserve's vLLM plugin into the engine (mergeserve/vllm_plugin.py): the
+    in-engine mixture and the fast CPU LoRA path (compiled model, one GEMM pair per active
+    slot). Off: vLLM's stock LoRA, and dynamic arms always materialize."""
+
     mixture: bool = True
-    """Serve dynamic arms by the in-engine mixture (mergeserve/vllm_plugin.py): one bundle
-    adapter per expert-set version in one pinned slot, each request's weights applied as a
-    rank-space scale. Off: every distinct merge is materialized as its own adapter (the
-    reference path, and what a remote engine always does)."""
+    """Serve dynamic arms by the in-engine mixture (needs `plugin`): one bundle adapter per
+    expert-set version in one pinned slot, each request's weights applied as a rank-space
+    scale. Off: every distinct merge is materialized as its own adapter (the reference
+    path, and what a remote engine always does)."""
 
     mixture_max_rank: int = 64
     """Largest bundle rank (Σ of the experts' ranks, plus S for twin) served by the

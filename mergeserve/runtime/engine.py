@@ -193,7 +193,7 @@ class VllmEngine(EngineClient):
         # its entry point; this switch, inherited by them, turns it on or off.
         from mergeserve import vllm_plugin
 
-        os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.mixture else "0"
+        os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.plugin else "0"
 
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -216,7 +216,7 @@ class VllmEngine(EngineClient):
             engine = AsyncLLM.from_engine_args(args)
         except Exception as e:
             raise ConfigurationError(f"vLLM could not start on {model_dir}: {e}") from e
-        return cls(engine, settings.max_model_len, mixture=settings.mixture)
+        return cls(engine, settings.max_model_len, mixture=settings.plugin)
 
     @property
     def max_model_len(self) -> int:
