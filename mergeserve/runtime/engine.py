@@ -194,6 +194,7 @@ class VllmEngine(EngineClient):
         from mergeserve import vllm_plugin
 
         os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.plugin else "0"
+        os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if settings.compile else "0"
 
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

