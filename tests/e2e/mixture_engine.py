@@ -7,7 +7,7 @@ For experts E and distinct weight sets w_1..w_n it generates greedily, with the 
 * mixture: the bundle adapter with each request's MixtureSpec, all n in one batch, and
   again in one batch together with a single-expert request and a base request;
 * the single-expert and base requests alone.
-Prints JSON: the token ids of each, for the test to compare.
+Writes OUT_DIR/result.json: the token ids of each, for the test to compare.
 
     python -m tests.e2e.mixture_engine BASE EXPERTS_DIR OUT_DIR --mode exact|twin
 """
@@ -119,7 +119,8 @@ def main() -> None:
     )
     single = ids(llm.generate([prompts[0]], [sp()], lora_request=[single_req]))
     base = ids(llm.generate([prompts[1]], [sp()]))
-    print(
+    # A file, not stdout: vLLM logs to stdout, also after this point (shutdown).
+    (args.out / "result.json").write_text(
         json.dumps(
             {
                 "plugin": os.environ.get("MERGESERVE_MIXTURE_PLUGIN", "1"),

@@ -49,7 +49,7 @@ def run_engine(base: Path, experts: Path, out: Path, mode: str, plugin: str) -> 
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result: dict = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict = json.loads((out / "result.json").read_text())
     return result
 
 
