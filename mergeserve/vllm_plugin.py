@@ -417,9 +417,10 @@ def _wrappers(runner: Any) -> list[MixtureScaleMixin]:
 _warned: set[str] = set()
 
 
-def _spec_of(req_id: str, extra_args: Any) -> MixtureSpec | None:
+def _spec_of(req_id: str, sampling_params: Any) -> MixtureSpec | None:
+    """The mixture a request's SamplingParams carry (None: none, or no params)."""
     try:
-        return MixtureSpec.from_extra_args(extra_args)
+        return MixtureSpec.from_extra_args(getattr(sampling_params, "extra_args", None))
     except ValueError as e:
         # The engine must not die of one bad request: it runs on the bundle at zero
         # weights (the base model), and the log says why.
@@ -535,11 +536,10 @@ def _patch_runner_mixin() -> None:
         self: Any, input_batch: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
     ) -> Any:
         requests = getattr(self, "requests", {})
-        specs = []
-        for rid in input_batch.req_ids:
-            st = requests.get(rid)
-            sp = getattr(st, "sampling_params", None)
-            specs.append(_spec_of(rid, getattr(sp, "extra_args", None)))
+        specs = [
+            _spec_of(rid, getattr(requests.get(rid), "sampling_params", None))
+            for rid in input_batch.req_ids
+        ]
         self._mergeserve_pending = (specs, list(num_scheduled_tokens))
         return stock_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
 
@@ -549,9 +549,7 @@ def _patch_runner_mixin() -> None:
         if pending is None and lora_state is not None:
             pending = lora_state.__dict__.pop("_mergeserve_pending", None)
         result = stock_inner(self, *args, **kwargs)
-        if pending is not None and all(s is None for s in pending[0]):
-            pending = None
-        _push_rows(self, pending)
+        _push_rows(self, pending)  # no spec in the batch: scale_rows gives None (ones)
         return result
 
     LoRAModelRunnerMixin.set_active_loras = _mark(set_active_loras)
@@ -571,8 +569,7 @@ def _patch_v2_runner() -> None:
     def add_requests(self: Any, scheduler_output: Any) -> Any:
         specs = self.lora_state.__dict__.setdefault("_mergeserve_specs", {})
         for new in scheduler_output.scheduled_new_reqs:
-            sp = getattr(new, "sampling_params", None)
-            specs[new.req_id] = _spec_of(new.req_id, getattr(sp, "extra_args", None))
+            specs[new.req_id] = _spec_of(new.req_id, new.sampling_params)
         return stock_add(self, scheduler_output)
 
     def remove_request(self: Any, req_id: str) -> Any:
