@@ -88,7 +88,8 @@ def _bar(desc: str) -> Callable[[int], Any]:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from mergeserve.adapters.methods import MergeOptions, merge_dirs
+    from mergeserve.adapters.calibration import read_examples
+    from mergeserve.adapters.methods import METHODS, MergeContext, MergeOptions, merge_dirs
 
     opts = MergeOptions(
         weights=args.weights,
@@ -100,14 +101,56 @@ def _merge(args: argparse.Namespace) -> None:
         seed=args.seed,
         rank=args.rank,
         energy=args.energy,
+        alpha=args.alpha,
+        beta=args.beta,
+        steps=args.steps,
+        lr=args.lr,
+        samples=args.samples,
+        population=args.population,
     )
-    base = None
+    base = context = None
     if args.base is not None:
         from mergeserve.adapters.peft_io import BaseModelSpec
 
         base = BaseModelSpec.from_checkpoint(args.base)
-    out = merge_dirs(args.method, args.dirs, args.out, opts, progress=_bar(args.method), base=base)
+    if METHODS.get(args.method).needs_data:
+        if args.base is None:
+            raise MergeserveError(
+                f"{args.method} runs the base model on each DIR's examples.jsonl: give --base"
+            )
+        context = MergeContext(
+            args.base,
+            tuple(read_examples(d / "examples.jsonl") for d in args.dirs),
+            read_examples(args.dev_file, labelled=True) if args.dev_file else (),
+            args.threads,
+        )
+    out = merge_dirs(
+        args.method,
+        args.dirs,
+        args.out,
+        opts,
+        progress=_bar(args.method),
+        base=base,
+        context=context,
+    )
     print(out)
+
+
+def _split(args: argparse.Namespace) -> None:
+    from mergeserve.tasks.generators import TASKS, generate
+
+    names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    try:
+        rows = [s for t in names for s in generate(t, args.split, args.n)]
+    except (KeyError, ValueError) as e:
+        raise MergeserveError(str(e)) from e
+    lines = [json.dumps({"task": s.task, "prompt": s.prompt, "answer": s.answer}) for s in rows]
+    text = "\n".join(lines) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        print(f"{len(rows)} examples written to {args.out}")
 
 
 def _decompose(args: argparse.Namespace) -> None:
@@ -345,8 +388,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="ties/dare: divide by the (agreeing) weights",
     )
     g.add_argument("--majority-sign", choices=["total", "frequency"], help="ties sign election")
-    g.add_argument("--base", type=Path, help="check that every DIR fits this base model dir")
+    g.add_argument("--alpha", type=float, help="regmean: off-diagonal kept; lines: shallow scale")
+    g.add_argument("--beta", type=float, help="lines: deepest layer's scale minus alpha")
+    g.add_argument("--steps", type=int, help="adamerging: Adam steps; evolutionary: generations")
+    g.add_argument("--lr", type=float, help="adamerging: learning rate (default 0.01)")
+    g.add_argument("--samples", type=int, help="data-aware methods: examples per DIR used")
+    g.add_argument("--population", type=int, help="evolutionary: candidates per generation")
+    g.add_argument(
+        "--base",
+        type=Path,
+        help="the base model dir: every DIR is checked to fit it; data-aware methods run it",
+    )
+    g.add_argument(
+        "--dev-file",
+        type=Path,
+        help='evolutionary: labelled JSONL {"prompt", "answer"} to score on (default: '
+        "the DIRs' examples.jsonl)",
+    )
+    g.add_argument("--threads", type=int, help="torch threads of data-aware methods")
     g.set_defaults(func=_merge)
+
+    sp = sub.add_parser("split", help="write a demo task split as JSONL (e.g. --dev-file)")
+    sp.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    sp.add_argument("--n", type=int, default=8, help="examples per task (default 8)")
+    sp.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    sp.add_argument("--out", type=Path, help="output file (default: stdout)")
+    sp.set_defaults(func=_split)
 
     d = sub.add_parser("decompose", help="Twin decomposition: shared + rank-k exclusives")
     d.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="PEFT LoRA expert dirs")

@@ -171,7 +171,15 @@ class MergeSettings(BaseModel):
     default_mode: Literal["twin", "exact"] = "exact"
     """What the model name `dynamic` means."""
     static_methods: list[str] = ["linear", "task_arithmetic", "ties", "dare_ties"]
-    """One `static:<method>` arm each, with the options of STATIC_DEFAULTS."""
+    """One `static:<method>` arm each, with the options of STATIC_DEFAULTS. The data-aware
+    ones (regmean, regmean_pp, fisher, adamerging, adamerging_layer, evolutionary) run the
+    base model on the experts' examples.jsonl when first built (seconds to minutes on a
+    CPU; cached under `cache` like every static merge)."""
+    dev_file: Path | None = None
+    """Labelled dev examples (JSONL of {"prompt", "answer"}) that the evolutionary search
+    scores candidates on; default: the experts' examples."""
+    build_threads: int | None = Field(None, ge=1)
+    """torch threads while building data-aware static merges (default: torch's)."""
     twin_shared_method: str = "task_arithmetic"
     twin_lambda: float = 0.3
     twin_exclusive_rank: int = Field(8, ge=1)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from torch import Tensor
 
+from mergeserve.adapters.calibration import Example as Example
 from mergeserve.adapters.lowrank import (
     AdapterFactors,
     LowRank,
@@ -98,6 +99,19 @@ class MergeOptions:
     """Output rank; default: exact methods stay exact, dense ones use Σ rᵢ."""
     energy: float | None = None
     """Truncate to the smallest rank keeping this fraction of Σσ² in every layer."""
+    alpha: float | None = None
+    """RegMean: the fraction of the Gram matrices' off-diagonal kept (default 0.9);
+    LiNeS: the scale of the shallowest layer (default 1/T for T experts)."""
+    beta: float | None = None
+    """LiNeS: the deepest layer's scale is alpha + beta (default 1 − alpha)."""
+    steps: int | None = None
+    """AdaMerging: optimizer steps (default 60); evolutionary search: generations (12)."""
+    lr: float | None = None
+    """AdaMerging: Adam's learning rate (default 0.01)."""
+    samples: int | None = None
+    """Data-aware methods: at most this many examples per expert (default all)."""
+    population: int | None = None
+    """Evolutionary search: candidates per generation (default CMA-ES's 4 + ⌊3 ln n⌋)."""
 
     def given(self) -> frozenset[str]:
         return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
@@ -111,7 +125,43 @@ class MergeOptions:
         return 0.5 if self.density is None else self.density
 
 
-MergeFn = Callable[[Sequence[AdapterFactors], MergeOptions, ProgressBar | None], AdapterFactors]
+MergeFn = Callable[
+    [Sequence[AdapterFactors], MergeOptions, ProgressBar | None, "MergeContext | None"],
+    AdapterFactors,
+]
+"""(experts, options, progress, context) -> merged; context is None for data-free methods."""
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What the data-aware methods (RegMean, Fisher, AdaMerging, evolutionary search) need
+    besides the experts' factors: the base model and examples of every expert's task."""
+
+    base_dir: Path
+    """The base model (a Hugging Face dir) the experts adapt."""
+    examples: tuple[tuple[Example, ...], ...]
+    """Per expert, in the experts' order: its examples (`examples.jsonl`)."""
+    dev: tuple[Example, ...] = ()
+    """Labelled held-out examples: the evolutionary search's fitness (default: every
+    expert's examples)."""
+    threads: int | None = None
+    """torch threads while building (None: torch's default)."""
+
+    def digest(self) -> str:
+        """A content hash of the base model's config and every example (cache keys)."""
+        h = hashlib.sha256(b"mergeserve-merge-context/1\n")
+        config = self.base_dir / "config.json"
+        h.update(config.read_bytes() if config.is_file() else str(self.base_dir).encode())
+        for i, rows in enumerate((*self.examples, self.dev)):
+            h.update(f"\0set {i}\0".encode())
+            for e in rows:
+                h.update(f"{e.prompt}\0{e.answer}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def labelled_dev(self) -> tuple[Example, ...]:
+        rows = self.dev or tuple(e for ex in self.examples for e in ex)
+        return tuple(e for e in rows if e.answer)
 
 
 @dataclass(frozen=True)
@@ -125,6 +175,8 @@ class MergeMethod:
     summary: str
     min_experts: int = 1
     max_experts: int | None = None
+    needs_data: bool = False
+    """Needs a MergeContext: the base model and the experts' examples."""
 
 
 class MethodRegistry:
@@ -165,6 +217,7 @@ def method(
     uses: Sequence[str] = (),
     min_experts: int = 1,
     max_experts: int | None = None,
+    needs_data: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated function in METHODS (its docstring's first line is the summary)."""
 
@@ -178,6 +231,7 @@ def method(
                 summary=(fn.__doc__ or "").strip().split("\n")[0],
                 min_experts=min_experts,
                 max_experts=max_experts,
+                needs_data=needs_data,
             )
         )
         return fn
@@ -190,12 +244,32 @@ def merge(
     experts: Sequence[AdapterFactors],
     options: MergeOptions | None = None,
     progress: ProgressBar | None = None,
+    context: MergeContext | None = None,
 ) -> AdapterFactors:
-    """Run the method `name` after checking the options against it."""
+    """Run the method `name` after checking the options (and the context) against it."""
     m = METHODS.get(name)
     opts = options or MergeOptions()
     check_options(m, experts, opts)
-    return m.fn(experts, opts, progress)
+    if m.needs_data:
+        if context is None:
+            raise InvalidRequestError(
+                f"{name} learns from data: it needs the base model and the experts' "
+                "examples (a MergeContext; `mergeserve merge --base ...`)",
+                param="method",
+            )
+        if len(context.examples) != len(experts):
+            raise InvalidRequestError(
+                f"{len(context.examples)} example sets for {len(experts)} experts",
+                param="experts",
+            )
+        empty = [i for i, ex in enumerate(context.examples) if not ex]
+        if empty:
+            raise InvalidRequestError(
+                f"{name} needs examples of every expert; expert #{empty[0]} has none "
+                "(write its examples.jsonl)",
+                param="experts",
+            )
+    return m.fn(experts, opts, progress, context)
 
 
 def check_options(m: MergeMethod, experts: Sequence[AdapterFactors], o: MergeOptions) -> None:
@@ -249,6 +323,18 @@ def check_values(m: MergeMethod, n: int, o: MergeOptions) -> None:
         raise InvalidRequestError(f"rank must be >= 1, got {o.rank}", param="rank")
     if o.energy is not None and not 0.0 < o.energy <= 1.0:
         raise InvalidRequestError(f"energy must be in (0, 1], got {o.energy}", param="energy")
+    for name in ("steps", "samples", "population"):
+        v = getattr(o, name)
+        if v is not None and v < 1:
+            raise InvalidRequestError(f"{name} must be >= 1, got {v}", param=name)
+    if o.population is not None and o.population < 2:
+        raise InvalidRequestError("population must be >= 2", param="population")
+    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
+        raise InvalidRequestError(f"lr must be a positive number, got {o.lr}", param="lr")
+    for name in ("alpha", "beta"):
+        v = getattr(o, name)
+        if v is not None and not math.isfinite(v):
+            raise InvalidRequestError(f"{name} must be a finite number", param=name)
     if o.majority_sign not in (None, "total", "frequency"):
         raise InvalidRequestError(
             f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}",
@@ -274,7 +360,10 @@ def _finish(merged: AdapterFactors, o: MergeOptions) -> AdapterFactors:
 
 @method("task_arithmetic", exact=True, uses=("weights", "scale"))
 def task_arithmetic(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """λ Σ wᵢ Δᵢ (Ilharco et al.), exact by rank concatenation."""
     w = [o.lam * wi for wi in weights_of(o, len(experts))]
@@ -283,7 +372,10 @@ def task_arithmetic(
 
 @method("linear", exact=True, uses=("weights", "scale"))
 def linear(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """λ Σ wᵢ Δᵢ / Σ wᵢ: the weighted average of the deltas, exact."""
     w = weights_of(o, len(experts))
@@ -295,7 +387,10 @@ def linear(
 
 @method("cat", exact=True, uses=("weights", "scale"))
 def cat(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """λ Σ wᵢ Δᵢ at rank Σ rᵢ, never truncated (PEFT's "cat")."""
     if o.rank is not None or o.energy is not None:
@@ -309,7 +404,10 @@ def cat(
 
 @method("slerp", exact=True, uses=("t", "scale"), min_experts=2, max_experts=2)
 def slerp(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """Spherical interpolation of two experts' deltas, per module (mergekit's rule), exact.
 
@@ -454,7 +552,10 @@ DENSE_COMBINERS: dict[str, Callable[[MergeOptions], DenseCombine]] = {
 
 @method("ties", exact=False, uses=("weights", "density", "normalize", "majority_sign", "scale"))
 def ties(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """TIES-Merging (Yadav et al.): trim, elect sign, disjoint merge; dense, then SVD."""
     return dense_merge(experts, weights_of(o, len(experts)), ties_combine(o), o, progress)
@@ -462,7 +563,10 @@ def ties(
 
 @method("dare_linear", exact=False, uses=("weights", "density", "normalize", "seed", "scale"))
 def dare_linear(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """DARE (Yu et al.): random drop + rescale, then a weighted sum; dense, then SVD."""
     return dense_merge(experts, weights_of(o, len(experts)), dare_linear_combine(o), o, progress)
@@ -474,10 +578,109 @@ def dare_linear(
     uses=("weights", "density", "normalize", "majority_sign", "seed", "scale"),
 )
 def dare_ties(
-    experts: Sequence[AdapterFactors], o: MergeOptions, progress: ProgressBar | None = None
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """DARE's random drop + rescale, then TIES' sign election and disjoint merge."""
     return dense_merge(experts, weights_of(o, len(experts)), dare_ties_combine(o), o, progress)
+
+
+def minmax(x: Tensor, dim: int = 1) -> Tensor:
+    """(x − min) / (max − min) along `dim`; a constant row gives zeros (not NaN)."""
+    lo = x.min(dim=dim, keepdim=True).values
+    span = x.max(dim=dim, keepdim=True).values - lo
+    return (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def quantile_clamp(x: Tensor, low: float, high: float) -> Tensor:
+    """Clamp each row of x [T, n] to its values at ranks ⌊n·low⌋ and ⌊n·(1−high)⌋−1
+    (0-based, ascending): PCB's outlier clip (PCB-merging's `clamp`)."""
+    n = x.shape[1]
+    lo_k, hi_k = int(n * low), max(int(n * (1 - high)) - 1, 0)
+    lo = x.kthvalue(lo_k + 1, dim=1, keepdim=True).values
+    hi = x.kthvalue(hi_k + 1, dim=1, keepdim=True).values
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+PCB_CLIP = 1e-4
+"""The fraction of each task vector's smallest and largest magnitudes clipped first."""
+
+
+def pcb_combine(o: MergeOptions) -> DenseCombine:
+    """PCB-merging (Du et al., NeurIPS 2024), as its authors' code computes it:
+
+    * clip each task vector's magnitudes at the 0.01% / 99.99% quantiles;
+    * intra-balancing: exp(T · minmax(|τᵢ|)²), a parameter's importance within its task;
+    * inter-balancing: tanh(τᵢ ⊙ Σⱼ τⱼ), its agreement with the other tasks;
+    * drop: βᵢ = their product; entries below βᵢ's (1 − ratio) quantile get weight 0,
+      the rest minmax(βᵢ) (`density` = ratio, default 0.2);
+    * rescale: Σ βᵢ τᵢ / Σ βᵢ, times λ.
+
+    Statistics are per module (one parameter tensor), as our TIES; the authors' code
+    flattens the whole model. `weights` scale each τᵢ first.
+    """
+    ratio = 0.2 if o.density is None else o.density
+
+    def combine(d: Tensor, w: Tensor, kind: str, layer: int) -> Tensor:
+        t = d.shape[0]
+        flat = d.reshape(t, -1) * w.reshape(-1, 1)
+        mag = quantile_clamp(flat.abs(), PCB_CLIP, PCB_CLIP)
+        intra = torch.exp(t * minmax(mag) ** 2)
+        inter = torch.tanh(flat * flat.sum(0, keepdim=True))
+        score = intra * inter
+        if ratio < 1.0:
+            score = quantile_clamp(score, 1.0 - ratio, 0.0)
+        beta = minmax(score)
+        merged = (flat.sign() * mag * beta).sum(0) / beta.sum(0).clamp_min(1e-12)
+        return o.lam * merged.reshape(d.shape[1:])
+
+    return combine
+
+
+DENSE_COMBINERS["pcb"] = pcb_combine
+
+
+@method("pcb", exact=False, uses=("weights", "density", "scale"))
+def pcb(
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
+) -> AdapterFactors:
+    """PCB-merging (Du et al.): intra/inter-task balancing, drop, rescale; dense, then SVD."""
+    return dense_merge(experts, weights_of(o, len(experts)), pcb_combine(o), o, progress)
+
+
+def lines_scales(layers: Sequence[int], depth: int, alpha: float, beta: float) -> Tensor:
+    """LiNeS' per-layer factor alpha + beta · l / (depth − 1) for each layer index l."""
+    span = max(depth - 1, 1)
+    return torch.tensor([alpha + beta * layer / span for layer in layers], dtype=torch.float64)
+
+
+@method("lines", exact=True, uses=("weights", "alpha", "beta"))
+def lines(
+    experts: Sequence[AdapterFactors],
+    o: MergeOptions,
+    progress: ProgressBar | None = None,
+    ctx: MergeContext | None = None,
+) -> AdapterFactors:
+    """LiNeS (Wang et al., ICLR 2025): Σ wᵢ Δᵢ scaled linearly with depth, exact.
+
+    Layer l of L gets alpha + beta · l/(L − 1): shallow layers, which hold general
+    features, keep little of the task vectors (alpha, default 1/T), deep ones more
+    (alpha + beta, beta default 0.5). L is the deepest layer any expert adapts, plus one.
+    """
+    alpha = 1.0 / len(experts) if o.alpha is None else o.alpha
+    beta = 0.5 if o.beta is None else o.beta
+    summed = merge_adapters(experts, weights_of(o, len(experts)))
+    depth = 1 + max(max(lay) for lay in summed.layers.values() if lay)
+    groups = {}
+    for kind, g in summed.groups.items():
+        c = lines_scales(summed.layers[kind], depth, alpha, beta).to(g.B.dtype)
+        groups[kind] = LowRank(g.A, g.B * c[:, None, None])
+    return _finish(AdapterFactors(groups, summed.layers, summed.prefix), o)
 
 
 def dense_merge(
@@ -574,6 +777,7 @@ def merge_dirs(
     progress: Callable[[int], ProgressBar] | None = None,
     dtype: torch.dtype = torch.float32,
     base: BaseModelSpec | None = None,
+    context: MergeContext | None = None,
 ) -> Path:
     """Load PEFT LoRA dirs, merge them with method `name`, write the result as a PEFT dir.
 
@@ -596,9 +800,15 @@ def merge_dirs(
     if base is not None:
         for info, factors in zip(infos, experts, strict=True):
             base.check(factors, info)
-    exact = METHODS.get(name).exact
-    bar = progress(count_modules(experts)) if progress is not None and not exact else None
-    merged = merge(name, experts, opts, bar)
+    m = METHODS.get(name)
+    bar = None
+    if progress is not None and not m.exact and not m.needs_data:
+        bar = progress(count_modules(experts))
+    merged = merge(name, experts, opts, bar, context)
     return save_lora_factors(
         merged, out, base_model_name_or_path=next(iter(bases), None), dtype=dtype
     )
+
+
+# The data-aware methods register themselves into METHODS (imported last: they use the above).
+from mergeserve.adapters import learned as _learned  # noqa: E402, F401

@@ -15,13 +15,17 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
+import torch
+
+from mergeserve.adapters.calibration import read_examples
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
-from mergeserve.adapters.methods import METHODS, MergeOptions, merge
+from mergeserve.adapters.methods import METHODS, Example, MergeContext, MergeOptions, merge
 from mergeserve.adapters.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -43,9 +47,21 @@ STATIC_DEFAULTS: Mapping[str, MergeOptions] = MappingProxyType(
         "task_arithmetic": MergeOptions(scale=0.5),
         "ties": MergeOptions(density=0.5),
         "dare_ties": MergeOptions(density=0.5, scale=0.5, seed=0),
+        "pcb": MergeOptions(density=0.2),
+        "lines": MergeOptions(),
+        "regmean": MergeOptions(),
+        "regmean_pp": MergeOptions(),
+        "fisher": MergeOptions(),
+        "adamerging": MergeOptions(),
+        "adamerging_layer": MergeOptions(),
+        "evolutionary": MergeOptions(),
     }
 )
-"""The static arms served by default, with the options of docs/results.md."""
+"""Every static arm a server can serve, with its options (those of docs/results.md); the
+methods' own defaults (see methods.py and learned.py) where none are given."""
+
+BUILD_FILE = "build.json"
+"""Written beside a static merge: how long it took to build, and with what."""
 
 
 def adapter_digest(path: Path) -> str:
@@ -161,30 +177,72 @@ def twin_decomposition(
     return twin
 
 
+def merge_context(
+    experts: ExpertSet,
+    base_dir: Path | None,
+    dev_file: Path | None = None,
+    threads: int | None = None,
+) -> MergeContext:
+    """What the data-aware static methods learn from: the base model, each expert's
+    `examples.jsonl` and the labelled dev examples of `dev_file` (default: the experts')."""
+    if base_dir is None:
+        raise ConfigurationError(
+            "data-aware static merges (RegMean, Fisher, AdaMerging, evolutionary) run the "
+            "base model: they need a local model dir, not a remote engine"
+        )
+    examples: list[tuple[Example, ...]] = [
+        read_examples(info.path / "examples.jsonl") for info in experts.infos.values()
+    ]
+    dev: tuple[Example, ...] = ()
+    if dev_file is not None:
+        if not dev_file.is_file():
+            raise ConfigurationError(f"merge.dev_file {dev_file} is not a file")
+        dev = read_examples(dev_file, labelled=True)
+    return MergeContext(base_dir, tuple(examples), dev, threads)
+
+
+def build_seconds(path: Path) -> float | None:
+    """How long the static merge in `path` took to build (None: not recorded)."""
+    try:
+        return float(json.loads((path / BUILD_FILE).read_text())["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def static_merge(
     experts: ExpertSet,
     method: str,
     options: MergeOptions,
     max_rank: int,
     cache: Path,
+    context: MergeContext | None = None,
 ) -> LoraAdapterInfo:
     """The static merge of every expert with `method`, as a PEFT dir of rank ≤ max_rank.
 
     Methods with an exact low-rank result whose rank exceeds `max_rank`, and dense methods
-    (TIES, DARE), are truncated to `max_rank` by the thin QR-SVD; a warning says so.
+    (TIES, DARE, PCB, Fisher), are truncated to `max_rank` by the thin QR-SVD; a warning
+    says so. Data-aware methods need `context`; its content is part of the cache key. The
+    build's wall time is written beside the adapter (`build.json`).
     """
     m = METHODS.get(method)
     total = sum(max(f.ranks.values()) for f in experts.factors.values())
     if not m.exact and options.rank is None and options.energy is None:
         options = MergeOptions(**{**asdict(options), "rank": min(total, max_rank)})
-    path = _derived_dir(cache, f"static-{method}", experts, [_options_json(options), max_rank])
+    params: list[object] = [_options_json(options), max_rank]
+    if m.needs_data:
+        if context is None:
+            raise ConfigurationError(f"static:{method} needs the base model and examples")
+        params.append(context.digest())
+    path = _derived_dir(cache, f"static-{method}", experts, params)
     if (path / ADAPTER_CONFIG).is_file():
         try:
             return read_lora_dir(path, f"static-{method}", check_name=True)
         except Exception as e:
             log.warning("rebuilding the damaged static merge at %s: %s", path, e)
             shutil.rmtree(path, ignore_errors=True)
-    merged = merge(method, list(experts.factors.values()), options)
+    started = time.perf_counter()
+    merged = merge(method, list(experts.factors.values()), options, None, context)
+    wall = time.perf_counter() - started
     rank = max(merged.ranks.values())
     if rank > max_rank:
         log.warning(
@@ -198,5 +256,14 @@ def static_merge(
     bases = {i.base_model_name_or_path for i in experts.infos.values()}
     base = next(iter(bases)) if len(bases) == 1 else None
     save_lora_factors(merged, path, base)
-    log.info("static:%s of %d experts saved in %s", method, len(experts), path)
+    build = {
+        "method": method,
+        "options": _options_json(options),
+        "wall_s": round(wall, 3),
+        "torch_threads": torch.get_num_threads()
+        if context is None or context.threads is None
+        else context.threads,
+    }
+    (path / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
+    log.info("static:%s of %d experts built in %.1f s: %s", method, len(experts), wall, path)
     return read_lora_dir(path, f"static-{method}", check_name=True)

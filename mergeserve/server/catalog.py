@@ -24,6 +24,7 @@ from mergeserve.adapters.peft_io import LoraAdapterInfo
 from mergeserve.errors import ConfigurationError, ModelNotFoundError
 from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMode
 from mergeserve.runtime.engine import LoRATarget
+from mergeserve.runtime.expert_set import build_seconds
 from mergeserve.runtime.materialize import IdAllocator
 
 BASE = "base"
@@ -54,6 +55,9 @@ class ServedModel:
     digest: str | None = None
     """A content digest of what answers (base model, adapter, router and policy): equal
     digests give equal greedy replies, so a client may cache replies by it."""
+    build_s: float | None = None
+    """How long a static merge took to build (seconds, when it was built; None if
+    unknown or not a static merge)."""
 
     @property
     def arm(self) -> str:
@@ -123,7 +127,12 @@ class ModelCatalog:
             lora = target(f"{STATIC_PREFIX}{method}", info.path)
             models.append(
                 ServedModel(
-                    lora.name, "static", str(info.path), lora=lora, digest=dg.get(lora.name)
+                    lora.name,
+                    "static",
+                    str(info.path),
+                    lora=lora,
+                    digest=dg.get(lora.name),
+                    build_s=build_seconds(info.path),
                 )
             )
         if dynamic_default is not None:

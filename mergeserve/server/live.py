@@ -41,7 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from mergeserve.adapters.methods import MergeOptions
+from mergeserve.adapters.methods import METHODS, MergeOptions
 from mergeserve.adapters.peft_io import (
     BaseModelSpec,
     LoraAdapterInfo,
@@ -74,6 +74,7 @@ from mergeserve.runtime.expert_set import (
     STATIC_DEFAULTS,
     ExpertSet,
     adapter_digest,
+    merge_context,
     static_merge,
     twin_decomposition,
 )
@@ -381,17 +382,22 @@ class LiveSet:
         ms = self.settings.merge
         static: dict[str, LoraAdapterInfo] = {}
         if len(experts):
+            unknown = [m for m in ms.static_methods if m not in STATIC_DEFAULTS]
+            if unknown:
+                raise ConfigurationError(
+                    f"no static arm {unknown[0]!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
+                )
+            context = None
+            if any(METHODS.get(m).needs_data for m in ms.static_methods):
+                context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
             for method in ms.static_methods:
-                if method not in STATIC_DEFAULTS:
-                    raise ConfigurationError(
-                        f"no static arm {method!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
-                    )
                 static[method] = static_merge(
                     experts,
                     method,
                     STATIC_DEFAULTS[method],
                     self.settings.engine.max_lora_rank,
                     self.settings.cache,
+                    context,
                 )
         dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
         return self._served(experts, sources, static, experts.names, dyn, prev)

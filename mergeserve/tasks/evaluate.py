@@ -52,6 +52,8 @@ class EvalResult:
     outcomes: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
     """model -> task -> exact match of each prompt, in split order (paired across
     models: the same prompts): what confidence intervals are drawn from."""
+    build_s: dict[str, float] = field(default_factory=dict)
+    """model -> seconds its static merge took to build (as GET /v1/models reports)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,7 @@ class EvalResult:
                 m: {t: asdict(c) for t, c in row.items()} for m, row in self.cells.items()
             },
             "normalized": self.normalized,
+            "build_s": self.build_s,
             "examples": self.examples,
         }
 
@@ -245,6 +248,9 @@ def evaluate(
         cards = c.models.list().data
     served = [m.id for m in cards]
     digests: dict[str, str | None] = {m.id: (m.model_extra or {}).get("digest") for m in cards}
+    build_s = {
+        m.id: float(b) for m in cards if (b := (m.model_extra or {}).get("build_s")) is not None
+    }
     chosen = expand_models(models, served)
     samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
     cache: dict[ReplyKey, str] = {}
@@ -298,12 +304,16 @@ def evaluate(
         normalized_scores(cells, task_names),
         examples,
         outcomes,
+        {m: build_s[m] for m in chosen if m in build_s},
     )
 
 
 def markdown_table(result: EvalResult) -> str:
-    """Exact match (%) per model and task, held-out-template accuracy, normalized score."""
+    """Exact match (%) per model and task, held-out-template accuracy, normalized score,
+    and (when any model reports one) the seconds its static merge took to build."""
+    timed = bool(result.build_s)
     head = ["model", *result.tasks, "mean", "unseen templates", "normalized"]
+    head += ["build s"] if timed else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.models:
         row = result.cells[m]
@@ -318,6 +328,9 @@ def markdown_table(result: EvalResult) -> str:
             f"{100 * sum(held_v) / len(held_v):.1f}" if held_v else "–",
             f"{norm:.2f}" if norm is not None else "–",
         ]
+        if timed:
+            b = result.build_s.get(m)
+            cols.append(f"{b:.1f}" if b is not None else "–")
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -344,14 +357,51 @@ def bar_chart(result: EvalResult, path: Path) -> Path:
     return path
 
 
+def ranking_chart(result: EvalResult, path: Path) -> Path:
+    """Mean exact match of every model, best first, with each static merge's build time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = {
+        m: 100 * sum(result.cells[m][t].accuracy for t in result.tasks) / len(result.tasks)
+        for m in result.models
+    }
+    order = sorted(result.models, key=lambda m: means[m])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(order) + 1.2))
+    colors = [
+        "tab:green"
+        if m.startswith("dynamic")
+        else "tab:blue"
+        if m.startswith("static")
+        else "tab:gray"
+        for m in order
+    ]
+    ax.barh(range(len(order)), [means[m] for m in order], color=colors)
+    for i, m in enumerate(order):
+        b = result.build_s.get(m)
+        label = f"{means[m]:.1f}" + (f"  (built in {b:.0f} s)" if b is not None else "")
+        ax.text(means[m] + 0.5, i, label, va="center", fontsize=7)
+    ax.set_yticks(range(len(order)), order, fontsize=8)
+    ax.set_xlim(0, 115)
+    ax.set_xlabel(f"mean exact match (%), {result.split} split, n={result.n} per task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_results(result: EvalResult, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / "results.json",
         "markdown": out_dir / "results.md",
         "chart": out_dir / "results.png",
+        "ranking": out_dir / "ranking.png",
     }
     paths["json"].write_text(json.dumps(result.to_json(), indent=2))
     paths["markdown"].write_text(markdown_table(result))
     bar_chart(result, paths["chart"])
+    ranking_chart(result, paths["ranking"])
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,47 @@ def test_extract_lora(
           "--out", str(tmp_path / "x")])  # fmt: skip
     assert "relative error 0" in capsys.readouterr().out
     assert all(float(t.abs().max()) == 0.0 for t in _dense(tmp_path / "x").values())
+
+
+def test_merge_with_a_learned_method_runs_the_base_on_the_examples(
+    setup: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    base, experts = setup
+    dirs = []
+    for i, e in enumerate(experts):  # copies with examples.jsonl beside the adapter
+        d = tmp_path / f"x{i}"
+        shutil.copytree(e, d)
+        rows = [{"prompt": f"tell me {i} {j}", "answer": f"{j}"} for j in range(3)]
+        (d / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(d))
+    out = tmp_path / "rm"
+    main(["merge", "--method", "regmean", "--alpha", "0.5", "--base", str(base), *dirs,
+          "--out", str(out), "--threads", "1"])  # fmt: skip
+    assert capsys.readouterr().out.strip() == str(out)
+    assert load_lora_factors(out).ranks["self_attn.q_proj"] == 12  # exact: 3 × rank 4
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--method", "fisher", *dirs, "--out", str(tmp_path / "f")])
+    assert e.value.code == 2
+    assert "give --base" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def test_split_writes_a_labelled_dev_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from mergeserve.adapters.calibration import read_examples
+    from mergeserve.tasks.generators import generate
+
+    out = tmp_path / "dev.jsonl"
+    main(["split", "--split", "dev", "--n", "3", "--tasks", "add,capital", "--out", str(out)])
+    assert "6 examples written" in capsys.readouterr().out
+    rows = read_examples(out, labelled=True)
+    want = generate("add", "dev", 3) + generate("capital", "dev", 3)
+    assert [(r.prompt, r.answer) for r in rows] == [(s.prompt, s.answer) for s in want]
+    assert json.loads(out.read_text().splitlines()[0])["task"] == "add"
+    with pytest.raises(SystemExit):
+        main(["split", "--tasks", "nope"])

@@ -76,7 +76,9 @@ def _experiment_card(exp: Experiment) -> ModelCard:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: Annotated[AppState, Depends(get_state)]) -> ModelList:
-    cards = [ModelCard(id=m.id, root=m.root, digest=m.digest) for m in state.catalog]
+    cards = [
+        ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s) for m in state.catalog
+    ]
     cards += [_experiment_card(e) for e in state.chat.experiments.values()]
     return ModelList(data=cards)
 
@@ -87,7 +89,7 @@ async def get_model(model_id: str, state: Annotated[AppState, Depends(get_state)
     if exp is not None:
         return _experiment_card(exp)
     m = state.catalog.resolve(model_id)
-    return ModelCard(id=m.id, root=m.root, digest=m.digest)
+    return ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s)
 
 
 @router.post("/feedback", response_model=FeedbackResponse)

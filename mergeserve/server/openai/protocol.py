@@ -186,6 +186,8 @@ class ModelCard(BaseModel):
     replies); `mergeserve eval --resume` keys its reply cache on it."""
     arms: dict[str, float] | None = None
     """An A/B experiment's arms: served model -> share of the traffic."""
+    build_s: float | None = None
+    """mergeserve's extension: how long a static merge took to build (seconds)."""
 
 
 class FeedbackRequest(BaseModel):
