@@ -9,8 +9,10 @@
 # path computes every adapter at the engine's slot rank (max_lora_rank):
 #  A. slot rank 16: base, the six rank-8 experts and dynamic:exact (top-2 of rank-8
 #     experts: rank <= 16), ~2.5x faster than at 64;
-#  B. slot rank 64: the static merges (rank 48) and dynamic:twin (shared 48 + 8 per
-#     expert); every reply of pass A is reused, and the table is written over all arms.
+#  B. slot rank 64: every static merge (rank 48; the literature's methods, the data-aware
+#     ones built from the experts' examples and, for the evolutionary search, the dev
+#     split in examples/dev.jsonl) and dynamic:twin (shared 48 + 8 per expert); every
+#     reply of pass A is reused, and the table is written over all arms.
 # Padding a slot with zeros does not change what an adapter computes, so the passes score
 # the same adapters a single rank-64 server would.
 # (max 32 new tokens: the longest answer, a 3-pair JSON object, is about 25 tokens)
@@ -27,8 +29,10 @@ out=docs/results
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
+STATIC='["linear", "task_arithmetic", "ties", "dare_ties", "pcb", "lines", "regmean", "regmean_pp", "fisher", "adamerging", "adamerging_layer", "evolutionary"]'
 serve() {  # serve MAX_LORA_RANK STATIC_METHODS_JSON
   MERGESERVE_ENGINE__MAX_LORA_RANK="$1" MERGESERVE_MERGE__STATIC_METHODS="$2" \
+    MERGESERVE_MERGE__DEV_FILE=examples/dev.jsonl MERGESERVE_MERGE__BUILD_THREADS=2 \
     $ms serve --experts-dir examples/experts --port "$PORT" > "$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 900); do
@@ -49,7 +53,7 @@ ARMS_B="${ARMS_B:-base,expert:*,static:*,dynamic:exact,dynamic:twin}"
 serve 16 '[]'
 evaluate "$ARMS_A"
 stop
-serve 64 '["linear", "task_arithmetic", "ties", "dare_ties"]'
+serve 64 "$STATIC"
 evaluate "$ARMS_B"
 stop
 
@@ -60,10 +64,18 @@ stop
   echo "one included; \"unseen templates\" is the accuracy on the held-out template alone),"
   echo "greedy, through the OpenAI API of the real server (vLLM, fp32, CPU)."
   echo "\"normalized\" is the model's score divided by each task's own expert, averaged."
-  echo "\`static:*\` merge all six experts (rank 48): linear = the average, task_arithmetic"
-  echo "λ = 0.5, ties density 0.5, dare_ties density 0.5 λ = 0.5 seed 0. \`dynamic:*\` route"
-  echo "each request (MiniLM prototypes; top-2, floor 0.1, grid 0.05) and merge per request:"
-  echo "\`dynamic:exact\` = Σ wᵢΔᵢ, \`dynamic:twin\` = shared (0.3 Σ Δ) + Σ wᵢ·exclusiveᵢ (rank 8)."
+  echo "\`static:*\` merge all six experts (rank 48) with the options of STATIC_DEFAULTS"
+  echo "(mergeserve/runtime/expert_set.py): linear = the average, task_arithmetic λ = 0.5,"
+  echo "ties density 0.5, dare_ties density 0.5 λ = 0.5 seed 0, pcb ratio 0.2, lines"
+  echo "α = 1/6 β = 0.5; regmean/regmean_pp α = 0.9, fisher, adamerging (task- and layer-wise)"
+  echo "and evolutionary (CMA-ES) with their defaults (README, \"Merging adapters offline\"),"
+  echo "learning from each expert's 20 examples.jsonl (evolutionary: the loss on 24 examples"
+  echo "of the dev split, examples/dev.jsonl = \`mergeserve split --split dev --n 8\`)."
+  echo "\"build s\" is the wall time of building each static merge (2 torch threads, CPU)."
+  echo "\`dynamic:*\` route each request (MiniLM prototypes; top-2, floor 0.1, grid 0.05) and"
+  echo "merge per request: \`dynamic:exact\` = Σ wᵢΔᵢ, \`dynamic:twin\` = shared (0.3 Σ Δ) +"
+  echo "Σ wᵢ·exclusiveᵢ (rank 8). Frankenmerging (stacking layers of different models)"
+  echo "changes the architecture and is out of scope for merging adapters of one base."
   echo
   echo "Reproduce with one command: \`scripts/demo_results.sh $N\`, which runs"
   echo
@@ -71,11 +83,32 @@ stop
   echo 'MERGESERVE_ENGINE__MAX_LORA_RANK=16 MERGESERVE_MERGE__STATIC_METHODS=[] mergeserve serve --port 8765 &'
   echo "mergeserve eval --base-url http://127.0.0.1:8765 --models '$ARMS_A' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
   echo '# restart with the static arms, at the slot rank that holds them'
-  echo 'MERGESERVE_ENGINE__MAX_LORA_RANK=64 mergeserve serve --port 8765 &'
+  echo "MERGESERVE_ENGINE__MAX_LORA_RANK=64 MERGESERVE_MERGE__STATIC_METHODS='$STATIC' MERGESERVE_MERGE__DEV_FILE=examples/dev.jsonl mergeserve serve --port 8765 &"
   echo "mergeserve eval --base-url http://127.0.0.1:8765 --models '$ARMS_B' --n $N --concurrency 16 --max-tokens 32 --out docs/results --resume"
   echo '```'
   echo
   cat "$out/results.md"
+  echo
+  .venv/bin/python - "$out/results.json" <<'PY'
+import json, sys
+
+r = json.load(open(sys.argv[1]))
+mean = {
+    m: 100 * sum(c["accuracy"] for c in row.values()) / len(row)
+    for m, row in r["accuracy"].items()
+}
+static = {m: v for m, v in mean.items() if m.startswith("static:")}
+dyn = mean.get("dynamic:exact")
+if static and dyn is not None:
+    best = max(static, key=lambda m: static[m])
+    gap = dyn - static[best]
+    verdict = "within" if gap <= 10 else "not within"
+    print(
+        f"Best static merge: `{best}`, {static[best]:.1f} mean exact match; "
+        f"`dynamic:exact` {dyn:.1f}: {gap:.1f} points apart, {verdict} 10 points."
+    )
+PY
+  echo "![mean exact match of every arm, with build times](results/ranking.png)"
   echo
   echo "![exact match per task](results/results.png)"
 } > docs/results.md

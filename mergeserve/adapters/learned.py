@@ -19,10 +19,12 @@ data-free methods, so each is a `static:<method>` arm. What each learns:
 * `adamerging` / `adamerging_layer` (Yang et al., ICLR 2024): coefficients λᵢ (one per
   expert, or one per expert and module) in [0, 1], initialised to 0.3, that minimise the
   entropy of the next-token prediction at the end of unlabelled prompts (the experts'
-  example prompts, answers unused), by Adam; exact (λ scales each expert's B).
+  example prompts, answers unused), by Adam (40 steps of 8 prompts, lr 0.01); exact
+  (λ scales each expert's B).
 * `evolutionary`: CMA-ES (Hansen's (μ/μ_w, λ) rules) over one coefficient per expert,
-  from 1/T each with σ 0.1, minimising the answer loss on the dev examples
-  (`MergeContext.dev`; default: the experts' examples); the best candidate seen wins.
+  from 1/T each with σ 0.1, 8 generations, minimising the mean answer loss (teacher
+  forced) on ≤ 24 dev examples (`MergeContext.dev`, default the experts' examples);
+  the best candidate seen, the start included, wins.
 """
 
 from __future__ import annotations
@@ -59,18 +61,27 @@ from mergeserve.adapters.methods import (
     stack_svd,
     top_singular,
 )
+from mergeserve.errors import InvalidRequestError
 
 REGMEAN_ALPHA = 0.9
 ADAMERGING_INIT = 0.3
 FISHER_FLOOR = 1e-6
-DEV_CAP = 64
-"""The evolutionary search scores candidates on at most this many dev examples."""
+DEV_CAP = 24
+"""The evolutionary search scores candidates on at most this many dev examples (spread
+evenly over the dev set): each candidate costs a forward pass over all of them."""
+ADAMERGING_STEPS = 40
+ADAMERGING_BATCH = 8
+ES_GENERATIONS = 8
 
 
-def _ctx(ctx: MergeContext | None) -> MergeContext:
+def _prepared(
+    experts: Sequence[AdapterFactors], ctx: MergeContext | None
+) -> tuple[MergeContext, Any, Any, list[ModuleTerms]]:
+    """(context, base model, tokenizer, the experts' modules side by side)."""
     if ctx is None:  # merge() refuses first; this keeps the type checker honest
         raise ValueError("this method needs a MergeContext")
-    return ctx
+    model, tok = load_base(str(ctx.base_dir))
+    return ctx, model, tok, module_terms(experts)
 
 
 def _limit(rows: Sequence[Example], n: int | None) -> list[Example]:
@@ -145,10 +156,8 @@ def regmean(
     ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """RegMean (Jin et al.): per layer, the least-squares merge under each expert's inputs."""
-    c = _ctx(ctx)
+    c, model, tok, mods = _prepared(experts, ctx)
     alpha = REGMEAN_ALPHA if o.alpha is None else o.alpha
-    model, tok = load_base(str(c.base_dir))
-    mods = module_terms(experts)
     paths = [m.path for m in mods]
     grams: list[dict[str, Tensor]] = []
     with torch_threads(c.threads), DeltaPatch(model, paths) as patch:
@@ -170,10 +179,8 @@ def regmean_pp(
 ) -> AdapterFactors:
     """RegMean++ (Nguyen et al.): RegMean with each layer's inputs from the merged layers
     before it, layer by layer."""
-    c = _ctx(ctx)
+    c, model, tok, mods = _prepared(experts, ctx)
     alpha = REGMEAN_ALPHA if o.alpha is None else o.alpha
-    model, tok = load_base(str(c.base_dir))
-    mods = module_terms(experts)
     examples = [_limit(ex, o.samples) for ex in c.examples]
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     layers = sorted({m.layer for m in mods})
@@ -246,12 +253,6 @@ def fisher_diagonal(
     return {p: f / n for p, f in zip(paths, fisher, strict=True)}
 
 
-def fisher_combine(deltas: Sequence[Tensor], fishers: Sequence[Tensor]) -> Tensor:
-    """Σᵢ Fᵢ Δᵢ / Σᵢ Fᵢ elementwise (Fᵢ already floored > 0)."""
-    num = torch.stack([f * d for f, d in zip(fishers, deltas, strict=True)]).sum(0)
-    return num / torch.stack(list(fishers)).sum(0)
-
-
 @method("fisher", exact=False, uses=("samples",), needs_data=True)
 def fisher(
     experts: Sequence[AdapterFactors],
@@ -260,9 +261,7 @@ def fisher(
     ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """Fisher merging (Matena & Raffel): deltas averaged by their diagonal Fisher; SVD."""
-    c = _ctx(ctx)
-    model, tok = load_base(str(c.base_dir))
-    mods = module_terms(experts)
+    c, model, tok, mods = _prepared(experts, ctx)
     paths = [m.path for m in mods]
     num: dict[str, Tensor] = {}
     den: dict[str, Tensor] = {}
@@ -303,28 +302,27 @@ def prediction_entropy(model: Any, hidden: Tensor, batch: Batch) -> Tensor:
 def adamerging_coefficients(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
-    ctx: MergeContext,
+    ctx: MergeContext | None,
     layer_wise: bool,
     progress: ProgressBar | None = None,
 ) -> tuple[list[ModuleTerms], Tensor]:
     """(modules, λ) learned by entropy minimisation: λ is [T] or [T, modules], in [0, 1]."""
-    model, tok = load_base(str(ctx.base_dir))
-    mods = module_terms(experts)
+    c, model, tok, mods = _prepared(experts, ctx)
     t = len(experts)
-    prompts = [e for ex in ctx.examples for e in _limit(ex, o.samples)]
+    prompts = [e for ex in c.examples for e in _limit(ex, o.samples)]
     g = torch.Generator().manual_seed(o.seed or 0)
     prompts = [prompts[i] for i in torch.randperm(len(prompts), generator=g).tolist()]
-    encoded = list(batches(tok, prompts, answers=False, size=16))
+    encoded = list(batches(tok, prompts, answers=False, size=ADAMERGING_BATCH))
     shape = (t, len(mods)) if layer_wise else (t,)
     lam = torch.full(shape, ADAMERGING_INIT, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=0.01 if o.lr is None else o.lr)
-    steps = 60 if o.steps is None else o.steps
-    with torch_threads(ctx.threads), DeltaPatch(model, [m.path for m in mods]) as patch:
+    steps = ADAMERGING_STEPS if o.steps is None else o.steps
+    with torch_threads(c.threads), DeltaPatch(model, [m.path for m in mods]) as patch:
         for step in range(steps):
-            c = lam.clamp(0.0, 1.0)
+            lc = lam.clamp(0.0, 1.0)
             patch.set_terms(
                 {
-                    m.path: (m.a, m.b, m.coef(c[:, k] if layer_wise else c))
+                    m.path: (m.a, m.b, m.coef(lc[:, k] if layer_wise else lc))
                     for k, m in enumerate(mods)
                 }
             )
@@ -346,7 +344,7 @@ def adamerging(
     ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """AdaMerging, task-wise (Yang et al.): one λ per expert, by entropy minimisation."""
-    mods, lam = adamerging_coefficients(experts, o, _ctx(ctx), False, progress)
+    mods, lam = adamerging_coefficients(experts, o, ctx, False, progress)
     return _finish(_scaled(experts, mods, lambda k: lam), o)
 
 
@@ -358,7 +356,7 @@ def adamerging_layer(
     ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """AdaMerging, layer-wise: one λ per expert and module, by entropy minimisation."""
-    mods, lam = adamerging_coefficients(experts, o, _ctx(ctx), True, progress)
+    mods, lam = adamerging_coefficients(experts, o, ctx, True, progress)
     return _finish(_scaled(experts, mods, lambda k: lam[:, k]), o)
 
 
@@ -438,13 +436,9 @@ def evolutionary(
     ctx: MergeContext | None = None,
 ) -> AdapterFactors:
     """CMA-ES over one coefficient per expert, minimising the answer loss on dev examples."""
-    c = _ctx(ctx)
-    model, tok = load_base(str(c.base_dir))
-    mods = module_terms(experts)
+    c, model, tok, mods = _prepared(experts, ctx)
     dev = _evenly(c.labelled_dev, o.samples or DEV_CAP)
     if not dev:
-        from mergeserve.errors import InvalidRequestError
-
         raise InvalidRequestError("evolutionary needs labelled dev examples", param="experts")
     encoded = list(batches(tok, dev, answers=True, size=16))
     t = len(experts)
@@ -466,7 +460,7 @@ def evolutionary(
             loss,
             torch.full((t,), 1.0 / t, dtype=torch.float64),
             0.1,
-            12 if o.steps is None else o.steps,
+            ES_GENERATIONS if o.steps is None else o.steps,
             o.population,
             o.seed or 0,
         )

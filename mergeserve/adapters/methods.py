@@ -105,7 +105,7 @@ class MergeOptions:
     beta: float | None = None
     """LiNeS: the deepest layer's scale is alpha + beta (default 1 − alpha)."""
     steps: int | None = None
-    """AdaMerging: optimizer steps (default 60); evolutionary search: generations (12)."""
+    """AdaMerging: optimizer steps (default 40); evolutionary search: generations (8)."""
     lr: float | None = None
     """AdaMerging: Adam's learning rate (default 0.01)."""
     samples: int | None = None
