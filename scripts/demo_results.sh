@@ -108,6 +108,7 @@ if static and dyn is not None:
         f"`dynamic:exact` {dyn:.1f}: {gap:.1f} points apart, {verdict} 10 points."
     )
 PY
+  echo
   echo "![mean exact match of every arm, with build times](results/ranking.png)"
   echo
   echo "![exact match per task](results/results.png)"

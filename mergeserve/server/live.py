@@ -41,6 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from mergeserve.adapters.calibration import load_base
 from mergeserve.adapters.methods import METHODS, MergeOptions
 from mergeserve.adapters.peft_io import (
     BaseModelSpec,
@@ -390,15 +391,19 @@ class LiveSet:
             context = None
             if any(METHODS.get(m).needs_data for m in ms.static_methods):
                 context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
-            for method in ms.static_methods:
-                static[method] = static_merge(
-                    experts,
-                    method,
-                    STATIC_DEFAULTS[method],
-                    self.settings.engine.max_lora_rank,
-                    self.settings.cache,
-                    context,
-                )
+            try:
+                for method in ms.static_methods:
+                    static[method] = static_merge(
+                        experts,
+                        method,
+                        STATIC_DEFAULTS[method],
+                        self.settings.engine.max_lora_rank,
+                        self.settings.cache,
+                        context,
+                    )
+            finally:
+                if context is not None:
+                    load_base.cache_clear()  # the HF copy of the base model: not kept
         dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
         return self._served(experts, sources, static, experts.names, dyn, prev)
 

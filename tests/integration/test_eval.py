@@ -44,20 +44,31 @@ def test_eval_table_json_markdown_and_chart(
     app = create_app(settings, _oracle())
     out = tmp_path / "eval"
     with uvicorn_in_thread(app) as url:
-        main(["eval", "--base-url", url, "--models", "base,expert:*", "--n", str(N),
-              "--tasks", "add,capital,sentiment", "--out", str(out)])  # fmt: skip
+        main(["eval", "--base-url", url, "--models", "base,expert:*,static:linear", "--n",
+              str(N), "--tasks", "add,capital,sentiment", "--out", str(out)])  # fmt: skip
     data = json.loads((out / "results.json").read_text())
-    assert data["models"] == ["base", "expert:add", "expert:capital"]
+    assert data["models"] == ["base", "expert:add", "expert:capital", "static:linear"]
+    assert set(data["build_s"]) == {"static:linear"}  # what /v1/models says it took
+    assert data["build_s"]["static:linear"] >= 0
     acc = {m: {t: c["accuracy"] for t, c in row.items()} for m, row in data["accuracy"].items()}
     assert acc["base"] == {"add": 1.0, "capital": 0.0, "sentiment": 0.0}
     assert acc["expert:add"] == {"add": 1.0, "capital": 0.0, "sentiment": 0.0}
     assert acc["expert:capital"] == {"add": 0.0, "capital": 1.0, "sentiment": 0.0}
     assert data["accuracy"]["expert:capital"]["capital"]["held_out_accuracy"] == 1.0
     # normalized over the tasks that have an expert (add, capital)
-    assert data["normalized"] == {"base": 0.5, "expert:add": 0.5, "expert:capital": 0.5}
+    assert data["normalized"] == {
+        "base": 0.5,
+        "expert:add": 0.5,
+        "expert:capital": 0.5,
+        "static:linear": 0.0,
+    }
     table = (out / "results.md").read_text()
-    assert "| `expert:capital` | 0 | 100 | 0 |" in table
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| normalized | build s |" in table
+    assert "| `expert:capital` | 0 | 100 | 0 | 33.3 | 33.3 | 0.50 | – |" in table
+    built = data["build_s"]["static:linear"]
+    assert f"| `static:linear` | 0 | 0 | 0 | 0.0 | 0.0 | 0.00 | {built:.1f} |" in table
+    for chart in ("results.png", "ranking.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "results.json" in capsys.readouterr().out
 
 
