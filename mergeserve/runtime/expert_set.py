@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 import torch
 
+from mergeserve import __version__
 from mergeserve.adapters.calibration import read_examples
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
 from mergeserve.adapters.methods import METHODS, Example, MergeContext, MergeOptions, merge
@@ -152,7 +153,10 @@ def _options_json(o: MergeOptions) -> dict[str, object]:
 
 
 def _derived_dir(cache: Path, kind: str, experts: ExpertSet, params: object) -> Path:
-    h = hashlib.sha256(json.dumps([experts.version, params], sort_keys=True).encode())
+    """Where an artifact derived from `experts` with `params` lives. mergeserve's version
+    is part of the key: a release that changes a method never serves an old result."""
+    key = [experts.version, params, __version__]
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return cache / "derived" / f"{kind}-{h.hexdigest()[:20]}"
 
 

@@ -154,3 +154,18 @@ async def test_merges_over_the_slot_rank_are_truncated_and_say_so(
         m.pinned_key({"nope": 1.0})
     assert m.pinned_key({"add": 1, "sort": 3}).as_dict() == {"add": 0.25, "sort": 0.75}
     await m.close()
+
+
+def test_another_mergeserve_version_builds_its_own_derived_artifacts(
+    experts_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mergeserve.runtime.expert_set as es
+
+    experts = ExpertSet.from_dir(experts_root)
+    cache = tmp_path / "cache"
+    now = static_merge(experts, "ties", STATIC_DEFAULTS["ties"], 8, cache)
+    assert static_merge(experts, "ties", STATIC_DEFAULTS["ties"], 8, cache).path == now.path
+    monkeypatch.setattr(es, "__version__", "99.0.0")  # a release that may compute it anew
+    later = static_merge(experts, "ties", STATIC_DEFAULTS["ties"], 8, cache)
+    assert later.path != now.path
+    assert len(list((cache / "derived").iterdir())) == 2
