@@ -39,6 +39,7 @@ from mergeserve.router.policy import RoutingPolicy
 from mergeserve.router.routers import PrototypeRouter, route
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.tasks.generators import TASKS, generate
+from mergeserve.tasks.training import greedy_replies
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,20 +64,11 @@ def main() -> None:
     router = PrototypeRouter.from_experts_dir(SentenceEmbedder(quantize=True), args.experts)
     policy = RoutingPolicy(top_k=2, floor=0.1, grid=0.05)
     samples = [s for t in TASKS for s in generate(t, "dev", args.n)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def reply(patch: DeltaPatch, coef: torch.Tensor, prompt: str) -> str:
         patch.set_terms({m.path: (m.a, m.b, m.coef(coef)) for m in mods})
-        batch = encode(tok, [Example(prompt)], answers=False)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=batch.ids,
-                attention_mask=batch.mask,
-                max_new_tokens=args.max_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        return str(tok.decode(out[0, batch.ids.shape[1] :], skip_special_tokens=True))
+        (text,) = greedy_replies(model, tok, [prompt], max_new_tokens=args.max_tokens)
+        return text
 
     def refine(patch: DeltaPatch, start: torch.Tensor, prompt: str) -> torch.Tensor:
         lam = start.clone().requires_grad_(True)

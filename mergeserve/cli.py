@@ -90,6 +90,7 @@ def _bar(desc: str) -> Callable[[int], Any]:
 def _merge(args: argparse.Namespace) -> None:
     from mergeserve.adapters.calibration import read_examples
     from mergeserve.adapters.methods import METHODS, MergeContext, MergeOptions, merge_dirs
+    from mergeserve.router.routers import EXAMPLES_FILE
 
     opts = MergeOptions(
         weights=args.weights,
@@ -120,7 +121,7 @@ def _merge(args: argparse.Namespace) -> None:
             )
         context = MergeContext(
             args.base,
-            tuple(read_examples(d / "examples.jsonl") for d in args.dirs),
+            tuple(read_examples(d / EXAMPLES_FILE) for d in args.dirs),
             read_examples(args.dev_file, labelled=True) if args.dev_file else (),
             args.threads,
         )

@@ -119,9 +119,24 @@ class Batch:
     """[N] the position of each prompt's last token (it predicts the answer's first)."""
 
 
-def _chat_head(tokenizer: Any, prompt: str) -> str:
+def chat_head(tokenizer: Any, prompt: str) -> str:
+    """The rendered chat up to the assistant's turn, as the server renders a request."""
     user = [{"role": "user", "content": prompt}]
     return str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+
+
+def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one chat turn; labels are IGNORE except on the answer turn."""
+    head = chat_head(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        tokenize=False,
+    )
+    if not full.startswith(head):
+        raise ValueError("the chat template does not extend the prompt with the answer")
+    head_ids = tokenizer.encode(head, add_special_tokens=False)
+    tail_ids = tokenizer.encode(full[len(head) :].rstrip("\n"), add_special_tokens=False)
+    return head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids
 
 
 def encode(tokenizer: Any, examples: Sequence[Example], answers: bool) -> Batch:
@@ -129,21 +144,12 @@ def encode(tokenizer: Any, examples: Sequence[Example], answers: bool) -> Batch:
     `answers` the assistant's answer after it (labels on the answer only)."""
     rows: list[tuple[list[int], list[int], int]] = []
     for e in examples:
-        head = _chat_head(tokenizer, e.prompt)
-        head_ids = tokenizer.encode(head, add_special_tokens=False)
-        tail: list[int] = []
-        if answers and e.answer:
-            full = tokenizer.apply_chat_template(
-                [
-                    {"role": "user", "content": e.prompt},
-                    {"role": "assistant", "content": e.answer},
-                ],
-                tokenize=False,
-            )
-            if not full.startswith(head):
-                raise ValueError("the chat template does not extend the prompt with the answer")
-            tail = tokenizer.encode(full[len(head) :].rstrip("\n"), add_special_tokens=False)
-        rows.append((head_ids + tail, [IGNORE] * len(head_ids) + tail, len(head_ids) - 1))
+        head_ids = tokenizer.encode(chat_head(tokenizer, e.prompt), add_special_tokens=False)
+        if answers and e.answer is not None:
+            row_ids, row_labels = encode_example(tokenizer, e.prompt, e.answer)
+        else:
+            row_ids, row_labels = head_ids, [IGNORE] * len(head_ids)
+        rows.append((row_ids, row_labels, len(head_ids) - 1))
     width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -154,6 +160,14 @@ def encode(tokenizer: Any, examples: Sequence[Example], answers: bool) -> Batch:
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
     return Batch(ids, mask, labels, torch.tensor([last for _, _, last in rows]))
+
+
+def answer_logits(model: Any, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, targets) at the answer positions only: with a 49k vocabulary and prompts
+    ~10x longer than answers, full-sequence logits would be a large share of a CPU step."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    return model.lm_head(hidden[:, :-1][keep]).float(), target[keep]
 
 
 def batches(

@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 
 from mergeserve.adapters.calibration import (
-    IGNORE,
     Batch,
     DeltaPatch,
     ModuleTerms,
     Term,
+    answer_logits,
     batches,
     decoder_layer,
     encode,
@@ -57,9 +57,8 @@ from mergeserve.adapters.methods import (
     MergeOptions,
     ProgressBar,
     _finish,
+    factor_layers,
     method,
-    stack_svd,
-    top_singular,
 )
 from mergeserve.errors import InvalidRequestError
 
@@ -216,13 +215,10 @@ def _hidden(patch: DeltaPatch, batch: Batch) -> Tensor:
 
 
 def answer_nll(model: Any, hidden: Tensor, batch: Batch) -> tuple[Tensor, int]:
-    """(Σ −log p of the answer tokens, their count): the vocabulary projection runs on
-    the answer positions only."""
-    target = batch.labels[:, 1:]
-    keep = target != IGNORE
-    logits = model.lm_head(hidden[:, :-1][keep]).float()
-    nll = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
-    return nll, int(keep.sum())
+    """(Σ −log p of the answer tokens, their count)."""
+    logits, target = answer_logits(model, hidden, batch.labels)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    return nll, int(target.numel())
 
 
 def fisher_diagonal(
@@ -279,14 +275,15 @@ def fisher(
                 den[m.path] = den.get(m.path, 0) + fi
             if progress is not None:
                 progress.update(1)
-    cap = o.rank or sum(max(e.ranks.values()) for e in experts)
-    by_kind: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
-    for m in sorted(mods, key=lambda x: (x.kind, x.layer)):
-        merged = num.pop(m.path) / den.pop(m.path)
-        k = min(cap, *merged.shape)
-        by_kind.setdefault(m.kind, []).append(top_singular(merged, k, full=o.energy is not None))
-    groups = {kind: stack_svd(f) for kind, f in by_kind.items()}
-    return _finish(AdapterFactors(groups, union_layout(experts), experts[0].prefix), o)
+    layout = union_layout(experts)
+    groups = {}
+    for kind in layout:  # as dense_merge: rank Σ rᵢ of the kind, or o.rank
+        here = sorted((m for m in mods if m.kind == kind), key=lambda m: m.layer)
+        budget = o.rank or sum(e.groups[kind].rank for e in experts if kind in e.groups)
+        cap = min(budget, here[0].b.shape[0], here[0].a.shape[1])
+        merged = (num.pop(m.path) / den.pop(m.path) for m in here)
+        groups[kind] = factor_layers(merged, cap, o.energy)
+    return AdapterFactors(groups, layout, experts[0].prefix)
 
 
 # ------------------------------------------------------------------------------ AdaMerging

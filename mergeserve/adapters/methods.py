@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -103,7 +103,7 @@ class MergeOptions:
     """RegMean: the fraction of the Gram matrices' off-diagonal kept (default 0.9);
     LiNeS: the scale of the shallowest layer (default 1/T for T experts)."""
     beta: float | None = None
-    """LiNeS: the deepest layer's scale is alpha + beta (default 1 − alpha)."""
+    """LiNeS: the deepest layer's scale is alpha + beta (default 0.5)."""
     steps: int | None = None
     """AdaMerging: optimizer steps (default 40); evolutionary search: generations (8)."""
     lr: float | None = None
@@ -705,23 +705,42 @@ def dense_merge(
         dtype = present[0].A.dtype
         w = torch.tensor(weights, dtype=dtype)
         cap = min(o.rank or sum(s.rank for s in present), out_f, in_f)
-        factors: list[tuple[Tensor, Tensor, Tensor]] = []
-        for j, layer in enumerate(lay):
-            deltas = torch.stack(
-                [
-                    s.B[j] @ s.A[j] if s is not None else torch.zeros(out_f, in_f, dtype=dtype)
-                    for s in stacks
-                ]
+        merged = (
+            combine(
+                torch.stack(
+                    [
+                        s.B[j] @ s.A[j] if s is not None else torch.zeros(out_f, in_f, dtype=dtype)
+                        for s in stacks
+                    ]
+                ),
+                w,
+                kind,
+                layer,
             )
-            merged = combine(deltas, w, kind, layer)
-            factors.append(top_singular(merged, cap, full=o.energy is not None))
-            if progress is not None:
-                progress.update(1)
-        k = cap
-        if o.energy is not None:
-            k = min(cap, rank_for_energy(torch.stack([s for _, s, _ in factors]), o.energy))
-        groups[kind] = stack_svd(factors, k)
+            for j, layer in enumerate(lay)
+        )
+        groups[kind] = factor_layers(merged, cap, o.energy, progress)
     return AdapterFactors(groups, layout, experts[0].prefix)
+
+
+def factor_layers(
+    merged: Iterable[Tensor],
+    cap: int,
+    energy: float | None = None,
+    progress: ProgressBar | None = None,
+) -> LowRank:
+    """One module kind's dense merged deltas, layer by layer, as one LoRA stack by SVD: of
+    rank `cap`, or with `energy` the smallest rank keeping that fraction of Σσ² in every
+    layer (≤ cap). `merged` may be a generator: one dense matrix is held at a time."""
+    factors: list[tuple[Tensor, Tensor, Tensor]] = []
+    for m in merged:
+        factors.append(top_singular(m, cap, full=energy is not None))
+        if progress is not None:
+            progress.update(1)
+    k = cap
+    if energy is not None:
+        k = min(cap, rank_for_energy(torch.stack([s for _, s, _ in factors]), energy))
+    return stack_svd(factors, k)
 
 
 def top_singular(

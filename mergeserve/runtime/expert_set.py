@@ -39,6 +39,7 @@ from mergeserve.adapters.peft_io import (
 )
 from mergeserve.adapters.twin import TwinConfig, TwinDecomposition, decompose
 from mergeserve.errors import ConfigurationError
+from mergeserve.router.routers import EXAMPLES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def merge_context(
             "base model: they need a local model dir, not a remote engine"
         )
     examples: list[tuple[Example, ...]] = [
-        read_examples(info.path / "examples.jsonl") for info in experts.infos.values()
+        read_examples(info.path / EXAMPLES_FILE) for info in experts.infos.values()
     ]
     dev: tuple[Example, ...] = ()
     if dev_file is not None:

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
+from mergeserve.adapters.calibration import Example, answer_logits, chat_head, encode
 from mergeserve.adapters.peft_io import model_name
 from mergeserve.config import LLAMA_PROJECTIONS
 from mergeserve.tasks.generators import Sample, Task, generate, get_task, score
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -53,56 +52,22 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _chat_head(tokenizer: Any, prompt: str) -> str:
-    """The rendered chat up to the assistant's turn, as the server renders a request."""
-    user = [{"role": "user", "content": prompt}]
-    return str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
-
-
-def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one chat turn; labels are IGNORE except on the answer turn."""
-    head = _chat_head(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-        tokenize=False,
-    )
-    if not full.startswith(head):
-        raise ValueError("the chat template does not extend the prompt with the answer")
-    head_ids = tokenizer.encode(head, add_special_tokens=False)
-    tail_ids = tokenizer.encode(full[len(head) :].rstrip("\n"), add_special_tokens=False)
-    return head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids
-
-
 def _batch(
     tokenizer: Any, samples: Sequence[Sample]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pairs = [encode_example(tokenizer, s.prompt, s.answer) for s in samples]
-    width = max(len(ids) for ids, _ in pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for i, (x, y) in enumerate(pairs):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return ids, labels, mask
+    b = encode(tokenizer, [Example(s.prompt, s.answer) for s in samples], answers=True)
+    return b.ids, b.labels, b.mask
 
 
 def answer_loss(
     causal_lm: Any, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) positions.
-
-    The same value as `causal_lm(..., labels=labels).loss`, but the vocabulary projection
-    runs on the answer positions only: with a 49k vocabulary and prompts ~10× longer
-    than answers, the full-sequence logits are a large share of a CPU step.
-    """
+    """Mean next-token cross-entropy over the labelled (answer) positions: the same value
+    as `causal_lm(..., labels=labels).loss`, with the vocabulary projection on the answer
+    positions only (`answer_logits`)."""
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+    logits, target = answer_logits(causal_lm, hidden, labels)
+    return torch.nn.functional.cross_entropy(logits, target)
 
 
 @torch.no_grad()
@@ -114,7 +79,7 @@ def greedy_replies(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for i in range(0, len(prompts), batch):
         rows = [
-            tokenizer.encode(_chat_head(tokenizer, p), add_special_tokens=False)
+            tokenizer.encode(chat_head(tokenizer, p), add_special_tokens=False)
             for p in prompts[i : i + batch]
         ]
         width = max(map(len, rows))

@@ -115,7 +115,7 @@ def test_scorer_rule() -> None:
 def test_loss_is_on_the_answer_turn_only(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from mergeserve.tasks.training import IGNORE, encode_example
+    from mergeserve.adapters.calibration import IGNORE, encode_example
     from mergeserve.testing import make_tiny_tokenizer
 
     make_tiny_tokenizer(tmp_path)
