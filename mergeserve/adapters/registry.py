@@ -14,15 +14,24 @@ point: objects are renamed into place before the manifest that references them i
 atomically replaced, so a crash at any step leaves the previous manifest valid, and the
 next `open` deletes whatever no manifest references. Readers take the current immutable
 `RegistrySnapshot` with a plain attribute read; a request that uses an expert's files
-holds a `lease`, and `remove` deletes files only once no lease holds them (the idea of
-SGLang's lora_registry). Imports no server code and no vLLM.
+holds a `lease` (by name, or by the digest it resolved earlier), and `remove` deletes files
+only once no lease holds them (the idea of SGLang's lora_registry).
+
+Objects are collected by reference, never by the clock: a digest's files are deleted only
+when, at that moment and under the writers' lock, no manifest entry and no lease (of any
+process) refers to it. So a re-add of the same content while its removal waits simply
+revives the object. An `open` that finds a manifest entry whose object is missing or
+incomplete (files deleted by hand, a disk fault) drops that entry with a logged reason
+and commits the repaired manifest, rather than refusing to open or leaving the name
+stuck. Imports no server code and no vLLM.
 
 Shared mode (`open(..., shared=True)`) lets several processes (server replicas) open one
 root: writers take `.write.lock` and re-read the manifest before changing it, so no change
 is lost and versions stay a sequence; `refresh()` adopts what another process committed;
-leases are also flock'ed per digest, so no process deletes files another one is using;
-`remove` waits `grace_s` before deleting, for the other processes to `refresh()` first;
-and crash leftovers are collected by an `open` that finds no other process there.
+leases are also flock'ed per digest, so no process deletes files another one is using,
+and a lease taken from a stale snapshot after another process deleted the files fails
+cleanly (the lessee re-checks the object under its flock); crash leftovers are collected
+by an `open` that finds no other process there.
 """
 
 from __future__ import annotations
@@ -91,6 +100,22 @@ class ExpertNotFoundError(AdapterError):
     def __init__(self, name: str):
         super().__init__(f"no expert named {name!r} in the registry", code="expert_not_found")
         self.name = name
+
+
+class ExpertGoneError(ExpertNotFoundError):
+    """A lease asked for content (a digest) that no manifest entry and no lease holds
+    any more: its files are deleted, or about to be."""
+
+    def __init__(self, digest: str, name: str | None = None):
+        AdapterError.__init__(
+            self,
+            f"the expert content {digest[:12]}"
+            + (f" (of {name!r})" if name else "")
+            + " was removed from the registry",
+            code="expert_not_found",
+        )
+        self.name = name or ""
+        self.digest = digest
 
 
 class ExpertBusyError(AdapterError, TimeoutError):
@@ -189,11 +214,9 @@ class ExpertRegistry:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         max_extra_bytes: int = DEFAULT_MAX_EXTRA_BYTES,
         shared: bool = False,
-        grace_s: float = 2.0,
     ):
         self._root = Path(root).resolve()
         self._shared = shared
-        self._grace_s = grace_s
         self._lease_fds: dict[str, int] = {}
         """Shared mode: the flock'ed lease file of each digest this process leases."""
         self._objects = self._root / OBJECTS
@@ -223,8 +246,7 @@ class ExpertRegistry:
             self._snapshot = RegistrySnapshot(0, {})
             with self._file_lock():
                 if self._manifest.exists():
-                    self._manifest_data = self._manifest.read_bytes()
-                    self._snapshot = self._parse_manifest(self._manifest_data)
+                    self._snapshot = self._adopt_locked(self._manifest.read_bytes())
             if alone:
                 self._collect_garbage()
             if shared:  # let the other replicas in
@@ -244,14 +266,14 @@ class ExpertRegistry:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         max_extra_bytes: int = DEFAULT_MAX_EXTRA_BYTES,
         shared: bool = False,
-        grace_s: float = 2.0,
     ) -> ExpertRegistry:
         """Open (creating if needed) the registry at `root`, removing crash leftovers.
 
         `validator` is called on each candidate adapter dir before it is committed and
         raises to refuse it; the default loads its factors (config, NaN/Inf, stray
         tensors, size). Only one process may have a root open at a time, unless every
-        process opens it `shared` (module doc).
+        process opens it `shared` (module doc). Entries whose object is missing or
+        incomplete are dropped, logged, and the repaired manifest committed.
         """
         return cls(
             root,
@@ -259,7 +281,6 @@ class ExpertRegistry:
             max_adapter_bytes=max_adapter_bytes,
             max_extra_bytes=max_extra_bytes,
             shared=shared,
-            grace_s=grace_s,
         )
 
     @property
@@ -277,51 +298,106 @@ class ExpertRegistry:
             return dict(self._counts)
 
     @contextlib.contextmanager
-    def lease(self, names: Iterable[str] | None = None) -> Iterator[RegistrySnapshot]:
-        """Keep the files of `names` (every expert when None) on disk until exit.
+    def lease(
+        self, names: Iterable[str] | None = None, *, digests: Iterable[str] | None = None
+    ) -> Iterator[RegistrySnapshot]:
+        """Keep the files of `names` (every expert when both are None), or of the
+        content `digests`, on disk until exit.
 
         Yields the snapshot taken at entry; use only its refs inside the block. An
-        unknown name raises ExpertNotFoundError before anything is held.
+        unknown name raises ExpertNotFoundError before anything is held. A digest is
+        leased as it is, never what its name points to now: a caller that resolved
+        `name -> digest` earlier keeps exactly that content, or gets ExpertGoneError if
+        no manifest entry and no lease holds that digest any more (its files may be gone).
         """
         if isinstance(names, str):
             names = (names,)
         with self._cond:
-            # Taken under _cond so that remove(), which publishes under _cond, either
+            # Taken under _cond so that unpublish(), which publishes under _cond, either
             # sees this lease's count or this lease sees the snapshot without the name.
             snap = self._snapshot
-            digests = snap.digests if names is None else frozenset(snap[n].digest for n in names)
-            for d in digests:
-                self._counts[d] = self._counts.get(d, 0) + 1
-                if self._shared and d not in self._lease_fds:
-                    self._lease_fds[d] = self._lease_file(d, fcntl.LOCK_SH)
+            if digests is not None:
+                wanted = frozenset(digests)
+                for d in wanted:
+                    if d not in snap.digests and not self._counts.get(d):
+                        raise ExpertGoneError(d)
+            elif names is None:
+                wanted = snap.digests
+            else:
+                wanted = frozenset(snap[n].digest for n in names)
+            taken: list[str] = []
+            try:
+                for d in sorted(wanted):
+                    if self._shared and d not in self._lease_fds:
+                        self._lease_fds[d] = self._lease_shared(d)
+                    self._counts[d] = self._counts.get(d, 0) + 1
+                    taken.append(d)
+            except BaseException:
+                self._release_locked(frozenset(taken))
+                raise
         try:
             yield snap
         finally:
-            self._release(digests)
+            self._release(wanted)
+
+    def _lease_shared(self, digest: str) -> int:
+        """Shared mode: the flock'ed (shared) lease file of `digest`, taken only while its
+        object is on disk (caller holds _cond).
+
+        Another process deletes an object only while it holds the lease file's exclusive
+        flock, and unlinks the lease file before releasing it. So once this process holds
+        the shared flock of the file that is *still* at the lease path, and the object is
+        there, no other process can delete it until this lease ends."""
+        path = self._root / _LEASES / digest
+        for _ in range(100):
+            fd = self._lease_file(digest, fcntl.LOCK_SH)
+            try:
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    os.close(fd)  # the deleter unlinked this file: take the new one
+                    continue
+                if not (self._objects / digest / ADAPTER_CONFIG).is_file():
+                    os.close(fd)
+                    raise ExpertGoneError(digest)
+                return fd
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+        raise AdapterError(f"could not lease {digest[:12]} in {self._root}: lease file churn")
 
     def _release(self, digests: frozenset[str]) -> None:
-        freed = []
         with self._cond:
-            notify = False
-            for d in digests:
-                n = self._counts[d] - 1
-                if n:
-                    self._counts[d] = n
-                    continue
-                del self._counts[d]
-                if d in self._lease_fds:
-                    os.close(self._lease_fds.pop(d))  # the flock goes with the fd
-                notify = True
-                if d in self._orphans:
-                    self._orphans.discard(d)
-                    freed.append(d)
-            if notify:
-                self._cond.notify_all()
+            freed = self._release_locked(digests)
         if freed:
             # Deleting files is slow and this may run on an event loop: leave it to a thread.
             threading.Thread(
                 target=self._collect, args=(freed,), name="expert-registry-gc", daemon=True
             ).start()
+
+    def _release_locked(self, digests: frozenset[str]) -> list[str]:
+        """Drop one lease of each digest (caller holds _cond); the orphans it freed."""
+        freed = []
+        notify = False
+        for d in digests:
+            n = self._counts[d] - 1
+            if n:
+                self._counts[d] = n
+                continue
+            del self._counts[d]
+            if d in self._lease_fds:
+                os.close(self._lease_fds.pop(d))  # the flock goes with the fd
+            notify = True
+            if d in self._orphans:
+                self._orphans.discard(d)
+                freed.append(d)
+        if notify:
+            self._cond.notify_all()
+        return freed
 
     # ------------------------------------------------------------------------ writers
 
@@ -391,7 +467,8 @@ class ExpertRegistry:
                     raise
                 with self._cond:
                     self._snapshot = new
-                    self._orphans.discard(digest)
+                    self._orphans.discard(digest)  # revived, if a removal was collecting it
+                    self._cond.notify_all()  # a collect() waiting on it need wait no more
                     if old is not None and old.digest not in new.digests:
                         if self._counts.get(old.digest):
                             self._orphans.add(old.digest)
@@ -407,10 +484,20 @@ class ExpertRegistry:
     def remove(self, name: str, *, timeout: float | None = 30.0) -> RegistrySnapshot:
         """Unpublish `name`, then delete its files once no lease holds them; the new snapshot.
 
-        The manifest without the name is committed first, so the removal is durable
-        before the wait. Waits at most `timeout` seconds (None: forever) for in-flight
-        leases, then raises ExpertBusyError; the files then go with the last lease.
+        `unpublish` followed by `collect`: the manifest without the name is committed
+        first, so the removal is durable before the wait. Waits at most `timeout` seconds
+        (None: forever) for in-flight leases, then raises ExpertBusyError; the files then
+        go with the last lease.
         """
+        new, ref = self.unpublish(name)
+        self.collect(ref.digest, timeout=timeout, name=name, snapshot=new)
+        return new
+
+    def unpublish(self, name: str) -> tuple[RegistrySnapshot, ExpertRef]:
+        """Commit the manifest without `name`; the new snapshot and the entry removed.
+
+        Its files stay until `collect` (or the last lease on them, or the next open)
+        deletes them; unless the same content is added again meanwhile."""
         with self._write_lock, self._file_lock():
             self._check_open()
             self._reload_locked()
@@ -420,27 +507,43 @@ class ExpertRegistry:
             self._commit(new)
             with self._cond:
                 self._snapshot = new
-        d = ref.digest
-        if d in new.digests:  # another name still points at the same content
-            return new
-        if self._shared:  # the other processes stop using it once they refresh()
-            time.sleep(self._grace_s)
+                if self._counts.get(ref.digest) and ref.digest not in new.digests:
+                    self._orphans.add(ref.digest)  # the last lease collects it
+                self._cond.notify_all()
+        return new, ref
+
+    def collect(
+        self,
+        digest: str,
+        *,
+        timeout: float | None = 30.0,
+        name: str | None = None,
+        snapshot: RegistrySnapshot | None = None,
+    ) -> None:
+        """Delete `digest`'s files once no manifest entry and no lease refers to it.
+
+        Waits at most `timeout` seconds for this process's leases (requests still
+        generating with the files), then raises ExpertBusyError; the files then go with
+        the last lease. Nothing is deleted while a manifest entry refers to the digest
+        (a re-add of the same content revives it) or another process leases it; those
+        checks are made under the writers' lock at the moment of deletion."""
         with self._cond:
             idle = self._cond.wait_for(
-                lambda: not self._counts.get(d) or d in self._snapshot.digests, timeout
+                lambda: not self._counts.get(digest) or digest in self._snapshot.digests,
+                timeout,
             )
-            held = self._counts.get(d, 0)
+            held = self._counts.get(digest, 0)
             if not idle:  # under the same lock hold, so no release slips in between
-                self._orphans.add(d)
+                self._orphans.add(digest)
+            snap = snapshot or self._snapshot
         if not idle:
             raise ExpertBusyError(
-                f"expert {name!r} was removed, but {held} in-flight request(s) still use its "
-                f"files after {timeout}s; they are deleted when the last one ends",
-                snapshot=new,
-                digest=d,
+                f"expert {name or digest[:12]!r} was removed, but {held} in-flight request(s) "
+                f"still use its files after {timeout}s; they are deleted when the last one ends",
+                snapshot=snap,
+                digest=digest,
             )
-        self._collect([d])
-        return new
+        self._collect([digest])
 
     def refresh(self) -> RegistrySnapshot:
         """Adopt what another process committed (shared mode); the current snapshot.
@@ -533,15 +636,40 @@ class ExpertRegistry:
             data = None
         if data == self._manifest_data:
             return False
-        new = self._parse_manifest(data) if data is not None else RegistrySnapshot(0, {})
+        if data is None:
+            new, self._manifest_data = RegistrySnapshot(0, {}), None
+        else:
+            new = self._adopt_locked(data)
         with self._cond:
             for d in self._snapshot.digests - new.digests:
                 if self._counts.get(d):
                     self._orphans.add(d)
             self._snapshot = new
             self._cond.notify_all()
-        self._manifest_data = data
         return True
+
+    def _adopt_locked(self, data: bytes) -> RegistrySnapshot:
+        """The snapshot of manifest bytes read under the file lock (caller holds it).
+
+        An entry whose object is missing or incomplete cannot be served, removed or
+        re-added as it stands: it is dropped with a logged reason and the repaired
+        manifest committed (a writer never commits an entry before its object is in
+        place, and objects are deleted only when unreferenced, so under the lock such
+        an entry is never a change in progress)."""
+        snap, dropped = self._parse_manifest(data)
+        self._manifest_data = data
+        if not dropped:
+            return snap
+        for name, why in dropped.items():
+            log.warning(
+                "expert registry %s: dropping expert %r from the manifest: %s",
+                self._root,
+                name,
+                why,
+            )
+        repaired = RegistrySnapshot(snap.version + 1, snap.experts)
+        self._commit(repaired)
+        return repaired
 
     @staticmethod
     def _check_free(snap: RegistrySnapshot, name: str) -> None:
@@ -605,7 +733,10 @@ class ExpertRegistry:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _parse_manifest(self, data: bytes) -> RegistrySnapshot:
+    def _parse_manifest(self, data: bytes) -> tuple[RegistrySnapshot, dict[str, str]]:
+        """The snapshot of a manifest, and the entries left out of it because their
+        object is missing or incomplete (name -> why); raises ConfigurationError for a
+        manifest that is not one (hand edits, corruption)."""
         where = str(self._manifest)
 
         def bad(why: str) -> ConfigurationError:
@@ -626,14 +757,19 @@ class ExpertRegistry:
             raise bad(f"'version' must be a non-negative integer, not {version!r}")
         if not isinstance(experts, dict):
             raise bad("'experts' must be an object")
-        refs = {}
+        refs, dropped = {}, {}
         for name, entry in experts.items():
             try:
                 validate_adapter_name(name)
-                refs[name] = self._ref_from_json(name, entry)
+                ref = self._ref_from_json(name, entry)
             except (AdapterError, KeyError, TypeError, ValueError) as e:
                 raise bad(f"expert {name!r}: {e}") from e
-        return RegistrySnapshot(version, refs)
+            why = _object_problem(ref.path)
+            if why is None:
+                refs[name] = ref
+            else:
+                dropped[name] = why
+        return RegistrySnapshot(version, refs), dropped
 
     def _ref_from_json(self, name: str, entry: Any) -> ExpertRef:
         if not isinstance(entry, dict):
@@ -654,8 +790,6 @@ class ExpertRegistry:
         if base is not None and not isinstance(base, str):
             raise TypeError("base_model_name_or_path must be a string or null")
         path = self._objects / digest
-        if not ((path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()):
-            raise ValueError(f"its object dir {path} is missing or incomplete")
         return ExpertRef(name, digest, path, rank, tuple(targets), float(added_at), size, base)
 
     def _lock_root(self) -> tuple[int, bool]:
@@ -698,6 +832,11 @@ class ExpertRegistry:
                     p.unlink()
             elif p.name not in live:
                 log.warning("leaving unknown entry %s alone", p)
+        leases = self._root / _LEASES
+        if leases.is_dir():  # no other process is here: nobody holds these
+            for p in leases.iterdir():
+                if _DIGEST.match(p.name) and p.name not in live:
+                    p.unlink(missing_ok=True)
 
     def _collect(self, digests: Iterable[str]) -> None:
         with self._write_lock, self._file_lock():
@@ -735,6 +874,16 @@ class ExpertRegistry:
                 (self._root / _LEASES / digest).unlink(missing_ok=True)
                 os.close(lease_fd)
         return dst
+
+
+def _object_problem(path: Path) -> str | None:
+    """Why the object dir `path` cannot be served, or None."""
+    if not path.is_dir():
+        return f"its object {path} is missing"
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    if missing:
+        return f"its object {path} is incomplete (no {', '.join(missing)})"
+    return None
 
 
 def _is_int(x: object) -> TypeGuard[int]:

@@ -16,13 +16,20 @@ from the catalog it saw, and a dynamic request is routed and merged within one
   a refusal changes nothing. The new expert is routed at once by the prototypes of its
   examples (no router training) and merged with its exclusive X = SVD_k(Δ − S) against
   the current shared S; S and the static merges stay those of the last rebuild.
-* `remove` publishes the set without the expert (S, exclusives and static merges
-  recomputed, so nothing of it is served any more), then waits for in-flight requests
-  on its files before deleting them.
+* `remove` commits the registry without the expert and publishes the set without it (S,
+  exclusives and static merges recomputed, so nothing of it is served any more); then,
+  outside the change lock, waits for in-flight requests on its files before deleting
+  them. A re-add of the same content meanwhile revives the files (the registry collects
+  by reference). A name in the registry is always removable, served here or not.
 * `rebuild` recomputes S, the exclusives and the static merges of the current experts.
 * Replicas: several servers may share one registry dir (a volume). Each opens it shared and
   watches its manifest (`admin.watch_interval_s`); what another replica added or removed
   is served here within one interval (`sync`), as if this replica had done it.
+* The served set only moves forward: each one carries the registry version it reflects
+  (`registry_version`), every change reads the registry under the change lock, and a
+  registry snapshot older than (or as old as) the one served is never published. So a
+  watcher that read the manifest just before an add committed cannot take the new expert
+  away again, on this replica or on another.
 
 Blocking (file copies, SVDs, embeddings): call from a worker thread. Changes are
 serialized by a lock; reads (`current`) are a plain attribute read.
@@ -31,6 +38,7 @@ serialized by a lock; reads (`current`) are a plain attribute read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,6 +60,7 @@ from mergeserve.adapters.peft_io import (
 )
 from mergeserve.adapters.registry import (
     ExpertExistsError,
+    ExpertGoneError,
     ExpertNotFoundError,
     ExpertRegistry,
     RegistrySnapshot,
@@ -129,6 +138,8 @@ class ServedSet:
     """The experts that S and the static merges were computed over."""
     dynamic: DynamicState | None
     catalog: ModelCatalog
+    registry_version: int = 0
+    """The version of the registry snapshot this set serves (0 without a registry)."""
 
     @property
     def generation(self) -> int:
@@ -168,7 +179,8 @@ class LiveSet:
         self.registry: ExpertRegistry | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._sync_refused: set[Path] = set()
+        self._sync_refused: set[tuple[str, str]] = set()
+        """(name, digest) entries of the registry that failed this server's validation."""
         if settings.admin.token is not None:
             root = settings.admin.registry_dir or settings.cache / "registry"
             self.registry = ExpertRegistry.open(
@@ -176,7 +188,6 @@ class LiveSet:
                 self._validate,
                 max_adapter_bytes=settings.admin.max_upload_bytes,
                 shared=True,
-                grace_s=max(1.0, 4 * settings.admin.watch_interval_s),
             )
         try:
             self._current = self._start()
@@ -199,97 +210,159 @@ class LiveSet:
 
     def hold(self, model: ServedModel) -> Release | None:
         """Keep the files `model` is generated with until the returned call: an
-        `expert:` model of a hot-added expert holds a registry lease (removal waits for
-        it). Raises ExpertNotFoundError if the expert was removed meanwhile."""
+        `expert:` model of a hot-added expert leases the content it was resolved to
+        (removal waits for it), never what its name points to now. Raises
+        ExpertNotFoundError if that content was removed meanwhile."""
         if model.kind != "expert" or self.registry is None:
             return None
-        if not Path(model.root).is_relative_to(self.registry.root):
+        root = Path(model.root)
+        if not root.is_relative_to(self.registry.root):
             return None  # a seed expert: its files are never deleted
+        name = model.id.removeprefix(EXPERT_PREFIX)
         stack = contextlib.ExitStack()
-        stack.enter_context(self.registry.lease([model.id.removeprefix(EXPERT_PREFIX)]))
+        try:
+            stack.enter_context(self.registry.lease(digests=[root.name]))
+        except ExpertNotFoundError:
+            raise ExpertNotFoundError(name) from None
         return stack.close
 
     # ------------------------------------------------------------------ changes
 
     def add(self, name: str, src_dir: Path) -> ServedSet:
         """Validate, store and serve the expert at `src_dir` as `name` (blocking)."""
-        if self.registry is None:
-            raise ConfigurationError("experts can be added only with the admin API on")
+        registry = self._registry("added")
         with self._lock:
-            cur = self._current
+            cur = self._caught_up(registry)
             self._check_free(cur, name)
-            snap = self.registry.add(name, src_dir)  # validates, then commits the manifest
+            snap = registry.add(name, src_dir)  # validates, then commits the manifest
             try:
-                new = self._extended(cur, name, snap[name].path)
+                new = self._synced(cur, snap, adding=name)
                 self._publish(new)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    self.registry.remove(name, timeout=0)  # nothing served it: no lease
+                with contextlib.suppress(Exception):  # nothing served it: no lease
+                    _, ref = registry.unpublish(name)
+                    registry.collect(ref.digest, timeout=0, name=name)
                 raise
         log.info("added expert %s (generation %d)", name, new.generation)
         return new
 
     def remove(self, name: str) -> ServedSet:
         """Stop serving `name` (S, exclusives and static merges recomputed without it),
-        then delete its files once no in-flight request uses them (blocking)."""
-        if self.registry is None:
-            raise ConfigurationError("experts can be removed only with the admin API on")
+        then delete its files once no in-flight request uses them (blocking).
+
+        Any name in the registry's manifest is removed, also one this server does not
+        serve (refused by its validation, or not synced yet)."""
+        registry = self._registry("removed")
         with self._lock:
-            cur = self._current
-            source = cur.sources.get(name)
-            if source is None:
-                raise ExpertNotFoundError(name)
-            if source == "seed":
+            cur = self._caught_up(registry)
+            if cur.sources.get(name) == "seed":
                 raise SeedExpertError(
                     f"expert {name!r} comes from the experts dir, which the server never "
                     "writes; remove its dir there and restart",
                     code="seed_expert",
                 )
-            experts = cur.experts.minus(name)
-            sources = {n: s for n, s in cur.sources.items() if n != name}
-            new = self._rebuilt(experts, sources, cur)
+            snap, ref = registry.unpublish(name)  # ExpertNotFoundError: not in the manifest
+            new = self._synced(cur, snap)
             self._publish(new)
-            # Unpublished above; now wait for requests still generating with its files.
-            self.registry.remove(name, timeout=self.settings.admin.remove_timeout_s)
         log.info("removed expert %s (generation %d)", name, new.generation)
+        # Unpublished above; now wait for requests still generating with its files,
+        # without holding up other changes (a re-add of the same content revives them).
+        if ref.digest not in snap.digests:
+            registry.collect(
+                ref.digest, timeout=self.settings.admin.remove_timeout_s, name=name, snapshot=snap
+            )
         return new
 
-    def sync(self, snap: RegistrySnapshot) -> ServedSet | None:
-        """Serve what the registry snapshot `snap` holds (changes made by another replica
-        sharing the registry); the new served set, or None if nothing changed."""
+    def sync(self, snap: RegistrySnapshot | None = None) -> ServedSet | None:
+        """Serve what the registry holds now (changes made by another replica sharing
+        it); the new served set, or None if nothing changed.
+
+        The registry is read under the change lock (a snapshot `snap` read earlier is
+        only taken if it is newer than what is served): a view older than the served
+        one is never published."""
+        registry = self._registry("synced")
         with self._lock:
             cur = self._current
-            have = {n: cur.experts.infos[n].path for n, s in cur.sources.items() if s == "registry"}
-            want = {
-                n: r.path
-                for n, r in snap.experts.items()
-                if cur.sources.get(n) != "seed" and r.path not in self._sync_refused
-            }
-            if have == want:
-                return None
-            gone = [n for n, p in have.items() if want.get(n) != p]
-            added = [n for n, p in want.items() if have.get(n) != p]
-            new = cur
-            if gone:
-                experts = cur.experts
-                for n in gone:
-                    experts = experts.minus(n)
-                sources = {n: s for n, s in cur.sources.items() if n not in gone}
-                new = self._rebuilt(experts, sources, cur)
-            for n in added:
-                try:
-                    self._validate(want[n])
-                    new = self._extended(new, n, want[n])
-                except AdapterError as e:
-                    log.error("not serving expert %s of the shared registry: %s", n, e.message)
-                    self._sync_refused.add(want[n])
-            if new is cur:
-                return None
+            new = self._caught_up(registry, snap)
+        return None if new.experts is cur.experts else new
+
+    def _caught_up(
+        self, registry: ExpertRegistry, snap: RegistrySnapshot | None = None
+    ) -> ServedSet:
+        """The served set after adopting what the registry holds now, if that is newer
+        than what is served (caller holds the change lock); published if it changed."""
+        cur = self._current
+        latest = registry.refresh()
+        if snap is None or snap.version < latest.version:
+            snap = latest
+        if snap.version <= cur.registry_version:
+            return cur
+        new = self._synced(cur, snap)
+        if new.experts is cur.experts:  # the same experts: only the version moved
+            self._current = new
+        else:
             self._publish(new)
-        log.info(
-            "registry sync: +%s -%s (generation %d)", added or "[]", gone or "[]", new.generation
-        )
         return new
+
+    def _synced(
+        self, cur: ServedSet, snap: RegistrySnapshot, adding: str | None = None
+    ) -> ServedSet:
+        """`cur` changed to serve the registry experts of `snap` (at its version).
+
+        Experts gone or changed are dropped with a rebuild; new ones are extended in
+        (routed by their examples, merged against the current S). A new expert that
+        fails this server's validation is logged and left out, unless it is `adding`
+        (this server's own add, validated before the commit), whose errors raise."""
+        self._sync_refused &= {(n, r.digest) for n, r in snap.experts.items()}
+        have = {n: cur.experts.infos[n].path for n, s in cur.sources.items() if s == "registry"}
+        want = {
+            n: r.path
+            for n, r in snap.experts.items()
+            if cur.sources.get(n) != "seed" and (n, r.digest) not in self._sync_refused
+        }
+        gone = [n for n, p in have.items() if want.get(n) != p]
+        added = [n for n, p in want.items() if have.get(n) != p]
+        new = cur
+        if gone:
+            experts = cur.experts
+            for n in gone:
+                experts = experts.minus(n)
+            sources = {n: s for n, s in cur.sources.items() if n not in gone}
+            new = self._rebuilt(experts, sources, cur)
+        assert self.registry is not None
+        for n in added:
+            digest = snap[n].digest
+            try:
+                # Leased while read: another replica may remove it meanwhile, and then its
+                # files must not vanish half-read (nor be taken for a bad adapter).
+                with self.registry.lease(digests=[digest]):
+                    if n != adding:
+                        self._validate(want[n])
+                    new = self._extended(new, n, want[n])
+            except ExpertGoneError:
+                if n == adding:
+                    raise
+                log.info("expert %s was removed from the shared registry meanwhile", n)
+            except AdapterError as e:
+                if n == adding:
+                    raise
+                log.error("not serving expert %s of the shared registry: %s", n, e.message)
+                self._sync_refused.add((n, digest))
+        others = [n for n in added if n != adding]
+        if gone or others:
+            log.info(
+                "registry sync: +%s -%s (generation %d, registry version %d)",
+                others or "[]",
+                gone or "[]",
+                new.generation,
+                snap.version,
+            )
+        return dataclasses.replace(new, registry_version=snap.version)
+
+    def _registry(self, verb: str) -> ExpertRegistry:
+        if self.registry is None:
+            raise ConfigurationError(f"experts can be {verb} only with the admin API on")
+        return self.registry
 
     def rebuild(self) -> ServedSet:
         """Recompute S, the exclusives and the static merges of the current experts."""
@@ -331,7 +404,7 @@ class LiveSet:
         interval = self.settings.admin.watch_interval_s
         while not self._stop.wait(interval):
             try:
-                self.sync(self.registry.refresh())
+                self.sync()
             except Exception:  # keep watching: the next change may apply
                 if self._stop.is_set():
                     return
@@ -361,8 +434,11 @@ class LiveSet:
         seed = discover_lora_dirs(self.settings.experts_dir) if self.settings.experts_dir else []
         infos = {i.name: i for i in seed}
         sources: dict[str, Source] = dict.fromkeys(infos, "seed")
+        version = 0
         if self.registry is not None:
-            for name, ref in self.registry.snapshot().experts.items():
+            snap = self.registry.snapshot()
+            version = snap.version
+            for name, ref in snap.experts.items():
                 if name in infos:
                     log.warning(
                         "expert %s is in the experts dir and in the registry (%s): serving "
@@ -374,7 +450,7 @@ class LiveSet:
                 infos[name] = read_lora_dir(ref.path, name)
                 sources[name] = "registry"
         experts = ExpertSet.load(list(infos.values()), self.base_spec)
-        return self._rebuilt(experts, sources, None)
+        return dataclasses.replace(self._rebuilt(experts, sources, None), registry_version=version)
 
     def _rebuilt(
         self, experts: ExpertSet, sources: Mapping[str, Source], prev: ServedSet | None
@@ -464,6 +540,7 @@ class LiveSet:
             tuple(basis),
             dyn,
             catalog,
+            prev.registry_version if prev is not None else 0,
         )
 
     def attach_engine(self, engine: EngineClient) -> None:
