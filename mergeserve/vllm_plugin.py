@@ -1,9 +1,18 @@
 """vLLM plugin: per-request mixtures over one LoRA slot, and a faster CPU LoRA path.
 
 Loaded by vLLM in every process through the `vllm.general_plugins` entry point
-(pyproject.toml); `register()` is idempotent. Set MERGESERVE_MIXTURE_PLUGIN=0 to leave
-vLLM untouched. Nothing of vLLM is copied: the plugin subclasses the platform's punica
-wrapper and wraps four methods, each named in `PATCHES`:
+(pyproject.toml); `register()` is idempotent. It does nothing unless the process asks for
+it with MERGESERVE_MIXTURE_PLUGIN=1 (mergeserve's engine sets it; a plain `vllm serve`
+opts in the same way), so installing mergeserve beside vLLM changes no other vLLM server.
+Nothing of vLLM is copied: the plugin subclasses the platform's punica wrapper and wraps
+a few methods, each named in `PATCHES`:
+
+* `InputProcessor.process_inputs` (the front end, once per request): a request's mixture
+  is checked (`MixtureSpec`: block count, ranks, finite float32 weights, magnitude; a LoRA
+  adapter to scale; its rank within the slots) and a bad one fails that request with a
+  clear error (400 from vLLM's OpenAI server); a good one is stored in canonical form and
+  keyed into the request's prefix-cache salt (`MixtureSpec.salt`), so KV blocks computed
+  under one weighting are never reused under another, while equal weightings share them;
 
 * the platform's `get_punica_wrapper` returns `MixturePunicaCPU` / `MixturePunicaGPU`,
   subclasses of vLLM's wrappers that multiply the rank-space activations between LoRA
@@ -16,7 +25,8 @@ wrapper and wraps four methods, each named in `PATCHES`:
   `LoraState.make_lora_inputs`: once per step, outside any compiled graph, the requests'
   `extra_args` (mergeserve_mix_ranks, mergeserve_mix_weights) are expanded to per-token
   scale rows and written into the wrappers' persistent buffer. Warm-up and dummy runs (which call
-  `_set_active_loras` directly) and requests without a mixture get ones.
+  `_set_active_loras` directly) and requests without a mixture get ones. Each request's
+  spec is parsed once (kept by request id while it runs).
 
 The CPU wrapper also replaces vLLM's per-token weight gathers (sgmv/bgmv in
 `vllm.lora.ops.torch_ops`: each token's [r, in] A and [out, r] B copied, then einsum)
@@ -40,9 +50,10 @@ from mergeserve.runtime.mixture import MixtureSpec, scale_rows
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "MERGESERVE_MIXTURE_PLUGIN"
-"""`0` disables the plugin (vLLM then runs stock)."""
+"""`1` turns the plugin on in a vLLM process; unset or anything else leaves vLLM stock."""
 
 PATCHES = (
+    "vllm.v1.engine.input_processor.InputProcessor.process_inputs",
     "vllm.platforms.<current>.get_punica_wrapper",
     "vllm.lora.model_manager.LoRAModelManager.activate_adapter",
     "vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin.set_active_loras",
@@ -57,7 +68,8 @@ _state: dict[str, bool] = {"registered": False}
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether this process asked for the plugin (MERGESERVE_MIXTURE_PLUGIN=1)."""
+    return os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_registered() -> bool:
@@ -414,20 +426,40 @@ def _wrappers(runner: Any) -> list[MixtureScaleMixin]:
     return list(seen.values())
 
 
-_warned: set[str] = set()
-
-
 def _spec_of(req_id: str, sampling_params: Any) -> MixtureSpec | None:
-    """The mixture a request's SamplingParams carry (None: none, or no params)."""
+    """The mixture a request's SamplingParams carry (None: none, or no params).
+
+    The front end (`process_inputs`) has refused malformed specs already; one that gets
+    here anyway (a front end without the plugin) must not kill the engine, which serves
+    every request of the batch: it runs on the bundle at zero weights, logged."""
     try:
         return MixtureSpec.from_extra_args(getattr(sampling_params, "extra_args", None))
     except ValueError as e:
-        # The engine must not die of one bad request: it runs on the bundle at zero
-        # weights (the base model), and the log says why.
-        if req_id not in _warned:
-            _warned.add(req_id)
-            log.error("request %s: %s; its mixture weights are taken as 0", req_id, e)
+        log.error("request %s: %s; its mixture weights are taken as 0", req_id, e)
         return MixtureSpec((1,), (0.0,))
+
+
+_SPEC_CACHE = "_mergeserve_specs"
+
+
+def _cached_spec(owner: Any, req_id: str, sampling_params: Any) -> MixtureSpec | None:
+    """`_spec_of`, parsed once per request: kept on `owner` (a runner) by request id,
+    with the identity of the params it was parsed from."""
+    cache: dict[str, tuple[int, MixtureSpec | None]] = owner.__dict__.setdefault(_SPEC_CACHE, {})
+    hit = cache.get(req_id)
+    if hit is not None and hit[0] == id(sampling_params):
+        return hit[1]
+    spec = _spec_of(req_id, sampling_params)
+    cache[req_id] = (id(sampling_params), spec)
+    return spec
+
+
+def _prune_specs(owner: Any, live: Any) -> None:
+    """Forget the cached specs of requests no longer in `live` (a runner's requests)."""
+    cache = owner.__dict__.get(_SPEC_CACHE)
+    if cache and len(cache) > 2 * len(live) + 64:
+        for rid in [r for r in cache if r not in live]:
+            del cache[rid]
 
 
 def _push_rows(runner: Any, pending: tuple[list[MixtureSpec | None], Sequence[int]] | None) -> None:
@@ -537,9 +569,10 @@ def _patch_runner_mixin() -> None:
     ) -> Any:
         requests = getattr(self, "requests", {})
         specs = [
-            _spec_of(rid, getattr(requests.get(rid), "sampling_params", None))
+            _cached_spec(self, rid, getattr(requests.get(rid), "sampling_params", None))
             for rid in input_batch.req_ids
         ]
+        _prune_specs(self, requests)
         self._mergeserve_pending = (specs, list(num_scheduled_tokens))
         return stock_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
 
@@ -591,6 +624,62 @@ def _patch_v2_runner() -> None:
     LoraState.make_lora_inputs = _mark(make_lora_inputs)
 
 
+class MixtureRequestError(ValueError):
+    """A request's mixture that the engine refuses (a ValueError, as vLLM's own request
+    checks raise, so every vLLM entry point answers it as a client error)."""
+
+
+def check_request_mixture(
+    extra_args: dict[str, Any] | None, has_lora: bool, max_lora_rank: int | None
+) -> MixtureSpec | None:
+    """The mixture of a request as the front end accepts it, or None; raises
+    MixtureRequestError saying what is wrong."""
+    try:
+        spec = MixtureSpec.from_extra_args(extra_args)
+    except ValueError as e:
+        raise MixtureRequestError(f"mergeserve mixture refused: {e}") from None
+    if spec is None:
+        return None
+    if not has_lora:
+        raise MixtureRequestError(
+            "mergeserve mixture refused: it scales a LoRA adapter (the bundle), and the "
+            "request names none"
+        )
+    if max_lora_rank is not None and spec.rank > max_lora_rank:
+        raise MixtureRequestError(
+            f"mergeserve mixture refused: its blocks have rank {spec.rank} in all, above "
+            f"the engine's max_lora_rank {max_lora_rank}"
+        )
+    return spec
+
+
+def _patch_input_processor() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if _patched(InputProcessor, "process_inputs"):
+        return
+    stock = InputProcessor.process_inputs
+
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = stock(self, *args, **kwargs)
+        params = getattr(request, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        if params is None or not extra:
+            return request
+        lora_config = getattr(getattr(self, "vllm_config", None), "lora_config", None)
+        spec = check_request_mixture(
+            extra,
+            request.lora_request is not None,
+            getattr(lora_config, "max_lora_rank", None),
+        )
+        if spec is not None:
+            params.extra_args = {**extra, **spec.extra_args()}  # canonical (float32)
+            request.cache_salt = spec.salt(request.cache_salt)
+        return request
+
+    InputProcessor.process_inputs = _mark(process_inputs)
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point: patch vLLM in this process, once."""
     if _state["registered"] or not enabled():
@@ -598,6 +687,7 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     _patch_platform()
+    _patch_input_processor()
     if current_platform.is_cpu():
         _patch_cpu_compile()
     _patch_manager()

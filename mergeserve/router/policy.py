@@ -26,11 +26,17 @@ from mergeserve.errors import InvalidRequestError
 
 _EPS = 1e-9
 
+MAX_PINNED_WEIGHT = 10.0
+"""Largest weight a client may pin one expert at (`merge_weights`): task arithmetic uses
+λ up to ~1–2; far beyond, a merge is noise (and, past float32, NaN)."""
+
 
 @dataclass(frozen=True)
 class MergeKey:
-    """Which experts a request is merged from, and with what weights (all > 0, sum 1).
+    """Which experts a request is merged from, and with what weights (all > 0).
 
+    Routed keys are a distribution (sum 1); a client's pinned `merge_weights` are served
+    as given (each at most MAX_PINNED_WEIGHT), e.g. two skills at full strength, 1 each.
     Hashable and ordered by expert name, so equal merges compare and hash equal whatever
     the order the weights were given in.
     """
@@ -43,8 +49,8 @@ class MergeKey:
         names = [n for n, _ in self.weights]
         if names != sorted(set(names)):
             raise ValueError(f"expert names must be unique and sorted, got {names}")
-        if any(not w > 0 for _, w in self.weights):
-            raise ValueError(f"weights must be > 0, got {self.weights}")
+        if any(not 0 < w <= MAX_PINNED_WEIGHT for _, w in self.weights):
+            raise ValueError(f"weights must be in (0, {MAX_PINNED_WEIGHT:g}], got {self.weights}")
 
     @classmethod
     def from_weights(
@@ -52,12 +58,15 @@ class MergeKey:
         weights: Mapping[str, float],
         experts: Sequence[str] | None = None,
         grid: float | None = None,
+        *,
+        normalize: bool = True,
     ) -> MergeKey:
-        """A key from explicit weights (a client's `merge_weights`): checked, normalized
-        to sum 1, zeros dropped, and rounded to `grid` when given.
+        """A key from explicit weights: checked, zeros dropped, normalized to sum 1 (or,
+        with normalize=False, kept as given), and rounded to `grid` when given (a
+        distribution by largest remainder; weights as given each to the nearest multiple).
 
-        Raises InvalidRequestError naming what is wrong: unknown experts, negative or
-        non-finite weights, or no positive weight at all.
+        Raises InvalidRequestError naming what is wrong: unknown experts, negative,
+        non-finite or too large weights (> MAX_PINNED_WEIGHT), or no positive weight.
         """
         if not weights:
             raise InvalidRequestError("merge weights are empty", param="merge_weights")
@@ -69,21 +78,35 @@ class MergeKey:
                     f"experts: {', '.join(experts)}",
                     param="merge_weights",
                 )
-        bad = {n: w for n, w in weights.items() if not math.isfinite(w) or w < 0}
+        bad = {
+            n: w
+            for n, w in weights.items()
+            if not math.isfinite(w) or not 0 <= w <= MAX_PINNED_WEIGHT
+        }
         if bad:
             raise InvalidRequestError(
-                f"merge weights must be finite and >= 0, got {bad}", param="merge_weights"
+                f"merge weights must be numbers in [0, {MAX_PINNED_WEIGHT:g}], got "
+                f"{', '.join(f'{n}={w!r}' for n, w in sorted(bad.items())[:4])}",
+                param="merge_weights",
             )
         total = sum(weights.values())
-        if total <= 0:
-            raise InvalidRequestError(
-                "merge weights need at least one positive weight", param="merge_weights"
-            )
         names = sorted(weights)
-        probs = [weights[n] / total for n in names]
-        if grid is not None:
-            probs = round_to_grid(probs, grid)
-        return cls(tuple((n, p) for n, p in zip(names, probs, strict=True) if p > 0))
+        if normalize:
+            probs = [weights[n] / total for n in names] if total > 0 else []
+            if probs and grid is not None:
+                probs = round_to_grid(probs, grid)
+        else:
+            probs = [float(weights[n]) for n in names]
+            if grid is not None:
+                probs = [round(round(p / grid) * grid, 12) for p in probs]
+        key = tuple((n, p) for n, p in zip(names, probs, strict=False) if p > 0)
+        if not key:
+            raise InvalidRequestError(
+                "merge weights need at least one positive weight"
+                + (f" (after rounding to the grid {grid:g})" if grid and total > 0 else ""),
+                param="merge_weights",
+            )
+        return cls(key)
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.weights)

@@ -44,6 +44,10 @@ from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec
 log = logging.getLogger(__name__)
 
 AdapterHook = Callable[[LoRATarget], Awaitable[None]]
+MixtureVerifier = Callable[[LoRATarget, MixtureSpec, LoRATarget], Awaitable[str | None]]
+"""(bundle, spec, materialized reference) -> None if the engine agrees, else why not."""
+
+PROBE_WEIGHT = 0.5
 
 DynamicMode = Literal["twin", "exact"]
 DYNAMIC_MODES: tuple[DynamicMode, ...] = ("twin", "exact")
@@ -179,10 +183,13 @@ class DynamicMerger:
         return RoutedRequest(routing, time.perf_counter() - t0, state)
 
     def pinned_key(self, weights: dict[str, float], state: DynamicState | None = None) -> MergeKey:
-        """A client's own `merge_weights`, checked against the experts and rounded to the
-        policy's grid (so pinned keys share adapters like routed ones)."""
+        """A client's own `merge_weights`, checked against the experts, served as given
+        (not normalized: {"a": 1, "b": 1} is task arithmetic at λ = 1 each) and rounded
+        to the policy's grid (so pinned keys share adapters like routed ones)."""
         state = state or self._state
-        return MergeKey.from_weights(weights, state.experts.names, self.policy.grid)
+        return MergeKey.from_weights(
+            weights, state.experts.names, self.policy.grid, normalize=False
+        )
 
     # ------------------------------------------------------------------- merging
 
@@ -313,6 +320,7 @@ class DynamicMerger:
                         try:
                             await self._pin_fn(adapter.target)
                             self._engine_pinned[adapter.key] = adapter
+                            log.info("pinned the %s bundle %s", mode, adapter.target.name)
                         except Exception as e:  # the engine loads it on demand instead
                             log.warning("could not pin %s: %s", adapter.target.name, e)
         if self._retiring:
@@ -325,8 +333,46 @@ class DynamicMerger:
             if self._engine_pinned.pop(a.key, None) is not None and self._unpin_fn is not None:
                 try:
                     await self._unpin_fn(a.target)
+                    log.info("unpinned the bundle %s (no request holds it)", a.target.name)
                 except Exception as e:
                     log.warning("could not unpin %s: %s", a.target.name, e)
+
+    async def probe_mixture(self, verify: MixtureVerifier) -> str | None:
+        """The start-up self-check of the mixture path: None if the engine serves the
+        mixture as the materialized merge it stands for, else why not.
+
+        Probes the first expert at weight 0.5 (a weighting the unscaled bundle does not
+        give) in `exact` mode if the mixture serves it, else in `twin`: the bundle with
+        that spec and the materialized merge of the same key are handed to `verify`
+        (EngineClient.verify_mixture). Nothing to check (None) when no mode is served
+        by the mixture."""
+        st = self._state
+        modes = [m for m in ("exact", "twin") if self.uses_mixture(m, st)]
+        if not modes or not st.experts.names:
+            return None
+        mode: DynamicMode = "exact" if "exact" in modes else "twin"
+        key = MergeKey(((st.experts.names[0], PROBE_WEIGHT),))
+        merged = await self._acquire_mixture(mode, key, st)
+        try:
+            assert merged.mixture is not None
+            ref = await self.cache.acquire(
+                self.content_key(mode, key, st), lambda: self.build(mode, key, st)
+            )
+            try:
+                return await verify(merged.lease.adapter.target, merged.mixture, ref.adapter.target)
+            finally:
+                ref.release()
+        finally:
+            merged.lease.release()
+
+    async def stop_mixture(self) -> None:
+        """Serve by materializing from now on, and unpin the bundles (each once no
+        request holds it)."""
+        async with self._pin_lock:
+            self.mixture_rank = None
+            self._retiring.extend(self._current.values())
+            self._current.clear()
+            await self._sweep()
 
     def use_mixture(
         self,

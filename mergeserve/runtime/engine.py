@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,13 @@ from mergeserve.runtime.mixture import MixtureSpec
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+PROBE_TEXT = " ".join(
+    f"Note {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(40)
+)
+"""The mixture self-check's prompt: long, so that it fills several KV-cache blocks."""
+PROBE_PROMPT_TOKENS = 600
+PROBE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,44 @@ class EngineClient(ABC):
 
     async def unpin_adapter(self, lora: LoRATarget) -> None:  # noqa: B027 (optional hook)
         """Release what `pin_adapter` holds."""
+
+    async def verify_mixture(
+        self, bundle: LoRATarget, spec: MixtureSpec, reference: LoRATarget
+    ) -> str | None:
+        """Prove that this engine serves `spec` over `bundle` as the materialized merge
+        `reference` it stands for; None if so, else why not (the start-up self-check).
+
+        Three greedy generations of one long prompt (several KV blocks): the bundle
+        unscaled first, so that its prefix blocks are cached, then the bundle with
+        `spec`, then `reference`. The mixture must give the reference's tokens (the
+        plugin scales the rank blocks, and its KV was not taken from the unscaled run)
+        and differ from the unscaled bundle (the weights reached the engine at all)."""
+        room = max(16, min(self.max_model_len - PROBE_TOKENS - 8, PROBE_PROMPT_TOKENS))
+        prompt = self.render_chat([{"role": "user", "content": PROBE_TEXT}])[-room:]
+        params = GenerationParams(max_tokens=PROBE_TOKENS, temperature=0.0, ignore_eos=True)
+
+        async def reply(lora: LoRATarget, mixture: MixtureSpec | None) -> str:
+            parts = []
+            rid = f"mergeserve-probe-{uuid.uuid4().hex}"
+            async for d in self.generate(prompt, params, rid, lora, mixture):
+                parts.append(d.text)
+            return "".join(parts)
+
+        unscaled = await reply(bundle, None)
+        mixed = await reply(bundle, spec)
+        want = await reply(reference, None)
+        if mixed != want:
+            return (
+                f"the mixture answered {mixed!r} where its materialized merge answers "
+                f"{want!r}: the mergeserve plugin is not live in the engine (or its KV "
+                "cache is shared across weightings)"
+            )
+        if mixed == unscaled:
+            return (
+                f"the mixture answered {mixed!r} as the unscaled bundle does: its weights "
+                "do not reach the engine"
+            )
+        return None
 
     def _check_mixture(self, lora: LoRATarget | None, mixture: MixtureSpec | None) -> None:
         if mixture is None:
@@ -255,8 +301,14 @@ class VllmEngine(EngineClient):
             extra_args=mixture.extra_args() if mixture is not None else None,
         )
         lora_request = _lora_request(lora) if lora is not None else None
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        if mixture is not None:
+            # Every mixture uses the one bundle adapter, and vLLM's prefix-cache key
+            # holds the adapter, not the weights: the salt keeps KV blocks computed under
+            # one weighting from being reused under another (equal weightings share).
+            prompt["cache_salt"] = mixture.salt()
         stream = self._engine.generate(
-            {"prompt_token_ids": prompt_token_ids},
+            prompt,
             sampling,
             request_id,
             lora_request=lora_request,
@@ -346,8 +398,12 @@ class FakeEngine(EngineClient):
     mixtures_seen: list[MixtureSpec] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
     """Names of the adapters pinned now."""
+    mixtures_checked: list[tuple[str, MixtureSpec, str]] = field(default_factory=list)
+    """(bundle, spec, reference) of each self-check asked of it."""
     reply_fn: Callable[[str | None, str], str] | None = None
     """(adapter name or None, last user message) -> reply, replacing the default."""
+    mixture_live: bool = True
+    """What the mixture self-check finds (False: as if the plugin were not loaded)."""
 
     @property
     def max_model_len(self) -> int:
@@ -399,6 +455,13 @@ class FakeEngine(EngineClient):
     @property
     def supports_mixture(self) -> bool:
         return self.mixture
+
+    async def verify_mixture(
+        self, bundle: LoRATarget, spec: MixtureSpec, reference: LoRATarget
+    ) -> str | None:
+        # A character engine cannot compute a merge; the check's logic runs on vLLM (e2e).
+        self.mixtures_checked.append((bundle.name, spec, reference.name))
+        return None if self.mixture_live else "the fake engine's mixture is marked not live"
 
     async def pin_adapter(self, lora: LoRATarget) -> None:
         self.pinned.append(lora.name)

@@ -22,6 +22,8 @@ scale. Imports no vLLM.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,11 +39,28 @@ MIX_WEIGHTS = "mergeserve_mix_weights"
 """The keys of SamplingParams.extra_args that carry a request's mixture: two flat lists,
 so that they also pass as `vllm_xargs` through vLLM's OpenAI server."""
 
+MAX_BLOCKS = 1024
+"""Most blocks (terms) a mixture may have; a bundle has one per expert (+ S)."""
+MAX_BLOCK_RANK = 1 << 16
+MAX_ABS_WEIGHT = 1e3
+"""Largest |weight| of a block. The scale is applied in float32 to activations, and a
+reply computed with a huge weight is noise (and NaN past float32's range, which prefix
+caching would then hand to later requests): refused instead."""
+
+
+def _f32(w: float) -> float:
+    """`w` as the float32 the engine multiplies by (so checks and hashes see that)."""
+    return float(torch.tensor(w, dtype=torch.float32).item())
+
 
 @dataclass(frozen=True)
 class MixtureSpec:
     """A request's weights over a bundle's blocks: block t (rank `ranks[t]`) is scaled by
-    `weights[t]`."""
+    `weights[t]`.
+
+    Checked on construction, as the engine will apply it: at most MAX_BLOCKS blocks of
+    rank 1..MAX_BLOCK_RANK, weights finite in float32 and |w| <= MAX_ABS_WEIGHT; the
+    weights are stored as their float32 values. Raises ValueError otherwise."""
 
     ranks: tuple[int, ...]
     weights: tuple[float, ...]
@@ -49,10 +68,27 @@ class MixtureSpec:
     def __post_init__(self) -> None:
         if len(self.ranks) != len(self.weights):
             raise ValueError(f"{len(self.ranks)} block ranks but {len(self.weights)} weights")
-        if any(r < 1 for r in self.ranks):
-            raise ValueError(f"block ranks must be >= 1, got {list(self.ranks)}")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise ValueError("mixture weights must be finite")
+        if not self.ranks:
+            raise ValueError("a mixture needs at least one block")
+        if len(self.ranks) > MAX_BLOCKS:
+            raise ValueError(f"{len(self.ranks)} blocks; a mixture has at most {MAX_BLOCKS}")
+        if any(not 1 <= r <= MAX_BLOCK_RANK for r in self.ranks):
+            raise ValueError(f"block ranks must be in 1..{MAX_BLOCK_RANK}")
+        weights = tuple(_f32(w) if math.isfinite(w) else w for w in self.weights)
+        if not all(math.isfinite(w) and abs(w) <= MAX_ABS_WEIGHT for w in weights):
+            raise ValueError(
+                f"mixture weights must be finite (in float32) with |w| <= {MAX_ABS_WEIGHT:g}"
+            )
+        object.__setattr__(self, "weights", weights)
+
+    def salt(self, salt: str | None = None) -> str:
+        """A prefix-cache salt for this mixture (combined with a client's own `salt`):
+        requests with equal mixtures get equal salts and share KV blocks; different
+        mixtures never do (vLLM hashes the salt into the first block of the prompt)."""
+        h = hashlib.sha256(b"mergeserve-mixture/1\n")
+        h.update(json.dumps([list(self.ranks), list(self.weights)]).encode())
+        mine = f"mergeserve-mix-{h.hexdigest()[:32]}"
+        return mine if not salt or salt == mine else f"{salt}|{mine}"
 
     @property
     def rank(self) -> int:
@@ -75,12 +111,17 @@ class MixtureSpec:
         if not extra_args or (MIX_RANKS not in extra_args and MIX_WEIGHTS not in extra_args):
             return None
         raw_r, raw_w = extra_args.get(MIX_RANKS), extra_args.get(MIX_WEIGHTS)
-        try:
-            ranks = tuple(int(r) for r in raw_r)  # type: ignore[union-attr]
-            weights = tuple(float(w) for w in raw_w)  # type: ignore[union-attr]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"malformed mixture: ranks {raw_r!r}, weights {raw_w!r}") from e
-        return cls(ranks, weights)
+        if not isinstance(raw_r, list | tuple) or not isinstance(raw_w, list | tuple):
+            raise ValueError(
+                f"a mixture needs both {MIX_RANKS} and {MIX_WEIGHTS} as lists of numbers"
+            )
+        if len(raw_r) > MAX_BLOCKS or len(raw_w) > MAX_BLOCKS:
+            raise ValueError(f"a mixture has at most {MAX_BLOCKS} blocks")
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in raw_r):
+            raise ValueError(f"{MIX_RANKS} must be integers")
+        if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in raw_w):
+            raise ValueError(f"{MIX_WEIGHTS} must be numbers")
+        return cls(tuple(raw_r), tuple(float(w) for w in raw_w))
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         chat.publish(new.catalog, live.dynamic if new.dynamic is not None else None)
         metrics.registry_version.set(new.generation)
         metrics.experts.set(len(new.experts))
+        metrics.mixture_active.set(live.mixture_active)
 
     live.subscribe(on_change)
     on_change(served)
@@ -112,6 +113,13 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(settings, engine)
+        try:
+            await state.live.check_mixture()
+        except BaseException:
+            await state.engine.shutdown()
+            await state.live.close()
+            raise
+        state.metrics.mixture_active.set(state.live.mixture_active)
         app.state.mergeserve = state
         try:
             yield

@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ from mergeserve.router.routers import (
     router_for,
     router_with,
 )
-from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger, DynamicState
+from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger, DynamicMode, DynamicState
 from mergeserve.runtime.engine import EngineClient
 from mergeserve.runtime.expert_set import (
     STATIC_DEFAULTS,
@@ -179,6 +180,9 @@ class LiveSet:
         self.registry: ExpertRegistry | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.mixture_refused: str | None = None
+        """Why the mixture self-check failed (then dynamic merges are materialized)."""
+        self.mixture_check_s: float | None = None
         self._sync_refused: set[tuple[str, str]] = set()
         """(name, digest) entries of the registry that failed this server's validation."""
         if settings.admin.token is not None:
@@ -550,9 +554,55 @@ class LiveSet:
         if self.dynamic is not None:
             self._configure_mixture(self.dynamic)
 
+    async def check_mixture(self) -> str | None:
+        """The start-up self-check (`DynamicMerger.probe_mixture`): before the dynamic
+        arms are served by the in-engine mixture, prove that the engine computes it. If
+        it does not, every dynamic request is served by materializing its merge instead,
+        and the log, `/v1/models` and `mergeserve_mixture_active` say so. The reason it
+        failed, or None."""
+        dyn, engine = self.dynamic, self._engine
+        if dyn is None or engine is None or dyn.mixture_rank is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            reason = await dyn.probe_mixture(engine.verify_mixture)
+        except Exception as e:  # an engine that fails the probe cannot be trusted with it
+            log.exception("the mixture self-check failed")
+            reason = f"the self-check failed: {e}"
+        self.mixture_check_s = time.perf_counter() - t0
+        if reason is None:
+            log.info("mixture self-check passed in %.2f s", self.mixture_check_s)
+            return None
+        self.mixture_refused = reason
+        await dyn.stop_mixture()
+        log.error(
+            "mixture self-check failed (%s); the dynamic arms are served by materializing "
+            "each merge instead",
+            reason,
+        )
+        self._configure_mixture(dyn)
+        return reason
+
+    @property
+    def mixture_active(self) -> bool:
+        """Whether some dynamic arm is served by the in-engine mixture now."""
+        return any(self.serving(m) == "mixture" for m in DYNAMIC_MODES)
+
+    def serving(self, mode: DynamicMode) -> Literal["mixture", "materialized"]:
+        """How the dynamic arm of `mode` is served now: 'mixture' or 'materialized'."""
+        dyn = self.dynamic
+        if dyn is not None and dyn.uses_mixture(mode):
+            return "mixture"
+        return "materialized"
+
     def _configure_mixture(self, merger: DynamicMerger) -> None:
         es, engine = self.settings.engine, self._engine
-        if engine is not None and es.mixture and engine.supports_mixture:
+        if (
+            engine is not None
+            and es.mixture
+            and engine.supports_mixture
+            and self.mixture_refused is None
+        ):
             # Pin at most half the slots (less one): the rest serve experts and static
             # merges. Bundles beyond that load on demand like any adapter.
             pins = max(0, (es.max_loras - 1) // 2)

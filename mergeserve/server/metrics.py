@@ -123,6 +123,12 @@ class Metrics:
             "Experts in the served expert set.",
             registry=r,
         )
+        self.mixture_active = Gauge(
+            "mergeserve_mixture_active",
+            "1 while the dynamic arms are served by the in-engine mixture (its start-up "
+            "self-check passed), 0 while each merge is materialized.",
+            registry=r,
+        )
         # A/B experiments: the same per-arm figures, labelled by experiment (bounded by
         # the experiments file) so an experiment's arms are never mixed with direct use.
         self.exp_requests = Counter(

@@ -89,6 +89,7 @@ def test_merged_adapter_equals_dense_merge_in_transformers(
         )
         merge = (r.model_extra or {})["merge"]
         assert merge["weights"] == WEIGHTS
+        assert merge["mixture"] is True  # the in-engine mixture answered, not a materialized merge
         assert merge["truncated"] is False
         assert merge["routed"] is False
         want, n_tokens = _reference(real_server, mode, prompt)

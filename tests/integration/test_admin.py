@@ -152,7 +152,7 @@ async def test_upload_serves_a_new_expert_at_once(
             max_tokens=20,
             extra_body={"merge_weights": {"gamma": 1.0, "alpha": 1.0}},
         )
-        assert pinned.model_extra["merge"]["weights"] == {"alpha": 0.5, "gamma": 0.5}
+        assert pinned.model_extra["merge"]["weights"] == {"alpha": 1.0, "gamma": 1.0}
     metrics = (await admin.http.get("/metrics")).text
     assert metric_samples(metrics, "mergeserve_registry_version")[()] == 2
     assert metric_samples(metrics, "mergeserve_experts")[()] == 3

@@ -87,9 +87,15 @@ async def test_pinned_weights(served: Served) -> None:
         extra_body={"merge_weights": {"alpha": 1, "beta": 3}},
     )
     m = merge_of(r)
-    assert m["weights"] == {"alpha": 0.25, "beta": 0.75}
+    assert m["weights"] == {"alpha": 1.0, "beta": 3.0}  # as given: not normalized
     assert m["routed"] is False
     assert m["rank"] == 8 + 4
+    r = await served.client.chat.completions.create(
+        model="dynamic:exact",
+        messages=SUM,
+        extra_body={"merge_weights": {"alpha": 0.33, "beta": 0.0}},
+    )
+    assert merge_of(r)["weights"] == {"alpha": pytest.approx(0.35)}  # the routing grid
 
 
 @pytest.mark.parametrize(
@@ -97,8 +103,11 @@ async def test_pinned_weights(served: Served) -> None:
     [
         ("expert:alpha", {"alpha": 1}, "dynamic models only"),
         ("dynamic", {"gamma": 1}, "unknown experts"),
-        ("dynamic", {"alpha": -1, "beta": 2}, ">= 0"),
+        ("dynamic", {"alpha": -1, "beta": 2}, r"in \[0, 10\]"),
+        ("dynamic", {"alpha": 1e308, "beta": 1e308}, r"in \[0, 10\]"),
+        ("dynamic", {"alpha": 10.5}, r"in \[0, 10\]"),
         ("dynamic", {"alpha": 0}, "positive"),
+        ("dynamic", {"alpha": 0.01}, "after rounding to the grid"),
         ("dynamic", {}, "empty"),
     ],
 )

@@ -15,7 +15,7 @@ from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
 from mergeserve.runtime.mixture import MixtureSpec
 from tests.conftest import write_fake_lora_dir
-from tests.integration.conftest import Served, serve
+from tests.integration.conftest import Served, metric_samples, serve
 from tests.integration.test_admin import AUTH, GAMMA_PROMPTS, admin_settings
 
 SUM = [{"role": "user", "content": "What is 25 plus 17?"}]
@@ -73,8 +73,12 @@ async def test_twin_bundle_starts_with_the_shared_block_at_weight_one(mixed: Ser
     assert m["mixture"] is True
     spec = mixed.engine.mixtures_seen[-1]
     assert m["weights"] == {"alpha": 0.4, "beta": 0.6}
-    assert spec.weights == (1.0, 0.4, 0.6)  # S, alpha, beta
-    assert len(mixed.engine.pinned) == 1
+    assert spec.weights == pytest.approx((1.0, 0.4, 0.6))  # S, alpha, beta (float32)
+    # Pinned beside the exact bundle, which the start-up self-check pinned.
+    assert mixed.engine.pinned == [
+        mixed.engine.mixtures_checked[0][0],
+        f"dynamic-{m['adapter_id']}",
+    ]
 
 
 async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
@@ -165,3 +169,52 @@ async def test_few_slots_are_not_pinned_away(settings: Settings) -> None:
             r = await s.client.chat.completions.create(model=model, messages=SUM)
             assert merge_of(r)["mixture"] is True
         assert s.engine.pinned == []
+
+
+# ------------------------------------------------------------------ start-up self-check
+
+
+async def test_the_mixture_is_served_only_after_its_self_check(mixed: Served) -> None:
+    engine = mixed.engine
+    [(bundle, spec, reference)] = engine.mixtures_checked  # once, at start-up
+    assert spec.weights == (0.5, 0.0)  # the first expert at 0.5: not the unscaled bundle
+    assert reference != bundle  # the materialized merge of the same weights
+    cards = {m["id"]: m for m in (await mixed.http.get("/v1/models")).json()["data"]}
+    assert cards["dynamic:exact"]["serving"] == "mixture"
+    assert cards["dynamic:twin"]["serving"] == "mixture"
+    assert cards["dynamic:exact"]["serving_note"] is None
+    assert "serving" not in cards["base"] or cards["base"]["serving"] is None
+    text = (await mixed.http.get("/metrics")).text
+    assert metric_samples(text, "mergeserve_mixture_active") == {(): 1.0}
+    r = await mixed.client.chat.completions.create(
+        model="dynamic:exact",
+        messages=SUM,
+        extra_body={"merge_weights": {"alpha": 1, "beta": 1}},  # both skills, full strength
+    )
+    assert merge_of(r)["weights"] == {"alpha": 1.0, "beta": 1.0}
+    assert engine.mixtures_seen[-1].weights == (1.0, 1.0)
+
+
+async def test_a_failed_self_check_serves_by_materializing_and_says_so(
+    admin_settings: Settings,
+) -> None:
+    engine = FakeEngine(context_len=256, mixture=True, mixture_live=False)
+    async for s in serve(admin_settings, engine):
+        assert len(engine.mixtures_checked) == 1
+        cards = {m["id"]: m for m in (await s.http.get("/v1/models")).json()["data"]}
+        for mode in ("exact", "twin"):
+            assert cards[f"dynamic:{mode}"]["serving"] == "materialized"
+            assert "not live" in cards[f"dynamic:{mode}"]["serving_note"]
+        text = (await s.http.get("/metrics")).text
+        assert metric_samples(text, "mergeserve_mixture_active") == {(): 0.0}
+        seen = len(engine.mixtures_seen)
+        r = await s.client.chat.completions.create(
+            model="dynamic:exact",
+            messages=SUM,
+            extra_body={"merge_weights": {"alpha": 0.4, "beta": 0.6}},
+        )
+        m = merge_of(r)
+        assert m["mixture"] is False  # never the bundle unscaled: its own merged adapter
+        assert len(engine.mixtures_seen) == seen
+        assert engine.loras_seen[-1] == f"dynamic-{m['adapter_id']}"
+        assert engine.pinned == []  # the probe's bundle was released, nothing kept pinned

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,10 +88,31 @@ def test_spec_round_trips_through_extra_args_and_rejects_malformed() -> None:
         {"mergeserve_mix_ranks": [0], "mergeserve_mix_weights": [1.0]},
         {"mergeserve_mix_ranks": ["x"], "mergeserve_mix_weights": [1.0]},
         {"mergeserve_mix_ranks": [2], "mergeserve_mix_weights": [float("nan")]},
+        {"mergeserve_mix_ranks": [2], "mergeserve_mix_weights": [1e39]},  # inf in float32
+        {"mergeserve_mix_ranks": [2], "mergeserve_mix_weights": [1001.0]},
+        {"mergeserve_mix_ranks": [2], "mergeserve_mix_weights": [True]},
+        {"mergeserve_mix_ranks": [2.5], "mergeserve_mix_weights": [1.0]},
+        {"mergeserve_mix_ranks": 2, "mergeserve_mix_weights": 1.0},
+        {"mergeserve_mix_ranks": [], "mergeserve_mix_weights": []},
+        {"mergeserve_mix_ranks": [1 << 17], "mergeserve_mix_weights": [1.0]},
+        {"mergeserve_mix_ranks": [1] * 1025, "mergeserve_mix_weights": [1.0] * 1025},
+        {"mergeserve_mix_ranks": [1] * 10**6, "mergeserve_mix_weights": [1.0]},
     ):
-        with pytest.raises(ValueError, match=r"mixture|ranks|weights"):
+        with pytest.raises(ValueError, match=r"mixture|ranks|weights|blocks"):
             MixtureSpec.from_extra_args(bad)
     assert spec.scale().tolist() == [0.25] * 8 + [0.0] * 8 + [1.5] * 4
+    # Stored as the float32 values the engine multiplies by.
+    assert MixtureSpec((1,), (0.1,)).weights == (float(torch.tensor(0.1).item()),)
+    assert MixtureSpec((1,), (-1000.0,)).weights == (-1000.0,)
+
+
+def test_the_salt_separates_mixtures_and_joins_equal_ones() -> None:
+    a, b = MixtureSpec((8, 8), (1.0, 0.0)), MixtureSpec((8, 8), (0.0, 1.0))
+    assert a.salt() == MixtureSpec((8, 8), (1.0, 0.0)).salt()
+    assert a.salt() != b.salt()
+    assert a.salt() != MixtureSpec((4, 12), (1.0, 0.0)).salt()  # same weights, other blocks
+    assert a.salt("tenant-1") not in (a.salt(), a.salt("tenant-2"))
+    assert a.salt(a.salt()) == a.salt()  # salting twice (mergeserve, then the plugin): once
 
 
 def test_scale_rows_per_token() -> None:
@@ -313,11 +335,89 @@ print(current_platform.get_punica_wrapper(), p.is_registered(), first == again)
 """
 
 
-def test_register_is_idempotent_and_switchable() -> None:
+def test_register_is_idempotent_and_opt_in() -> None:
     on = run_python(REGISTER, MERGESERVE_MIXTURE_PLUGIN="1")
     assert on == "mergeserve.vllm_plugin.MixturePunicaCPU True True"
+    stock = ["vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU", "False"]
     off = run_python(REGISTER, MERGESERVE_MIXTURE_PLUGIN="0")
-    assert off.split()[:2] == ["vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU", "False"]
+    assert off.split()[:2] == stock
+    env = {k: v for k, v in os.environ.items() if k != "MERGESERVE_MIXTURE_PLUGIN"}
+    proc = subprocess.run(  # a plain vLLM process that never asked for it: untouched
+        [sys.executable, "-c", REGISTER], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:2] == stock
+
+
+def test_the_front_end_refuses_bad_mixtures_and_salts_good_ones() -> None:
+    from mergeserve.vllm_plugin import MixtureRequestError, check_request_mixture
+
+    good = MixtureSpec((8, 8), (0.5, 0.25)).extra_args()
+    assert check_request_mixture(good, True, 64) == MixtureSpec((8, 8), (0.5, 0.25))
+    assert check_request_mixture({"other": 1}, False, 64) is None
+    assert check_request_mixture(None, False, None) is None
+    for extra, has_lora, max_rank, match in (
+        ({"mergeserve_mix_ranks": [8]}, True, 64, "both"),
+        ({**good, "mergeserve_mix_weights": [1e39, 0.0]}, True, 64, "finite"),
+        ({**good, "mergeserve_mix_weights": [float("nan"), 0.0]}, True, 64, "finite"),
+        ({**good, "mergeserve_mix_weights": ["1", 0.0]}, True, 64, "numbers"),
+        (good, False, 64, "names none"),
+        (good, True, 8, "above the engine's max_lora_rank 8"),
+    ):
+        with pytest.raises(MixtureRequestError, match=match) as e:
+            check_request_mixture(extra, has_lora, max_rank)
+        assert isinstance(e.value, ValueError)  # vLLM answers it as a client error
+
+
+PROCESS_INPUTS = """
+import json
+from mergeserve import vllm_plugin as p
+from mergeserve.runtime.mixture import MixtureSpec
+from vllm import SamplingParams
+from vllm.v1.engine.input_processor import InputProcessor
+
+class Req:  # what the stock process_inputs returns (an EngineCoreRequest's fields used)
+    def __init__(self, params, lora, salt):
+        self.sampling_params, self.lora_request, self.cache_salt = params, lora, salt
+
+def stock(self, request_id, prompt, params, *a, lora_request=None, **kw):
+    return Req(params, lora_request, prompt.get("cache_salt"))
+
+InputProcessor.process_inputs = stock
+p.register()
+
+class Cfg:
+    class lora_config:
+        max_lora_rank = 16
+
+proc = InputProcessor.__new__(InputProcessor)
+proc.vllm_config = Cfg
+out = {}
+for name, weights, salt in (("a", [0.5, 0.1], None), ("b", [0.1, 0.5], None),
+                            ("a2", [0.5, 0.1], None), ("t", [0.5, 0.1], "tenant")):
+    sp = SamplingParams(max_tokens=1, extra_args=MixtureSpec((8, 8), tuple(weights)).extra_args())
+    out[name] = proc.process_inputs("r", {"cache_salt": salt}, sp, lora_request=object()).cache_salt
+plain = proc.process_inputs("r", {}, SamplingParams(max_tokens=1), lora_request=None)
+out["plain"] = plain.cache_salt
+try:
+    bad = SamplingParams(max_tokens=1, extra_args={"mergeserve_mix_ranks": [8],
+                                                    "mergeserve_mix_weights": [1e39]})
+    proc.process_inputs("r", {}, bad, lora_request=object())
+except ValueError as e:
+    out["bad"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_the_plugin_keys_each_mixture_into_the_prefix_cache_salt() -> None:
+    out = json.loads(run_python(PROCESS_INPUTS, MERGESERVE_MIXTURE_PLUGIN="1"))
+    assert out["a"] == out["a2"]  # equal weightings share prefix blocks
+    assert out["a"] != out["b"]  # different weightings never do
+    assert out["t"].startswith("tenant|")  # a client's own salt is kept
+    assert out["t"] != out["a"]
+    assert out["plain"] is None  # requests without a mixture are untouched
+    assert "refused" in out["bad"]
+    assert "finite" in out["bad"]
 
 
 def test_vllm_finds_the_plugin_by_its_entry_point() -> None:

@@ -117,13 +117,28 @@ def test_merge_key_from_weights() -> None:
     assert rounded.as_dict() == pytest.approx({"add": 0.3, "sort": 0.7})
 
 
+def test_merge_key_as_given_is_not_normalized() -> None:
+    both = MergeKey.from_weights({"add": 1, "sort": 1}, EXPERTS, normalize=False)
+    assert both.as_dict() == {"add": 1.0, "sort": 1.0}  # two skills at full strength
+    assert both != MergeKey.from_weights({"add": 1, "sort": 1}, EXPERTS)
+    half = MergeKey.from_weights({"add": 0.52, "sort": 0.0}, EXPERTS, 0.05, normalize=False)
+    assert half.as_dict() == pytest.approx({"add": 0.5})
+    assert MergeKey.from_weights({"add": 10.0}, EXPERTS, normalize=False).as_dict() == {"add": 10.0}
+    with pytest.raises(InvalidRequestError, match=r"after rounding to the grid 0\.05"):
+        MergeKey.from_weights({"add": 0.02}, EXPERTS, 0.05, normalize=False)
+    with pytest.raises(ValueError, match=r"\(0, 10\]"):
+        MergeKey((("add", 11.0),))
+
+
 @pytest.mark.parametrize(
     ("weights", "match"),
     [
         ({}, "empty"),
         ({"nope": 1.0}, "unknown experts in merge weights: nope"),
-        ({"add": -1.0}, "finite and >= 0"),
-        ({"add": math.nan}, "finite and >= 0"),
+        ({"add": -1.0}, r"in \[0, 10\], got add=-1.0"),
+        ({"add": math.nan}, r"in \[0, 10\], got add=nan"),
+        ({"add": math.inf, "sort": 1.0}, r"in \[0, 10\], got add=inf"),
+        ({"add": 1e308, "sort": 1e308}, r"in \[0, 10\]"),
         ({"add": 0.0}, "at least one positive"),
     ],
 )
@@ -138,5 +153,5 @@ def test_merge_key_invariants() -> None:
         MergeKey(())
     with pytest.raises(ValueError, match="unique and sorted"):
         MergeKey((("b", 0.5), ("a", 0.5)))
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
         MergeKey((("a", 0.0),))

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mergeserve.errors import InvalidRequestError
+from mergeserve.server.catalog import ServedModel
 from mergeserve.server.experiments import Experiment
 from mergeserve.server.openai.protocol import (
     ChatCompletionRequest,
@@ -74,11 +75,17 @@ def _experiment_card(exp: Experiment) -> ModelCard:
     return ModelCard(id=exp.name, root=root, arms=shares)
 
 
+def _card(m: ServedModel, state: AppState) -> ModelCard:
+    card = ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s)
+    if m.mode is not None:
+        card.serving = state.live.serving(m.mode)
+        card.serving_note = state.live.mixture_refused
+    return card
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(state: Annotated[AppState, Depends(get_state)]) -> ModelList:
-    cards = [
-        ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s) for m in state.catalog
-    ]
+    cards = [_card(m, state) for m in state.catalog]
     cards += [_experiment_card(e) for e in state.chat.experiments.values()]
     return ModelList(data=cards)
 
@@ -88,8 +95,7 @@ async def get_model(model_id: str, state: Annotated[AppState, Depends(get_state)
     exp = state.chat.experiments.get(model_id)
     if exp is not None:
         return _experiment_card(exp)
-    m = state.catalog.resolve(model_id)
-    return ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s)
+    return _card(state.catalog.resolve(model_id), state)
 
 
 @router.post("/feedback", response_model=FeedbackResponse)

@@ -70,8 +70,8 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False
     """vLLM's extension: keep generating past the end-of-sequence token (benchmarks)."""
     merge_weights: dict[str, float] | None = None
-    """Dynamic models only: merge these experts with these weights instead of routing
-    (normalized to sum 1, rounded to the routing grid)."""
+    """Dynamic models only: merge these experts with these weights instead of routing,
+    as given (not normalized; each in [0, 10]), rounded to the routing grid."""
 
     @field_validator("stop")
     @classmethod
@@ -188,6 +188,11 @@ class ModelCard(BaseModel):
     """An A/B experiment's arms: served model -> share of the traffic."""
     build_s: float | None = None
     """mergeserve's extension: how long a static merge took to build (seconds)."""
+    serving: Literal["mixture", "materialized"] | None = None
+    """mergeserve's extension, dynamic models: served by the in-engine mixture, or by
+    materializing each merge (no mixture-capable engine, or its self-check failed)."""
+    serving_note: str | None = None
+    """Why a dynamic model is materialized although the mixture was asked for."""
 
 
 class FeedbackRequest(BaseModel):
