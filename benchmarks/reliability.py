@@ -160,6 +160,28 @@ def edited(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Target,
     return make
 
 
+def configured(**changes: Any) -> Callable[[Target, Path], Path]:
+    """A good adapter whose adapter_config.json gets `changes`."""
+
+    def make(t: Target, d: Path) -> Path:
+        good(t, d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps(cfg | changes))
+        return d
+
+    return make
+
+
+def linked_file_under_root(t: Target) -> str:
+    """A dir under the allowed root whose examples.jsonl links to a file outside it."""
+    outside = t.work / f"secret-{os.urandom(3).hex()}.jsonl"
+    outside.write_text(json.dumps({"prompt": "a secret"}) + "\n")
+    d = good(t, t.allowed_root / f"linked-{os.urandom(3).hex()}")
+    (d / "examples.jsonl").unlink()
+    (d / "examples.jsonl").symlink_to(outside)
+    return str(d)
+
+
 def _nan(tensors: dict[str, torch.Tensor]) -> None:
     k = next(k for k in tensors if "lora_B" in k)
     tensors[k][0, 0] = float("nan")
@@ -287,6 +309,46 @@ CASES: list[Case] = [
         "path: <root>/link -> outside",
         403,
         by_path("ln", escape_symlink),
+    ),
+    Case(
+        "file symlinked out of the root",
+        "path: <root>/dir with examples.jsonl -> outside",
+        400,
+        by_path("lnf", linked_file_under_root),
+    ),
+    Case(
+        "base model not a string",
+        "upload, base_model_name_or_path: false",
+        400,
+        upload("basefalse", configured(base_model_name_or_path=False)),
+    ),
+    Case(
+        "lora_alpha overflowing",
+        "upload, lora_alpha: 1e39",
+        400,
+        upload("alpha", configured(lora_alpha=1e39)),
+    ),
+    Case(
+        "r unlike the tensors", "upload, r: 3 (tensors rank 4)", 400, upload("r3", configured(r=3))
+    ),
+    Case(
+        "backtracking rank_pattern",
+        "upload, rank_pattern key (.*?)*(.*?)*(.*?)*(.*?)*\\d{3}",
+        400,
+        upload("redos", configured(rank_pattern={r"(.*?)*(.*?)*(.*?)*(.*?)*\d{3}": 4})),
+    ),
+    Case(
+        "merge_weights huge",
+        "dynamic, merge_weights: {<existing>: 1e308}",
+        400,
+        lambda c, t: c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "dynamic",
+                "messages": USER,
+                "merge_weights": {t.existing_expert: 1e308},
+            },
+        ),
     ),
     Case("oversize upload", "upload > MAX_UPLOAD_BYTES", 413, upload("big", oversize)),
     Case("duplicate name", "upload as a served name", 409, upload(EXISTING, good)),

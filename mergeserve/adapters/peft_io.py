@@ -5,6 +5,7 @@ Only safetensors weights are accepted: a pickled `adapter_model.bin` can run cod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import regex
 import torch
 
 from mergeserve.adapters.lowrank import AdapterFactors
@@ -80,12 +82,10 @@ def read_lora_dir(
         raise AdapterError(f"{cfg_file}: expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    try:
-        rank = int(cfg["r"])
-        alpha = float(cfg.get("lora_alpha", rank))
-        ranks = [rank, *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterError(f"{cfg_file}: missing or invalid 'r'/'lora_alpha' ({e})") from e
+    _check_config_types(cfg, cfg_file)
+    rank = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", rank))
+    ranks = [rank, *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
     if min(ranks) < 1:
         raise AdapterError(f"{cfg_file}: LoRA rank must be >= 1")
     targets = cfg.get("target_modules") or ()
@@ -100,6 +100,58 @@ def read_lora_dir(
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         config=cfg,
     )
+
+
+MAX_DELTA_ENTRY = 1e4
+"""Largest |ΔW| entry an expert may have (bounded by r·max|A|·max|B·scale|). Real LoRA
+deltas are ~1e-2; far beyond, a merge's sums and SVDs overflow float32 into NaN."""
+MAX_PATTERN_KEYS = 1024
+MAX_PATTERN_KEY_LEN = 256
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_config_types(cfg: Mapping[str, Any], where: Path) -> None:
+    """The types of the config fields mergeserve reads, as PEFT writes them; raises
+    AdapterError naming the field (a config that passes here is stored, and every later
+    reader — the registry's manifest, vLLM — must be able to take it)."""
+
+    def bad(field: str, want: str) -> AdapterError:
+        return AdapterError(f"{where}: {field!r} must be {want}, not {cfg.get(field)!r}")
+
+    if "r" not in cfg or not _is_int(cfg["r"]):
+        raise bad("r", "an integer")
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise bad("base_model_name_or_path", "a string or null")
+    targets = cfg.get("target_modules")
+    listed = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if targets is not None and not isinstance(targets, str) and not listed:
+        raise bad("target_modules", "a string or a list of strings")
+    for key, ok, want in (
+        ("rank_pattern", _is_int, "integers"),
+        ("alpha_pattern", _is_number, "finite numbers"),
+    ):
+        pats = cfg.get(key)
+        if pats is None:
+            continue
+        if not isinstance(pats, dict) or len(pats) > MAX_PATTERN_KEYS:
+            raise bad(key, f"an object of at most {MAX_PATTERN_KEYS} entries")
+        if not all(isinstance(k, str) and 0 < len(k) <= MAX_PATTERN_KEY_LEN for k in pats):
+            raise bad(key, f"keyed by names of 1..{MAX_PATTERN_KEY_LEN} characters")
+        if not all(ok(v) for v in pats.values()):
+            raise bad(key, f"an object of {want}")
+    for flag in ("use_rslora", "use_dora"):
+        if flag in cfg and not isinstance(cfg[flag], bool):
+            raise bad(flag, "true or false")
 
 
 def discover_lora_dirs(root: Path) -> list[LoraAdapterInfo]:
@@ -119,11 +171,31 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
 
 
+PATTERN_TIMEOUT_S = 0.05
+"""A rank/alpha pattern gets this long to match one module name: a crafted key (nested
+quantifiers) would otherwise backtrack exponentially while the expert set is locked."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled_pattern(key: str) -> Any:
+    try:
+        return regex.compile(rf"(.*\.)?({key})$")
+    except regex.error as e:
+        raise AdapterError(f"pattern {key!r} is not a valid regular expression ({e})") from e
+
+
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
-    """PEFT's rule: a pattern matches a module name that ends with it (after a dot)."""
+    """PEFT's rule: a pattern matches a module name that ends with it (after a dot); each
+    match is bounded in time (PATTERN_TIMEOUT_S), else AdapterError."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if _compiled_pattern(key).match(module, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise AdapterError(
+                f"the pattern {key[:60]!r} takes too long to match a module name; "
+                "use plain module names or simple patterns"
+            ) from None
     return None
 
 
@@ -163,7 +235,22 @@ def load_lora_factors(
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{weights}: {module} lacks lora_{'B' if 'A' in ab else 'A'}")
-        modules[module] = (ab["A"], ab["B"] * lora_scaling(config, module))
+        a, b = ab["A"], ab["B"]
+        want = _pattern_value(config.get("rank_pattern") or {}, module) or config["r"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != want or b.shape[1] != want:
+            raise AdapterError(
+                f"{weights}: {module} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}; its config says rank {want}"
+            )
+        scaled = b * lora_scaling(config, module)
+        bound = want * float(a.abs().max()) * float(scaled.abs().max())  # ≥ max |B A|
+        if not torch.isfinite(scaled).all() or not bound <= MAX_DELTA_ENTRY:
+            raise AdapterError(
+                f"{weights}: {module} is not finite once scaled by lora_alpha/r "
+                f"({lora_scaling(config, module):g}), or its delta's entries reach "
+                f"{bound:.3g}, beyond {MAX_DELTA_ENTRY:g}: merges of it would overflow"
+            )
+        modules[module] = (a, scaled)
     if not modules:
         raise AdapterError(f"{weights}: no LoRA tensors")
     return AdapterFactors.from_modules(modules)

@@ -402,16 +402,23 @@ class ExpertRegistry:
     # ------------------------------------------------------------------------ writers
 
     def add(
-        self, name: str, src_dir: str | os.PathLike[str], *, replace: bool = False
+        self,
+        name: str,
+        src_dir: str | os.PathLike[str],
+        *,
+        replace: bool = False,
+        follow_symlinks: bool = True,
     ) -> RegistrySnapshot:
         """Copy the PEFT LoRA dir `src_dir` into the store under `name`; the new snapshot.
 
         The files are copied into a staging dir, hashed while copied, and the validator
         runs on that copy, so what is stored is exactly what was checked even if `src_dir`
-        changes meanwhile. Top-level regular files are taken (symlinks followed), except
-        hidden ones and pickles. Any failure leaves the manifest, objects/ and the
-        snapshot as they were. Re-adding a name's current content with replace=True is a
-        no-op returning the current snapshot.
+        changes meanwhile. Top-level regular files are taken, except hidden ones and
+        pickles; symlinks are followed, or refused with follow_symlinks=False (a dir a
+        remote client names: a link could reach any file). Sizes are counted while
+        copying, so a file that grows meanwhile cannot pass the limits. Any failure
+        leaves the manifest, objects/ and the snapshot as they were. Re-adding a name's
+        current content with replace=True is a no-op returning the current snapshot.
         """
         validate_adapter_name(name)
         src = Path(src_dir)
@@ -419,14 +426,19 @@ class ExpertRegistry:
         if not replace:
             self._check_free(self._snapshot, name)  # fail fast; checked again at commit
         read_lora_dir(src, name)  # config-level checks before copying anything
-        files = self._adapter_files(src)
+        files = self._adapter_files(src, follow_symlinks=follow_symlinks)
         # Inside a hidden dir (what open() deletes after a crash), under the expert's own
         # name: load_lora_factors refuses dir names that are not valid adapter names.
         scratch = self._objects / f"{_TMP}{secrets.token_hex(8)}"
         staging = scratch / name
         staging.mkdir(parents=True)
         try:
-            digest, size = _hash_files(files, copy_to=staging)
+            digest, size = _hash_files(
+                files,
+                copy_to=staging,
+                limits=(self._max_adapter_bytes, self._max_extra_bytes),
+                follow_symlinks=follow_symlinks,
+            )
             try:
                 info = read_lora_dir(staging, name)
                 self._validator(staging)
@@ -682,10 +694,17 @@ class ExpertRegistry:
                 code="expert_exists",
             )
 
-    def _adapter_files(self, src: Path) -> list[Path]:
+    def _adapter_files(self, src: Path, *, follow_symlinks: bool = True) -> list[Path]:
         files, extra = [], 0
         for p in sorted(src.iterdir(), key=lambda p: p.name):
-            if p.name.startswith(".") or p.suffix in _SKIPPED_SUFFIXES or not p.is_file():
+            if p.name.startswith(".") or p.suffix in _SKIPPED_SUFFIXES:
+                continue
+            if not follow_symlinks and p.is_symlink():
+                raise AdapterError(
+                    f"{p.name} in {src} is a symbolic link; only regular files are taken "
+                    "from a dir added by path"
+                )
+            if not p.is_file():
                 continue
             size = p.stat().st_size
             if p.name == ADAPTER_WEIGHTS and size > self._max_adapter_bytes:
@@ -706,6 +725,10 @@ class ExpertRegistry:
     def _commit(self, snap: RegistrySnapshot) -> None:
         """Atomically replace manifest.json with `snap`; on failure the old bytes stay."""
         data = _manifest_bytes(snap)
+        try:  # what every later open and refresh will read: never commit what they refuse
+            self._parse_manifest(data)
+        except ConfigurationError as e:
+            raise AdapterError(f"not committed: the new manifest would not open again ({e})") from e
         self._write_manifest(data)
         try:
             _fsync_dir(self._root)
@@ -906,24 +929,48 @@ def _manifest_bytes(snap: RegistrySnapshot) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _hash_files(files: Iterable[Path], copy_to: Path | None = None) -> tuple[str, int]:
+def _hash_files(
+    files: Iterable[Path],
+    copy_to: Path | None = None,
+    limits: tuple[int, int] | None = None,
+    follow_symlinks: bool = True,
+) -> tuple[str, int]:
     """The content digest of `files` and their total size, copying them if asked.
 
     Each file is hashed on its own and the digest covers the sorted list of
     (name, length, file hash): files stream through once, and no two different dirs
     encode the same. Copies are fsync'ed, so that a committed manifest never points at
-    files still in the page cache only.
+    files still in the page cache only. `limits` = (bytes of the weights file, bytes of
+    the other files together), counted as read: AdapterError past either. Without
+    `follow_symlinks` a file that became a link since it was listed is refused too.
     """
     listing = hashlib.sha256(_DIGEST_TAG)
-    total = 0
+    total = extra = 0
+    flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
     for src in sorted(files, key=lambda p: p.name):
         h, n = hashlib.sha256(), 0
+        cap = None
+        if limits is not None:
+            cap = {ADAPTER_WEIGHTS: limits[0], ADAPTER_CONFIG: limits[1]}.get(
+                src.name, limits[1] - extra
+            )
         with contextlib.ExitStack() as stack:
-            fin = stack.enter_context(open(src, "rb"))
+            try:
+                fd = os.open(src, flags)
+            except OSError as e:
+                raise AdapterError(
+                    f"{src.name}: cannot be read as a regular file ({e.strerror})"
+                ) from e
+            fin = stack.enter_context(open(fd, "rb"))
             fout = stack.enter_context(open(copy_to / src.name, "xb")) if copy_to else None
             while chunk := fin.read(1 << 20):
                 h.update(chunk)
                 n += len(chunk)
+                if cap is not None and n > cap:
+                    raise AdapterError(
+                        f"{src.name}: more than {cap} bytes (it grew while being copied, or "
+                        "the files are over the limits)"
+                    )
                 if fout is not None:
                     fout.write(chunk)
             if fout is not None:
@@ -931,6 +978,8 @@ def _hash_files(files: Iterable[Path], copy_to: Path | None = None) -> tuple[str
                 os.fsync(fout.fileno())
         listing.update(f"{src.name}\0{n}\0{h.hexdigest()}\n".encode())
         total += n
+        if src.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            extra += n
     if copy_to is not None:
         _fsync_dir(copy_to)
     return listing.hexdigest(), total

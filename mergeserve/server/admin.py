@@ -211,4 +211,4 @@ def _add_allowed_path(live: LiveSet, name: str, raw: str) -> ServedSet:
         )
     if not path.is_dir():
         raise InvalidRequestError(f"{raw} is not a directory", param="path")
-    return live.add(name, path)
+    return live.add(name, path, follow_symlinks=False)  # a link could reach any file

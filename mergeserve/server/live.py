@@ -232,13 +232,15 @@ class LiveSet:
 
     # ------------------------------------------------------------------ changes
 
-    def add(self, name: str, src_dir: Path) -> ServedSet:
-        """Validate, store and serve the expert at `src_dir` as `name` (blocking)."""
+    def add(self, name: str, src_dir: Path, *, follow_symlinks: bool = True) -> ServedSet:
+        """Validate, store and serve the expert at `src_dir` as `name` (blocking);
+        follow_symlinks=False refuses links among its files (a dir a client names)."""
         registry = self._registry("added")
         with self._lock:
             cur = self._caught_up(registry)
             self._check_free(cur, name)
-            snap = registry.add(name, src_dir)  # validates, then commits the manifest
+            # validates, then commits the manifest
+            snap = registry.add(name, src_dir, follow_symlinks=follow_symlinks)
             try:
                 new = self._synced(cur, snap, adding=name)
                 self._publish(new)

@@ -208,7 +208,17 @@ REJECTIONS: dict[str, tuple[Any, int, str]] = {
     "seed name": ("name:alpha", 409, "experts dir"),
     "outside the allowed roots": ("path:/etc", 403, "allowed root"),
     "path not a dir": ("path:missing", 400, "not a directory"),
-    "factors that do not compose": (None, 400, "do not compose"),
+    "factors that do not compose": (None, 400, "config says rank 8"),
+    "base model false": (lambda p: _config(p, base_model_name_or_path=False), 400, "null"),
+    "alpha overflowing float32": (lambda p: _config(p, lora_alpha=1e39), 400, "not finite"),
+    "r unlike the tensors": (lambda p: _config(p, r=3), 400, "config says rank 3"),
+    "backtracking pattern": (
+        lambda p: _config(p, rank_pattern={r"(.*?)*(.*?)*(.*?)*(.*?)*\d{3}": 8}),
+        400,
+        "too long to match",
+    ),
+    "invalid pattern": (lambda p: _config(p, alpha_pattern={"(": 4}), 400, "regular expression"),
+    "a link in a dir added by path": ("link:", 400, "symbolic link"),
 }
 
 
@@ -249,6 +259,12 @@ async def test_a_rejected_expert_changes_nothing(
         elif how == "path":
             path = arg if arg.startswith("/") else str(admin_settings.admin.allowed_roots[0] / arg)
             kwargs = {"json": {"name": name, "path": path}}
+        elif how == "link":  # inside the allowed root, pointing at a file outside it
+            inside = admin_settings.admin.allowed_roots[0] / "linked"
+            write_fake_lora_dir(inside, examples=GAMMA_PROMPTS)
+            (inside / "examples.jsonl").unlink()
+            (inside / "examples.jsonl").symlink_to(src / "examples.jsonl")
+            kwargs = {"json": {"name": name, "path": str(inside)}}
     r = await admin.http.post("/admin/experts", headers=AUTH, **kwargs)
     assert r.status_code == status, r.text
     assert words.lower() in r.json()["error"]["message"].lower(), r.text

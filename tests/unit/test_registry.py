@@ -728,3 +728,63 @@ def test_a_lease_taken_by_a_replica_blocks_the_other_replicas_collection(
         assert ref.path.joinpath(WEIGHTS).is_file()
     b.refresh()  # b learns the removal; its lease has ended: b deletes
     assert not ref.path.exists()
+
+
+# ------------------------------------------- adapters the registry must never store
+
+
+def _with_config(src: Path, dst: Path, **changes: object) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"base_model_name_or_path": False}, "a string or null"),
+        ({"base_model_name_or_path": 0}, "a string or null"),
+        ({"lora_alpha": 1e39}, "not finite once scaled"),
+        ({"r": 3}, "its config says rank 3"),
+        ({"rank_pattern": {"q_proj": 4}}, "its config says rank 4"),
+    ],
+    ids=["base-false", "base-zero", "alpha-overflow", "r-mismatch", "rank-pattern-mismatch"],
+)
+def test_adapters_that_would_poison_the_registry_are_refused_and_change_nothing(
+    reg: ExpertRegistry,
+    root: Path,
+    loras: dict[str, Path],
+    tmp_path: Path,
+    changes: dict[str, object],
+    match: str,
+) -> None:
+    reg.add("a", loras["a"])
+    before = _disk(root)
+    bad = _with_config(loras["b"], tmp_path / "bad", **changes)
+    with pytest.raises(AdapterError, match=match):
+        reg.add("bad", bad)
+    assert _disk(root) == before
+    reg.close()
+    with ExpertRegistry.open(root) as again:  # and the registry still opens
+        assert again.snapshot().names == ("a",)
+
+
+def test_a_manifest_that_would_not_open_again_is_never_committed(
+    reg: ExpertRegistry, root: Path, loras: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg.add("a", loras["a"])
+    before = _disk(root)
+    real = ExpertRegistry._ref_from_json
+
+    def refuse(self: ExpertRegistry, name: str, entry: object) -> ExpertRef:
+        if name == "b":
+            raise TypeError("as if a field of b could not be read back")
+        return real(self, name, entry)
+
+    monkeypatch.setattr(ExpertRegistry, "_ref_from_json", refuse)
+    with pytest.raises(AdapterError, match="would not open again"):
+        reg.add("b", loras["b"])
+    assert _disk(root) == before
+    assert reg.snapshot().names == ("a",)
