@@ -201,6 +201,10 @@ class ServerSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none (bounded by the context window)."""
 
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    """Largest request body (chat, feedback, admin JSON), counted before it is parsed;
+    expert uploads have `admin.max_upload_bytes` instead. Over it: 413."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

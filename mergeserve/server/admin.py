@@ -131,14 +131,14 @@ def _name(value: object) -> str:
         raise InvalidRequestError(e.message, param="name") from None
 
 
-_FORM_SLACK = 64 << 10
+FORM_SLACK = 64 << 10
 """Bytes of multipart framing and the name field allowed above the files' own limit."""
 
 
 async def _add_upload(request: Request, live: Live) -> tuple[str, ServedSet]:
     limit = live.settings.admin.max_upload_bytes
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + _FORM_SLACK:
+    if declared.isdigit() and int(declared) > limit + FORM_SLACK:
         # Refused before a byte of the body is parsed (spooled to disk) or stored.
         raise PayloadTooLargeError(
             f"the upload is {declared} bytes, over {limit} (MERGESERVE_ADMIN__MAX_UPLOAD_BYTES)",

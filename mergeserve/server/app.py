@@ -19,16 +19,19 @@ from typing import Annotated
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Scope
 
 from mergeserve import __version__
 from mergeserve.adapters.peft_io import BaseModelSpec
 from mergeserve.config import Settings
+from mergeserve.errors import EngineUnavailableError
 from mergeserve.router.embedders import Embedder, make_embedder
 from mergeserve.runtime.base_model import resolve_base_model
 from mergeserve.runtime.engine import EngineClient, build_engine
 from mergeserve.runtime.materialize import IdAllocator
+from mergeserve.server.admin import FORM_SLACK
 from mergeserve.server.admin import router as admin_router
-from mergeserve.server.errors import install_error_handlers
+from mergeserve.server.errors import BodyLimit, install_error_handlers
 from mergeserve.server.experiments import FeedbackBook, check_arms, load_experiments
 from mergeserve.server.live import LiveSet, ServedSet
 from mergeserve.server.metrics import Metrics
@@ -125,6 +128,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             yield
         finally:
             app.state.mergeserve = None
+            state.chat.close()
             try:
                 await state.engine.shutdown()
             finally:
@@ -132,14 +136,42 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    upload_limit = settings.admin.max_upload_bytes + FORM_SLACK
+
+    def body_limit(scope: Scope) -> int:
+        if scope.get("method") == "POST" and scope.get("path") == "/admin/experts":
+            return upload_limit  # the upload route counts its files itself too
+        return settings.server.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
     app.include_router(openai_router)
     if settings.admin.token is not None:
         app.include_router(admin_router)
 
     @app.get("/health")
     async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+        """Liveness: the process serves HTTP and its engine is alive (a dead engine is
+        only mended by a restart)."""
         await state.engine.check_health()
         return JSONResponse({"status": "ok", "models": len(state.catalog)})
+
+    @app.get("/ready")
+    async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+        """Readiness: the engine is up and every served model can answer now (the
+        dynamic arms' router loaded); 503 otherwise, so a balancer sends traffic
+        elsewhere without the pod being restarted."""
+        await state.engine.check_health()
+        served = state.live.current
+        if served.dynamic is not None and state.live.dynamic is None:
+            raise EngineUnavailableError("the dynamic arms' router is not loaded yet")
+        return JSONResponse(
+            {
+                "status": "ready",
+                "models": len(state.catalog),
+                "experts": len(served.experts),
+                "mixture": state.live.mixture_active,
+            }
+        )
 
     @app.get("/metrics")
     async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeserve.errors import AuthenticationError, MergeserveError
 from mergeserve.server.openai.protocol import ErrorDetail, ErrorResponse
@@ -80,3 +82,46 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return _json(500, error_response(500, "internal server error", "internal_error"))
+
+
+class BodyLimit:
+    """ASGI middleware: a size limit on every request body, before any of it is parsed.
+
+    A declared Content-Length over the limit is answered 413 at once, without reading
+    the body; a body without one (chunked) is counted as it arrives and refused (413,
+    through the app's error handlers) when it passes the limit. `limit_for(scope)` gives
+    each route its limit (expert uploads get theirs, chat bodies the server's)."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            body = error_response(413, _too_large(limit), "invalid_request_error")
+            await _json(413, body)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # An HTTPException: FastAPI re-raises it from its body parsing (any
+                    # other error there becomes a generic 400), and the handler above
+                    # answers it OpenAI-shaped.
+                    raise StarletteHTTPException(413, _too_large(limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes"

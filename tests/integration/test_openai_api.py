@@ -220,3 +220,84 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(settings: Settin
         assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
         req = metric_samples(text, "mergeserve_requests_total")
         assert req[(("arm", "base"), ("status", "aborted"))] == 1
+
+
+# ------------------------------------------------------------------ limits before work
+
+
+async def test_ready_says_when_every_model_can_answer(served: Served) -> None:
+    body = (await served.http.get("/ready")).json()
+    assert body["status"] == "ready"
+    assert body["models"] == len((await served.http.get("/v1/models")).json()["data"])
+    served.engine.healthy = False
+    r = await served.http.get("/ready")
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_bodies_over_the_limit_are_413_before_they_are_read(settings: Settings) -> None:
+    settings.server.max_body_bytes = 4096
+    engine = FakeEngine(context_len=256)
+    big = json.dumps({"model": "base", "messages": [{"role": "user", "content": "x" * 8000}]})
+    with uvicorn_in_thread(create_app(settings, engine)) as base_url:
+        declared = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            content=big,
+            headers={"content-type": "application/json"},
+        )
+        assert declared.status_code == 413
+        assert "larger than 4096 bytes" in declared.json()["error"]["message"]
+
+        def chunks() -> object:  # no Content-Length: counted as it arrives
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000].encode()
+
+        chunked = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            content=chunks(),  # type: ignore[arg-type]
+            headers={"content-type": "application/json"},
+        )
+        assert chunked.status_code == 413, chunked.text
+        assert chunked.json()["error"]["type"] == "invalid_request_error"
+        assert engine.loras_seen == [] and not engine.in_flight  # noqa: PT018
+        small = httpx.post(
+            f"{base_url}/v1/chat/completions", json={"model": "base", "messages": USER}
+        )
+        assert small.status_code == 200
+        text = httpx.get(f"{base_url}/metrics").text
+        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+
+
+async def test_an_overloaded_server_refuses_before_templating(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.server.max_pending_requests = 1
+    engine = FakeEngine(context_len=256, token_delay_s=0.02)
+    rendered: list[str] = []
+    real = engine.render_chat
+    monkeypatch.setattr(engine, "render_chat", lambda msgs: rendered.append("x") or real(msgs))
+    async for s in serve(settings, engine):
+        first = asyncio.create_task(s.client.chat.completions.create(model="base", messages=USER))
+        while not engine.in_flight:
+            await asyncio.sleep(0.005)
+        assert len(rendered) == 1
+        with pytest.raises(openai.InternalServerError) as e:
+            await s.client.chat.completions.create(model="base", messages=USER)
+        assert e.value.status_code == 503
+        assert len(rendered) == 1  # refused before its template and tokenizer ran
+        await first
+        # A request refused after its admission (too long) gives its slot back.
+        with pytest.raises(openai.BadRequestError, match="context window"):
+            await s.client.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": "y" * 400}]
+            )
+        text = (await s.http.get("/metrics")).text
+        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+        await s.client.chat.completions.create(model="base", messages=USER)
+
+
+async def test_too_many_messages_are_refused(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        await served.client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "a"}] * 1025
+        )

@@ -32,6 +32,7 @@ COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
 DASHBOARD = DEPLOY / "grafana" / "mergeserve-dashboard.json"
 PORT = 8000
 HEALTH = "/health"
+READY = "/ready"
 METRICS_PATHS = {"/metrics", "/metrics/engine"}
 ENTRYPOINT = ["mergeserve", "serve", "--host", "0.0.0.0", "--port", str(PORT)]
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -266,9 +267,14 @@ def test_k8s_ports_probes_service_and_servicemonitor(routes: set[str]) -> None:
     (c,) = pod["spec"]["containers"]
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert named == {"http": PORT}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, path in (
+        ("startupProbe", HEALTH),
+        ("readinessProbe", READY),
+        ("livenessProbe", HEALTH),
+    ):
         get = c[probe]["httpGet"]
-        assert get["path"] == HEALTH in routes, probe
+        assert get["path"] == path, probe
+        assert path in routes, probe
         assert named.get(get["port"], get["port"]) == PORT, probe
     svc = objs["Service"]
     (sp,) = svc["spec"]["ports"]

@@ -8,6 +8,8 @@ adapter lease is released exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -151,7 +153,13 @@ class ChatService:
         self.experiments: Mapping[str, Experiment] = experiments or {}
         self.feedback = feedback
         self._pending = 0
+        # Chat templates and tokenizers run here, off the event loop, one at a time (a
+        # fast tokenizer must not be used by two threads at once).
+        self._tokenizer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.publish(catalog, dynamic)
+
+    def close(self) -> None:
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def publish(self, catalog: ModelCatalog, dynamic: DynamicMerger | None) -> None:
         """Serve `catalog` from the next request on; requests already prepared keep the
@@ -181,12 +189,8 @@ class ChatService:
     def _prepare(
         self, req: ChatCompletionRequest, model: ServedModel, experiment: str | None = None
     ) -> PreparedChat:
-        if req.merge_weights is not None and model.kind != "dynamic":
-            raise InvalidRequestError(
-                "merge_weights applies to the dynamic models only "
-                "(dynamic, dynamic:twin, dynamic:exact)",
-                param="merge_weights",
-            )
+        """Template, tokenize and check the request (blocking: runs on the tokenizer
+        thread)."""
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt = self.engine.render_chat(messages)
         room = self.engine.max_model_len - len(prompt)
@@ -286,6 +290,11 @@ class ChatService:
         self._pending += 1
         self.metrics.in_flight.set(self._pending)
 
+    def _unadmit(self) -> None:
+        """Give back the slot of a request refused after its admission."""
+        self._pending -= 1
+        self.metrics.in_flight.set(self._pending)
+
     def _release(self, acct: _Accounting, status: StatusClass) -> None:
         """Free the admission slot and record the outcome; only the first call counts."""
         if acct.released:
@@ -323,17 +332,36 @@ class ChatService:
         started = time.perf_counter()
         model: ServedModel | None = None
         experiment = None
+        admitted = False
         try:
             model, experiment = self._resolve(req, headers or {})
-            prepared = self._prepare(req, model, experiment)
+            if req.merge_weights is not None and model.kind != "dynamic":
+                raise InvalidRequestError(
+                    "merge_weights applies to the dynamic models only "
+                    "(dynamic, dynamic:twin, dynamic:exact)",
+                    param="merge_weights",
+                )
+            # Admitted before the template and the tokenizer run (the work a flood of
+            # large requests would make), and that work happens off the event loop.
             self._admit()
+            admitted = True
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(
+                self._tokenizer, self._prepare, req, model, experiment
+            )
         except MergeserveError as e:
+            if admitted:
+                self._unadmit()
             # The arm is a served model's only when one was resolved: labels stay bounded.
             arm = model.arm if model is not None else "unknown"
             status = status_class(e.status_code)
             self.metrics.requests.labels(arm, status).inc()
             if req.model in self.experiments:
                 self.metrics.exp_requests.labels(req.model, arm, status).inc()
+            raise
+        except BaseException:  # a crash or a cancellation while preparing
+            if admitted:
+                self._unadmit()
             raise
         acct = _Accounting(prepared.model.arm, started, experiment)
         with self._settled(acct, release_on_success=False):
