@@ -247,6 +247,12 @@ class ExperimentSettings(BaseModel):
     """Append-only JSONL of POST /v1/feedback (default: <cache>/feedback.jsonl)."""
     feedback_window: int = Field(100_000, ge=1)
     """How many recent responses can still be given feedback."""
+    feedback_max_bytes: int = Field(64 << 20, ge=4096)
+    """The feedback log is rotated past this size (`.1` … `.<feedback_keep>`)."""
+    feedback_keep: int = Field(3, ge=1, le=100)
+    """Rotated feedback logs kept; older ones are deleted."""
+    feedback_token: SecretStr | None = None
+    """When set, POST /v1/feedback needs `Authorization: Bearer <token>`."""
 
 
 class Settings(BaseSettings):

@@ -83,9 +83,14 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         live.discard()
         raise
     served = live.current
+    es = settings.experiments
+    token = es.feedback_token.get_secret_value() if es.feedback_token is not None else None
     book = FeedbackBook(
-        settings.experiments.feedback_log or settings.cache / "feedback.jsonl",
-        settings.experiments.feedback_window,
+        es.feedback_log or settings.cache / "feedback.jsonl",
+        es.feedback_window,
+        max_bytes=es.feedback_max_bytes,
+        keep=es.feedback_keep,
+        token=token or None,
     )
     chat = ChatService(
         engine,

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import queue
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -35,7 +38,15 @@ from pathlib import Path
 
 import tomllib
 
-from mergeserve.errors import ConfigurationError, InvalidRequestError, MergeserveError
+from mergeserve.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    MergeserveError,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HEADER = "x-mergeserve-user"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -57,6 +68,10 @@ class FeedbackNotFoundError(MergeserveError):
 class FeedbackConflictError(MergeserveError):
     status_code = 409
     error_type = "conflict_error"
+
+
+class FeedbackBacklogError(EngineOverloadedError):
+    """The feedback log's writer is behind (503: retry)."""
 
 
 @dataclass(frozen=True)
@@ -194,19 +209,40 @@ class Answered:
     """The experiment's arm as its config names it (`dynamic`, not `dynamic:exact`)."""
 
 
+SCORE_RANGE = (-100.0, 100.0)
+"""The scores `POST /v1/feedback` takes (thumbs as 0/1, stars, percentages all fit): a
+bounded score keeps one client from swamping the A/B means and the Prometheus sums."""
+
+
 class FeedbackBook:
-    """Recent response ids -> their arm (bounded), and the append-only feedback log.
+    """Recent response ids -> their arm (bounded), and the feedback log.
 
     Feedback for an id this server did not answer, or answered more than `window`
-    responses ago, is refused (404); a second feedback for one id is refused (409).
+    responses ago, is refused (404); a second feedback for one id is refused (409); a
+    score outside SCORE_RANGE is refused (400). The log (JSONL) is written by a thread of
+    its own, never on the request path nor under the lock the event loop takes, and
+    rotated at `max_bytes` (`log_path.1` … `log_path.<keep>`, oldest dropped).
     """
 
-    def __init__(self, log_path: Path, window: int = 100_000):
+    def __init__(
+        self,
+        log_path: Path,
+        window: int = 100_000,
+        max_bytes: int = 64 << 20,
+        keep: int = 3,
+        token: str | None = None,
+    ):
         self.log_path = log_path
+        self._token = token
         self.window = window
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._recent: OrderedDict[str, Answered] = OrderedDict()
         self._rated: set[str] = set()
         self._lock = threading.Lock()
+        self._queue: queue.Queue[dict[str, object] | None] = queue.Queue(maxsize=10_000)
+        self._writer = threading.Thread(target=self._write_loop, name="feedback-log", daemon=True)
+        self._writer.start()
 
     def answered(self, response_id: str, answered: Answered) -> None:
         with self._lock:
@@ -215,10 +251,25 @@ class FeedbackBook:
                 old, _ = self._recent.popitem(last=False)
                 self._rated.discard(old)
 
+    def check_token(self, authorization: str) -> None:
+        """Refuse (401) a feedback call without the bearer token, when one is set."""
+        if self._token is None:
+            return
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            given.strip().encode(), self._token.encode()
+        ):
+            raise AuthenticationError(
+                "feedback needs 'Authorization: Bearer <token>' (experiments.feedback_token)"
+            )
+
     def record(self, response_id: str, score: float, comment: str | None = None) -> Answered:
-        """Append the feedback to the log (blocking: call from a worker thread)."""
-        if not math.isfinite(score):
-            raise InvalidRequestError("score must be a finite number", param="score")
+        """Take the feedback and queue its log line (cheap: the log's thread writes it)."""
+        lo, hi = SCORE_RANGE
+        if not (math.isfinite(score) and lo <= score <= hi):
+            raise InvalidRequestError(
+                f"score must be a number in [{lo:g}, {hi:g}], not {score!r}", param="score"
+            )
         with self._lock:
             a = self._recent.get(response_id)
             if a is None:
@@ -231,8 +282,7 @@ class FeedbackBook:
                 raise FeedbackConflictError(
                     f"response {response_id!r} already has feedback", param="id"
                 )
-            self._rated.add(response_id)
-            line = {
+            line: dict[str, object] = {
                 "time": round(time.time(), 3),
                 "id": response_id,
                 "model": a.model,
@@ -243,20 +293,65 @@ class FeedbackBook:
             }
             if comment:
                 line["comment"] = comment
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                self._queue.put_nowait(line)
+            except queue.Full:
+                raise FeedbackBacklogError("the feedback log is behind; retry shortly") from None
+            self._rated.add(response_id)
         return a
+
+    def flush(self) -> None:
+        """Wait until every queued line is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the log's thread; idempotent."""
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(10)
+
+    def _write_loop(self) -> None:
+        while True:
+            line = self._queue.get()
+            try:
+                if line is None:
+                    return
+                self._append(json.dumps(line) + "\n")
+            except OSError:
+                log.exception("could not write to the feedback log %s", self.log_path)
+            finally:
+                self._queue.task_done()
+
+    def _append(self, text: str) -> None:
+        path = self.log_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = path.stat().st_size if path.exists() else 0
+        if size and size + len(text) > self.max_bytes:
+            for i in range(self.keep, 0, -1):  # log.N is dropped, log.i -> log.i+1
+                older = path.with_name(f"{path.name}.{i}")
+                if i == self.keep:
+                    older.unlink(missing_ok=True)
+                else:
+                    newer = path.with_name(f"{path.name}.{i + 1}")
+                    if older.exists():
+                        os.replace(older, newer)
+            os.replace(path, path.with_name(f"{path.name}.1"))
+        with path.open("a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_feedback(path: Path, experiment: str | None = None) -> list[dict[str, object]]:
-    """The feedback log's records (of one experiment when given); torn lines skipped."""
-    if not path.is_file():
-        return []
+    """The feedback log's records, its rotated files first (of one experiment when
+    given); torn lines skipped."""
+    rotated = sorted(
+        (p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+        key=lambda p: -int(p.suffix[1:]),
+    )
+    lines = [line for p in [*rotated, path] if p.is_file() for line in p.read_text().splitlines()]
     out = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             r = json.loads(line)
         except ValueError:

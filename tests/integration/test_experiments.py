@@ -155,6 +155,9 @@ async def test_feedback_is_recorded_per_arm(ab: Served, ab_settings: Settings) -
     assert (
         await ab.http.post("/v1/feedback", json={"id": direct.id, "score": 0})
     ).status_code == 200
+    huge = await ab.http.post("/v1/feedback", json={"id": direct.id, "score": 1e300})
+    assert huge.status_code == 400
+    ab.app.state.mergeserve.chat.feedback.flush()  # the log is written by its own thread
     log = [json.loads(x) for x in ab_settings.experiments.feedback_log.read_text().splitlines()]
     assert [(x["id"], x["arm"], x["experiment"], x["score"]) for x in log] == [
         (rid, arm, "ab", 0.75),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from mergeserve.errors import ConfigurationError, InvalidRequestError
+from mergeserve.errors import AuthenticationError, ConfigurationError, InvalidRequestError
 from mergeserve.server.experiments import (
     Answered,
     Arm,
@@ -126,12 +126,14 @@ def test_feedback_book(tmp_path: Path) -> None:
     assert (got.arm, got.experiment) == ("static:ties", "ab")
     with pytest.raises(FeedbackConflictError):
         book.record("chatcmpl-1", 1.0)
-    with pytest.raises(InvalidRequestError, match="finite"):
-        book.record("chatcmpl-2", float("inf"))
+    for bad in (float("inf"), float("nan"), 1e300, -100.5):
+        with pytest.raises(InvalidRequestError, match=r"in \[-100, 100\]"):
+            book.record("chatcmpl-2", bad)
     book.answered("chatcmpl-3", Answered("ab", "dynamic:exact", "ab", 0.0))  # evicts 1
     with pytest.raises(FeedbackNotFoundError, match="last 2"):
         book.record("chatcmpl-1", 1.0)
     book.record("chatcmpl-3", 1.0)
+    book.flush()
     with log.open("a") as f:
         f.write('{"torn')  # a killed writer
     lines = [json.loads(x) for x in log.read_text().splitlines()[:2]]
@@ -143,3 +145,30 @@ def test_feedback_book(tmp_path: Path) -> None:
     assert [r["id"] for r in read_feedback(log, "ab")] == ["chatcmpl-1", "chatcmpl-3"]
     assert read_feedback(log, "other") == []
     assert read_feedback(tmp_path / "none.jsonl") == []
+
+    book.close()
+
+
+def test_the_feedback_log_rotates_and_is_read_whole(tmp_path: Path) -> None:
+    log = tmp_path / "feedback.jsonl"
+    book = FeedbackBook(log, max_bytes=4096, keep=2)
+    for i in range(120):  # ~150 bytes a line: several rotations
+        book.answered(f"chatcmpl-{i}", Answered("ab", "base", "ab", 0.0))
+        book.record(f"chatcmpl-{i}", float(i % 7))
+    book.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["feedback.jsonl", "feedback.jsonl.1", "feedback.jsonl.2"]
+    assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
+    ids = [r["id"] for r in read_feedback(log)]
+    assert ids == [f"chatcmpl-{i}" for i in range(120 - len(ids), 120)]  # newest kept, in order
+    assert len(ids) < 120  # the oldest went with the dropped file
+
+
+def test_feedback_can_require_a_token(tmp_path: Path) -> None:
+    book = FeedbackBook(tmp_path / "f.jsonl", token="s3cret")
+    with pytest.raises(AuthenticationError):
+        book.check_token("")
+    with pytest.raises(AuthenticationError):
+        book.check_token("Bearer nope")
+    book.check_token("Bearer s3cret")
+    FeedbackBook(tmp_path / "g.jsonl").check_token("")  # no token set: open

@@ -160,6 +160,8 @@ class ChatService:
 
     def close(self) -> None:
         self._tokenizer.shutdown(wait=False, cancel_futures=True)
+        if self.feedback is not None:
+            self.feedback.close()
 
     def publish(self, catalog: ModelCatalog, dynamic: DynamicMerger | None) -> None:
         """Serve `catalog` from the next request on; requests already prepared keep the
