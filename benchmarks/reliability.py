@@ -282,6 +282,12 @@ CASES: list[Case] = [
     ),
     Case("n > 1", "n: 2", 400, chat({"model": "base", "messages": USER, "n": 2})),
     Case(
+        "seed past int64",
+        "seed: 2**64",
+        400,
+        chat({"model": "base", "messages": USER, "seed": 2**64}),
+    ),
+    Case(
         "unsupported parameter",
         "tools: [...]",
         400,

@@ -96,3 +96,11 @@ class AdapterError(MergeserveError):
 
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class ClientDisconnectedError(MergeserveError):
+    """The client closed the connection before its answer was ready (nginx's 499: the
+    status is logged, never received)."""
+
+    status_code = 499
+    error_type = "client_disconnected"

@@ -109,6 +109,8 @@ async def test_unknown_model_is_an_openai_404(served: Served) -> None:
         ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"model": "base", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": 3, "messages": USER}, "model"),
+        ({"model": "base", "messages": USER, "seed": 2**64}, "seed"),
+        ({"model": "base", "messages": USER, "seed": -(2**63) - 1}, "seed"),
     ],
 )
 async def test_invalid_requests_are_400_naming_the_param(
@@ -301,3 +303,24 @@ async def test_too_many_messages_are_refused(served: Served) -> None:
         await served.client.chat.completions.create(
             model="base", messages=[{"role": "user", "content": "a"}] * 1025
         )
+
+
+def test_a_non_streamed_request_is_aborted_when_its_client_goes_away(
+    settings: Settings,
+) -> None:
+    engine = FakeEngine(context_len=256, token_delay_s=0.2)  # ~3 s for the whole reply
+    with uvicorn_in_thread(create_app(settings, engine)) as base_url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes
+            httpx.post(
+                f"{base_url}/v1/chat/completions",
+                json={"model": "base", "messages": USER},
+                timeout=httpx.Timeout(5.0, read=0.6),
+            )
+        deadline = time.monotonic() + 3  # well before the reply would have been done
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.in_flight
+        text = httpx.get(f"{base_url}/metrics").text
+        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+        req = metric_samples(text, "mergeserve_requests_total")
+        assert req[(("arm", "base"), ("status", "aborted"))] == 1

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from mergeserve.errors import InvalidRequestError
+from mergeserve.errors import ClientDisconnectedError, InvalidRequestError
 from mergeserve.server.catalog import ServedModel
 from mergeserve.server.experiments import Experiment
 from mergeserve.server.openai.protocol import (
@@ -24,6 +26,7 @@ from mergeserve.server.openai.serving import ChatService
 from mergeserve.server.state import AppState, get_state
 
 router = APIRouter(prefix="/v1")
+T = TypeVar("T")
 
 ARM_HEADER = "x-mergeserve-arm"
 
@@ -46,6 +49,29 @@ class _GuardedStream(StreamingResponse):
             self._on_close()
 
 
+DISCONNECT_POLL_S = 0.25
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the client has gone away (a non-streamed request
+    would otherwise generate to the end for nobody; the cancellation aborts it in the
+    engine and frees its slot, counted as aborted)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientDisconnectedError("the client went away")
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+
+
 def get_chat(state: Annotated[AppState, Depends(get_state)]) -> ChatService:
     return state.chat
 
@@ -56,7 +82,7 @@ async def chat_completions(
 ) -> Any:
     headers = request.headers  # case-insensitive: an experiment's sticky-key header
     if not body.stream:
-        response = await chat.complete(body, headers)
+        response = await _unless_disconnected(request, chat.complete(body, headers))
         arm = response.merge.arm if response.merge is not None else body.model
         return JSONResponse(response.model_dump(), headers={ARM_HEADER: arm})
     prepared, acct = await chat.start(body, headers)
