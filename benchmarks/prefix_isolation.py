@@ -22,6 +22,7 @@ over the rounds, each on both servers:
 * `routed`   `dynamic` routed by the MiniLM router (weights on the default 0.05 grid, so
              requests of one task mostly share a weighting);
 * `pinned`   `dynamic:exact` with a distinct weighting of all six experts per request;
+             new weightings and prompts every round unless `--repeat`;
 * `static`   `static:linear`: one adapter for every request (maximal sharing).
 
 Reported per arm and server: tokens/s and TTFT p50 (medians over rounds, with min–max),
@@ -41,7 +42,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -55,7 +55,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 from serve_throughput import distinct_weights
-from stream_clients import mixed_prompts
+from stream_clients import machine_facts, mixed_prompts
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
@@ -149,36 +149,48 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
         for k, u in urls.items()
     }
-    prompts = mixed_prompts(args.requests)
-    rng = random.Random(0)
-    pinned = [{"merge_weights": w} for w in distinct_weights(len(prompts), rng)]
-    arms: dict[str, tuple[str, list[dict[str, Any]]]] = {
-        "routed": ("dynamic", [{} for _ in prompts]),
-        "pinned": ("dynamic:exact", pinned),
-        "static": ("static:linear", [{} for _ in prompts]),
-    }
-    # References: each dynamic request alone (one at a time) on `after`, whose prefix
-    # blocks are then computed under that request's own weighting (or an equal one).
+    n, fresh = args.requests, not args.repeat
+    every = mixed_prompts(n * (args.rounds if fresh else 1) + 2)
+    weights = distinct_weights(len(every), random.Random(0))
+    models = {"routed": "dynamic", "pinned": "dynamic:exact", "static": "static:linear"}
+
+    def workload(r: int) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
+        """Round r's prompts and each arm's bodies: new ones every round (fresh), so
+        a hit is a prefix shared within the round, never one cached by an earlier round."""
+        at = slice(r * n, (r + 1) * n) if fresh else slice(0, n)
+        bodies: dict[str, list[dict[str, Any]]] = {
+            "routed": [{} for _ in every[at]],
+            "pinned": [{"merge_weights": w} for w in weights[at]],
+            "static": [{} for _ in every[at]],
+        }
+        return every[at], bodies
+
+    # References for round 0: each dynamic request alone (one at a time) on `after`, whose
+    # prefix blocks are then computed under that request's own weighting (or an equal one).
+    prompts0, bodies0 = workload(0)
     refs: dict[str, list[str]] = {}
     for arm in ("routed", "pinned"):
-        model, bodies = arms[arm]
         refs[arm] = [
-            (await one(clients["after"], model, p, args.max_tokens, b))[0]
-            for p, b in zip(prompts, bodies, strict=True)
+            (await one(clients["after"], models[arm], p, args.max_tokens, b))[0]
+            for p, b in zip(prompts0, bodies0[arm], strict=True)
         ]
+    warm = every[-2:]  # prompts of no round
     for server in urls:  # warm-up: first loads and batches, not measured
-        for model, bodies in arms.values():
+        for arm, model in models.items():
+            body = [{}, {}] if arm != "pinned" else [{"merge_weights": w} for w in weights[-2:]]
             await asyncio.gather(
-                *(one(clients[server], model, prompts[i], 4, bodies[i]) for i in range(2))
+                *(one(clients[server], model, warm[i], 4, body[i]) for i in (0, 1))
             )
-    plan = [(arm, server) for arm in arms for server in urls]
+    plan = [(arm, server) for arm in models for server in urls]
     rounds: dict[str, list[dict[str, Any]]] = {f"{a}/{s}": [] for a, s in plan}
     for r in range(args.rounds):
+        prompts, bodies = workload(r)
         k = r % len(plan)
         for arm, server in plan[k:] + plan[:k]:
-            model, bodies = arms[arm]
-            res = await run_arm(clients[server], urls[server], model, prompts, bodies, args)
-            if arm in refs:
+            res = await run_arm(
+                clients[server], urls[server], models[arm], prompts, bodies[arm], args
+            )
+            if arm in refs and (r == 0 or not fresh):
                 res["differ_from_cold"] = sum(
                     a != b for a, b in zip(res["replies"], refs[arm], strict=True)
                 )
@@ -206,7 +218,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         for name, v in rounds.items()
     }
     ratios = {}
-    for arm in arms:
+    for arm in models:
         pairs = [
             a["tokens_per_s"] / b["tokens_per_s"]
             for a, b in zip(rounds[f"{arm}/after"], rounds[f"{arm}/before"], strict=True)
@@ -220,8 +232,11 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         "benchmark": "prefix_isolation",
         "model": "SmolLM2-135M-Instruct (fp32), eager",
         "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
-        "workload": f"one ~400-token system message + {len(prompts)} mixed test prompts",
-        "requests_per_round": len(prompts),
+        "workload": (
+            f"one ~400-token system message + {n} mixed test prompts, "
+            + ("new prompts and pinned weightings every round" if fresh else "the same every round")
+        ),
+        "requests_per_round": n,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
@@ -249,6 +264,12 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--repeat",
+        action="store_true",
+        help="send the same requests every round (repeated traffic: after round 1 every "
+        "weighting's prefix is cached) instead of new ones",
+    )
     args = p.parse_args()
 
     experts = default_experts_dir()
@@ -285,11 +306,7 @@ def main() -> None:
         if "mixture self-check" in before.log.read_text(errors="replace"):
             raise SystemExit("the `before` server runs this checkout's code, not --before's")
         result = asyncio.run(bench({"after": after.base_url, "before": before.base_url}, args))
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "engine_threads": args.threads,
-        "processor": platform.processor() or platform.machine(),
-    }
+    result["machine"] = machine_facts(args.threads)
     print(json.dumps(result, indent=2))
 
 

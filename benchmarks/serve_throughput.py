@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
-from stream_clients import mixed_prompts, run_round
+from stream_clients import machine_facts, mixed_prompts, run_round
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
@@ -203,11 +202,7 @@ def main() -> None:
             )
         )
         result = asyncio.run(bench({"M": m.base_url, "P": pm.base_url, "O": o.base_url}, args))
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "engine_threads": args.threads,
-        "processor": platform.processor() or platform.machine(),
-    }
+    result["machine"] = machine_facts(args.threads)
     print(json.dumps(result, indent=2))
 
 
