@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import regex
 import torch
@@ -109,7 +109,8 @@ MAX_PATTERN_KEYS = 1024
 MAX_PATTERN_KEY_LEN = 256
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> TypeGuard[int]:
+    """An int as JSON gives it: not a bool, not a float."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -125,7 +126,7 @@ def _check_config_types(cfg: Mapping[str, Any], where: Path) -> None:
     def bad(field: str, want: str) -> AdapterError:
         return AdapterError(f"{where}: {field!r} must be {want}, not {cfg.get(field)!r}")
 
-    if "r" not in cfg or not _is_int(cfg["r"]):
+    if "r" not in cfg or not is_int(cfg["r"]):
         raise bad("r", "an integer")
     if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
         raise bad("lora_alpha", "a finite number")
@@ -137,7 +138,7 @@ def _check_config_types(cfg: Mapping[str, Any], where: Path) -> None:
     if targets is not None and not isinstance(targets, str) and not listed:
         raise bad("target_modules", "a string or a list of strings")
     for key, ok, want in (
-        ("rank_pattern", _is_int, "integers"),
+        ("rank_pattern", is_int, "integers"),
         ("alpha_pattern", _is_number, "finite numbers"),
     ):
         pats = cfg.get(key)

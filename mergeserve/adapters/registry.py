@@ -51,12 +51,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any
 
 from mergeserve.adapters.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     DEFAULT_MAX_ADAPTER_BYTES,
+    is_int,
     load_lora_factors,
     read_lora_dir,
     validate_adapter_name,
@@ -776,7 +777,7 @@ class ExpertRegistry:
         if doc.get("format") != MANIFEST_FORMAT:
             raise bad(f"unsupported format {doc.get('format')!r} (expected {MANIFEST_FORMAT})")
         version, experts = doc.get("version"), doc.get("experts")
-        if not _is_int(version) or version < 0:
+        if not is_int(version) or version < 0:
             raise bad(f"'version' must be a non-negative integer, not {version!r}")
         if not isinstance(experts, dict):
             raise bad("'experts' must be an object")
@@ -802,13 +803,13 @@ class ExpertRegistry:
         base = entry.get("base_model_name_or_path")
         if not isinstance(digest, str) or not _DIGEST.match(digest):
             raise ValueError(f"digest {digest!r} is not a sha256 hex string")
-        if not _is_int(rank) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f"rank {rank!r} is not a positive integer")
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise TypeError("target_modules must be a list of strings")
         if not isinstance(added_at, int | float) or isinstance(added_at, bool):
             raise TypeError(f"added_at {added_at!r} is not a number")
-        if not _is_int(size) or size < 0:
+        if not is_int(size) or size < 0:
             raise ValueError(f"size_bytes {size!r} is not a non-negative integer")
         if base is not None and not isinstance(base, str):
             raise TypeError("base_model_name_or_path must be a string or null")
@@ -907,10 +908,6 @@ def _object_problem(path: Path) -> str | None:
     if missing:
         return f"its object {path} is incomplete (no {', '.join(missing)})"
     return None
-
-
-def _is_int(x: object) -> TypeGuard[int]:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _manifest_bytes(snap: RegistrySnapshot) -> bytes:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors, LowRank, aligned, union_layout
+from mergeserve.adapters.peft_io import is_int
 
 MIX_RANKS = "mergeserve_mix_ranks"
 MIX_WEIGHTS = "mergeserve_mix_weights"
@@ -49,8 +51,13 @@ caching would then hand to later requests): refused instead."""
 
 
 def _f32(w: float) -> float:
-    """`w` as the float32 the engine multiplies by (so checks and hashes see that)."""
-    return float(torch.tensor(w, dtype=torch.float32).item())
+    """`w` as the float32 the engine multiplies by (so checks and hashes see that); ±inf
+    past float32's range. A struct round trip: 0.2 µs against 4 µs through a tensor, on
+    every request's path."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", w))[0])
+    except OverflowError:  # Pythons that refuse to pack it rather than round to inf
+        return math.copysign(math.inf, w)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class MixtureSpec:
             raise ValueError(f"{len(self.ranks)} blocks; a mixture has at most {MAX_BLOCKS}")
         if any(not 1 <= r <= MAX_BLOCK_RANK for r in self.ranks):
             raise ValueError(f"block ranks must be in 1..{MAX_BLOCK_RANK}")
-        weights = tuple(_f32(w) if math.isfinite(w) else w for w in self.weights)
+        weights = tuple(_f32(w) for w in self.weights)
         if not all(math.isfinite(w) and abs(w) <= MAX_ABS_WEIGHT for w in weights):
             raise ValueError(
                 f"mixture weights must be finite (in float32) with |w| <= {MAX_ABS_WEIGHT:g}"
@@ -117,7 +124,7 @@ class MixtureSpec:
             )
         if len(raw_r) > MAX_BLOCKS or len(raw_w) > MAX_BLOCKS:
             raise ValueError(f"a mixture has at most {MAX_BLOCKS} blocks")
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in raw_r):
+        if not all(is_int(r) for r in raw_r):
             raise ValueError(f"{MIX_RANKS} must be integers")
         if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in raw_w):
             raise ValueError(f"{MIX_WEIGHTS} must be numbers")

@@ -24,7 +24,6 @@ from starlette.types import Scope
 from mergeserve import __version__
 from mergeserve.adapters.peft_io import BaseModelSpec
 from mergeserve.config import Settings
-from mergeserve.errors import EngineUnavailableError
 from mergeserve.router.embedders import Embedder, make_embedder
 from mergeserve.runtime.base_model import resolve_base_model
 from mergeserve.runtime.engine import EngineClient, build_engine
@@ -162,13 +161,11 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
 
     @app.get("/ready")
     async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
-        """Readiness: the engine is up and every served model can answer now (the
-        dynamic arms' router loaded); 503 otherwise, so a balancer sends traffic
-        elsewhere without the pod being restarted."""
+        """Readiness: the engine is up and can answer every served model (the lifespan
+        builds every arm and the router before the app serves at all); 503 otherwise, so
+        a balancer sends traffic elsewhere without the pod being restarted."""
         await state.engine.check_health()
         served = state.live.current
-        if served.dynamic is not None and state.live.dynamic is None:
-            raise EngineUnavailableError("the dynamic arms' router is not loaded yet")
         return JSONResponse(
             {
                 "status": "ready",

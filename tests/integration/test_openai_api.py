@@ -201,6 +201,19 @@ async def test_overload_is_503_and_frees_its_slot(settings: Settings) -> None:
         await s.client.chat.completions.create(model="base", messages=USER)
 
 
+def assert_aborted(engine: FakeEngine, base_url: str, within_s: float) -> None:
+    """The engine stops generating within `within_s`, the slot is free again, and the
+    request is counted as aborted."""
+    deadline = time.monotonic() + within_s
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.in_flight
+    text = httpx.get(f"{base_url}/metrics").text
+    assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
+    req = metric_samples(text, "mergeserve_requests_total")
+    assert req[(("arm", "base"), ("status", "aborted"))] == 1
+
+
 def test_client_disconnect_mid_stream_aborts_the_engine_request(settings: Settings) -> None:
     # A real uvicorn on loopback: the in-process ASGI transport buffers whole responses,
     # so it cannot show what a disconnect does.
@@ -214,14 +227,7 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(settings: Settin
             second = json.loads(next(lines).removeprefix("data: "))
             assert second["choices"][0]["delta"]["content"] == "["
             assert engine.in_flight  # generating, and the client goes away here
-        deadline = time.monotonic() + 5
-        while engine.in_flight and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not engine.in_flight
-        text = httpx.get(f"{base_url}/metrics").text
-        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
-        req = metric_samples(text, "mergeserve_requests_total")
-        assert req[(("arm", "base"), ("status", "aborted"))] == 1
+        assert_aborted(engine, base_url, within_s=5)
 
 
 # ------------------------------------------------------------------ limits before work
@@ -316,11 +322,4 @@ def test_a_non_streamed_request_is_aborted_when_its_client_goes_away(
                 json={"model": "base", "messages": USER},
                 timeout=httpx.Timeout(5.0, read=0.6),
             )
-        deadline = time.monotonic() + 3  # well before the reply would have been done
-        while engine.in_flight and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not engine.in_flight
-        text = httpx.get(f"{base_url}/metrics").text
-        assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
-        req = metric_samples(text, "mergeserve_requests_total")
-        assert req[(("arm", "base"), ("status", "aborted"))] == 1
+        assert_aborted(engine, base_url, within_s=3)  # before the reply would be done

@@ -293,7 +293,8 @@ class ChatService:
         self.metrics.in_flight.set(self._pending)
 
     def _unadmit(self) -> None:
-        """Give back the slot of a request refused after its admission."""
+        """Give back an admission slot (a request that ended, or was refused after its
+        admission)."""
         self._pending -= 1
         self.metrics.in_flight.set(self._pending)
 
@@ -304,9 +305,8 @@ class ChatService:
         acct.released = True
         if acct.binding is not None:
             acct.binding.release()
-        self._pending -= 1
+        self._unadmit()
         m = self.metrics
-        m.in_flight.set(self._pending)
         m.requests.labels(acct.arm, status).inc()
         m.tokens.labels(acct.arm, "prompt").inc(acct.prompt_tokens)
         m.tokens.labels(acct.arm, "completion").inc(acct.completion_tokens)
