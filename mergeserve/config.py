@@ -8,10 +8,13 @@ The CLI overrides the few fields an operator changes most (``--model``, ``--port
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from mergeserve.router.open_world import GateConfig
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -161,6 +164,31 @@ class RouterSettings(BaseModel):
     top_k: int | None = Field(2, ge=1)
     floor: float = Field(0.1, ge=0, lt=1)
     grid: float | None = Field(0.05, gt=0, le=1)
+    open_world: Literal["off", "centroid", "threshold", "knn"] = "centroid"
+    """How much of a request goes to no expert (the base model), router/open_world.py:
+    `centroid` compares its similarity to each expert's centroid with a threshold set
+    from that expert's examples and the general calibration prompts (the calibration
+    part of mergeserve.tasks.open_world); `threshold` its nearest example with a
+    threshold from the examples alone; `knn` its nearest example with its nearest
+    general prompt; `off` gives every request to the experts (closed world). Prototype
+    and MLP routers only: Arrow has no examples to calibrate from."""
+    open_world_margin: float = 0.0
+    """Subtracted from the in-domain score (cosine units): > 0 sends more to none."""
+    open_world_width: float = Field(0.005, gt=0)
+    """Softness of the gate: in-domain mass = sigmoid((score - margin) / width)."""
+    open_world_quantile: float = Field(0.05, ge=0, le=1)
+    """`centroid`/`threshold`: the quantile of the experts' own similarities (and 1 -
+    it of the general prompts') that sets each expert's threshold."""
+
+    def gate_config(self) -> GateConfig:
+        from mergeserve.router.open_world import GateConfig
+
+        return GateConfig(
+            self.open_world,
+            self.open_world_margin,
+            self.open_world_width,
+            self.open_world_quantile,
+        )
 
 
 class MergeSettings(BaseModel):
@@ -180,6 +208,9 @@ class MergeSettings(BaseModel):
     scores candidates on; default: the experts' examples."""
     build_threads: int | None = Field(None, ge=1)
     """torch threads while building data-aware static merges (default: torch's)."""
+    twin_none: Literal["base", "shared"] = "base"
+    """What S gets outside the experts: `base` scales it by the request's in-domain mass
+    (routed to none: the base model), `shared` keeps it at full weight always."""
     twin_shared_method: str = "task_arithmetic"
     twin_lambda: float = 0.3
     twin_exclusive_rank: int = Field(8, ge=1)

@@ -131,14 +131,15 @@ class TwinDecomposition:
             raise InvalidRequestError("weights must be finite", param="merge_weights")
         return out
 
-    def merged(self, weights: Mapping[str, float]) -> AdapterFactors:
-        """S + Σ w_t X_t by rank concatenation: rank(S) + Σ k over the non-zero weights."""
+    def merged(self, weights: Mapping[str, float], shared_scale: float = 1.0) -> AdapterFactors:
+        """s·S + Σ w_t X_t by rank concatenation: rank(S) + Σ k over the non-zero weights
+        (S left out at s = 0)."""
         active = self._weights(weights)
         terms = [self.exclusives[n] for n, _ in active]
         ws = [w for _, w in active]
-        if self.shared is not None:
+        if self.shared is not None and shared_scale != 0.0:
             terms.insert(0, self.shared)
-            ws.insert(0, 1.0)
+            ws.insert(0, float(shared_scale))
         if not terms:
             raise InvalidRequestError("all weights are zero", param="merge_weights")
         return merge_adapters(terms, ws)

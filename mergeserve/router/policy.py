@@ -1,13 +1,16 @@
 """Router scores -> the weights a request is merged with, as a hashable `MergeKey`.
 
-A router gives one row of logits per request over the experts. The policy turns it into
-merge weights in four steps, each optional:
+A router gives one row of logits per request over the experts and, when it is open-world
+(router/open_world.py), the request's in-domain mass m: how much it belongs to the
+experts at all. The policy turns them into merge weights in five steps, each optional:
 
 1. temperature: p = softmax(logits / T)    (T → 0: the top expert alone; T → ∞: uniform)
 2. top-k: keep the k largest, renormalize
 3. floor: drop weights below `floor` (the top expert always stays), renormalize
-4. grid: round to multiples of `grid` that still sum to 1 (largest remainder), so that
-   near-equal requests share one key, and so one materialized adapter
+4. in-domain mass: w = m·p; the rest, 1 − m, goes to *none* (no expert: the base model)
+5. grid: round the weights and the none mass to multiples of `grid` that still sum to 1
+   (largest remainder), so that near-equal requests share one key, and so one
+   materialized adapter; a request whose experts all round to 0 is routed to none
 
 The entropy of p (step 1, before truncation) is returned beside the key for metrics:
 low entropy means the router is sure of one expert.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -31,21 +35,31 @@ MAX_PINNED_WEIGHT = 10.0
 λ up to ~1–2; far beyond, a merge is noise (and, past float32, NaN)."""
 
 
+RoutingOutcome = Literal["expert", "blend", "none"]
+ROUTING_OUTCOMES: tuple[RoutingOutcome, ...] = ("expert", "blend", "none")
+
+
 @dataclass(frozen=True)
 class MergeKey:
     """Which experts a request is merged from, and with what weights (all > 0).
 
-    Routed keys are a distribution (sum 1); a client's pinned `merge_weights` are served
-    as given (each at most MAX_PINNED_WEIGHT), e.g. two skills at full strength, 1 each.
+    Routed keys sum to 1 − `none` (the mass the router gave to no expert; a key with no
+    weights at all is the base model); a client's pinned `merge_weights` are served as
+    given (each at most MAX_PINNED_WEIGHT), e.g. two skills at full strength, 1 each.
     Hashable and ordered by expert name, so equal merges compare and hash equal whatever
     the order the weights were given in.
     """
 
     weights: tuple[tuple[str, float], ...]
+    none: float = 0.0
+    """The mass routed to no expert, in [0, 1] (0 for pinned keys). Twin merges scale
+    the shared adapter by 1 − none (MergeSettings.twin_none)."""
 
     def __post_init__(self) -> None:
-        if not self.weights:
-            raise ValueError("a MergeKey needs at least one expert")
+        if not 0.0 <= self.none <= 1.0:
+            raise ValueError(f"the none mass must be in [0, 1], got {self.none}")
+        if not self.weights and self.none != 1.0:
+            raise ValueError("a MergeKey without experts routes everything to none (none=1)")
         names = [n for n, _ in self.weights]
         if names != sorted(set(names)):
             raise ValueError(f"expert names must be unique and sorted, got {names}")
@@ -111,9 +125,25 @@ class MergeKey:
     def as_dict(self) -> dict[str, float]:
         return dict(self.weights)
 
+    @classmethod
+    def base(cls) -> MergeKey:
+        """Routed to no expert: the base model."""
+        return cls((), none=1.0)
+
     @property
-    def top(self) -> str:
-        """The expert of largest weight (the first by name on a tie)."""
+    def is_base(self) -> bool:
+        return not self.weights
+
+    @property
+    def outcome(self) -> RoutingOutcome:
+        """none (no expert), expert (one) or blend (two or more)."""
+        return "none" if not self.weights else "expert" if len(self.weights) == 1 else "blend"
+
+    @property
+    def top(self) -> str | None:
+        """The expert of largest weight (the first by name on a tie); None for base."""
+        if not self.weights:
+            return None
         return min(self.weights, key=lambda nw: (-nw[1], nw[0]))[0]
 
     @property
@@ -121,7 +151,10 @@ class MergeKey:
         return tuple(n for n, _ in self.weights)
 
     def __str__(self) -> str:
-        return ",".join(f"{n}={w:g}" for n, w in self.weights)
+        parts = [f"{n}={w:g}" for n, w in self.weights]
+        if self.none > 0:
+            parts.append(f"none={self.none:g}")
+        return ",".join(parts)
 
 
 @dataclass(frozen=True)
@@ -133,6 +166,12 @@ class Routing:
     """softmax(logits / T) over every expert, before top-k, floor and grid."""
     entropy: float
     """Shannon entropy of `probs`, in nats (0: one expert; ln E: uniform)."""
+    in_domain: float = 1.0
+    """The router's in-domain mass m before rounding (1 for a closed-world router)."""
+
+    @property
+    def outcome(self) -> RoutingOutcome:
+        return self.key.outcome
 
 
 def round_to_grid(probs: Sequence[float], grid: float) -> list[float]:
@@ -181,10 +220,14 @@ class RoutingPolicy:
         if self.grid is not None:
             round_to_grid([1.0], self.grid)  # checks that the grid divides 1
 
-    def apply(self, experts: Sequence[str], logits: Tensor) -> list[Routing]:
+    def apply(
+        self, experts: Sequence[str], logits: Tensor, in_domain: Tensor | None = None
+    ) -> list[Routing]:
         """Routings for each row of `logits` ([n, E], columns in `experts` order).
 
         A logit of -inf excludes that expert (weight 0). Rows must have a finite entry.
+        `in_domain` ([n] in [0, 1], from an open-world router) scales each row's weights;
+        the rest of the mass is routed to none. None: every request is in domain.
         """
         if logits.dim() != 2 or logits.shape[1] != len(experts):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(experts)} experts")
@@ -207,11 +250,26 @@ class RoutingPolicy:
             below.scatter_(1, top, False)
             kept = kept.masked_fill(below, 0.0)
             kept = kept / kept.sum(dim=1, keepdim=True)
+        if in_domain is None:
+            mass = [1.0] * len(kept)
+        else:
+            if in_domain.shape != (len(kept),):
+                raise ValueError(f"in_domain {tuple(in_domain.shape)} is not one per row")
+            m_ok = torch.isfinite(in_domain) & (in_domain >= 0) & (in_domain <= 1)
+            if not m_ok.all():
+                raise ValueError("in_domain masses must be in [0, 1]")
+            mass = in_domain.tolist()
         out = []
-        for row, full, h in zip(kept.tolist(), probs.tolist(), ent.tolist(), strict=True):
-            weights = round_to_grid(row, self.grid) if self.grid is not None else row
-            key = MergeKey(
-                tuple(sorted((n, w) for n, w in zip(experts, weights, strict=True) if w > 0))
-            )
-            out.append(Routing(key, dict(zip(experts, full, strict=True)), float(h)))
+        for row, full, h, m in zip(kept.tolist(), probs.tolist(), ent.tolist(), mass, strict=True):
+            scaled = [w * m for w in row]
+            if self.grid is not None:
+                # The none mass is one more column of the distribution (last: a tie goes
+                # to an expert), so rounding keeps Σ weights + none = 1.
+                weights = round_to_grid([*scaled, 1.0 - m], self.grid)[:-1]
+            else:
+                weights = scaled
+            pairs = tuple(sorted((n, w) for n, w in zip(experts, weights, strict=True) if w > 0))
+            none = min(1.0, max(0.0, round(1.0 - sum(w for _, w in pairs), 12)))
+            key = MergeKey(pairs, none=none) if pairs else MergeKey.base()
+            out.append(Routing(key, dict(zip(experts, full, strict=True)), float(h), float(m)))
         return out

@@ -42,6 +42,7 @@ from mergeserve.adapters.lowrank import AdapterFactors, truncate
 from mergeserve.adapters.peft_io import discover_lora_dirs, load_lora_factors
 from mergeserve.errors import AdapterError, ConfigurationError
 from mergeserve.router.embedders import Embedder, HiddenStateEmbedder, decoder_layers
+from mergeserve.router.open_world import OpenWorldGate, Similarities
 from mergeserve.router.policy import Routing, RoutingPolicy
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -65,11 +66,29 @@ class Router(Protocol):
         ...
 
 
+@runtime_checkable
+class OpenWorldRouter(Router, Protocol):
+    """A router that also says how much each request belongs to the experts at all."""
+
+    def scores(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """(logits, in-domain mass [len(texts)] in [0, 1]); the mass is None when the
+        router's gate is off."""
+        ...
+
+
+def router_scores(router: Router, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+    """Logits and, for an open-world router, the in-domain mass (None: closed world)."""
+    if isinstance(router, OpenWorldRouter):
+        return router.scores(texts)
+    return router.logits(texts), None
+
+
 def route(router: Router, policy: RoutingPolicy, texts: Sequence[str]) -> list[Routing]:
     """Route a batch of request texts to merge keys."""
     if not router.experts:
         raise ConfigurationError(f"the {router.name} router has no experts")
-    return policy.apply(router.experts, router.logits(texts))
+    logits, in_domain = router_scores(router, texts)
+    return policy.apply(router.experts, logits, in_domain)
 
 
 # ------------------------------------------------------------------------------ examples
@@ -135,10 +154,15 @@ class _ProtoState:
     centroids: Tensor  # [E, d], unit rows
     examples: Tensor  # [N, d], unit rows
     owner: Tensor  # [N], the expert index of each example
+    thresholds: Tensor  # [E], each expert's open-world threshold (router/open_world.py)
 
 
 class PrototypeRouter:
-    """Cosine similarity to each expert's example prompts; experts come and go in O(1)."""
+    """Cosine similarity to each expert's example prompts; experts come and go in O(1).
+
+    With a `gate` (router/open_world.py) it is open-world: `scores` also gives each
+    request's in-domain mass, calibrated from the same examples (and, for the knn gate,
+    the general prompts the gate holds)."""
 
     def __init__(
         self,
@@ -146,6 +170,7 @@ class PrototypeRouter:
         *,
         scale: float = 20.0,
         aggregate: Literal["mean", "max"] = "mean",
+        gate: OpenWorldGate | None = None,
     ):
         if aggregate not in ("mean", "max"):
             raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
@@ -154,8 +179,11 @@ class PrototypeRouter:
         self.embedder = embedder
         self.scale = scale
         self.aggregate = aggregate
+        self.gate = gate
         d = embedder.dim
-        self._state = _ProtoState((), torch.empty(0, d), torch.empty(0, d), torch.empty(0).long())
+        self._state = _ProtoState(
+            (), torch.empty(0, d), torch.empty(0, d), torch.empty(0).long(), torch.empty(0)
+        )
         self._lock = threading.Lock()  # writers only: readers take the current state
 
     @classmethod
@@ -185,6 +213,7 @@ class PrototypeRouter:
         if not prompts:
             raise ValueError(f"expert {name!r}: no example prompts")
         emb = self.embedder.embed(prompts)
+        tau = self.gate.threshold(emb) if self.gate is not None else -1.0
         with self._lock:
             s = self._state
             _check_name(name, s.experts)
@@ -195,6 +224,7 @@ class PrototypeRouter:
                 torch.cat([s.centroids, centroid]),
                 torch.cat([s.examples, emb]),
                 torch.cat([s.owner, owner]),
+                torch.cat([s.thresholds, torch.tensor([tau])]),
             )
 
     def remove_expert(self, name: str) -> None:
@@ -210,22 +240,55 @@ class PrototypeRouter:
                 torch.cat([s.centroids[:i], s.centroids[i + 1 :]]),
                 s.examples[keep],
                 owner - (owner > i).long(),
+                torch.cat([s.thresholds[:i], s.thresholds[i + 1 :]]),
             )
+
+    @staticmethod
+    def _nearest(emb: Tensor, s: _ProtoState) -> Tensor:
+        """[n, E] cosine similarity of unit rows `emb` to each expert's nearest example."""
+        sims = emb @ s.examples.T  # [n, N]
+        out = torch.full((emb.shape[0], len(s.experts)), -1.0)
+        return out.scatter_reduce(1, s.owner.expand(emb.shape[0], -1), sims, reduce="amax")
 
     def similarities(self, emb: Tensor) -> Tensor:
         """[n, E] cosine similarity of unit rows `emb` to each expert."""
         s = self._state
         if self.aggregate == "mean":
             return emb @ s.centroids.T
-        sims = emb @ s.examples.T  # [n, N]
-        out = torch.full((emb.shape[0], len(s.experts)), -1.0)
-        return out.scatter_reduce(1, s.owner.expand(emb.shape[0], -1), sims, reduce="amax")
+        return self._nearest(emb, s)
 
     def logits_for(self, emb: Tensor) -> Tensor:
         return self.similarities(emb) * self.scale
 
     def logits(self, texts: Sequence[str]) -> Tensor:
         return self.logits_for(self.embedder.embed(texts))
+
+    def _sims(self, emb: Tensor, s: _ProtoState) -> Similarities:
+        return Similarities(emb, emb @ s.centroids.T, self._nearest(emb, s))
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Each expert's open-world threshold τ (router/open_world.py)."""
+        s = self._state
+        return dict(zip(s.experts, s.thresholds.tolist(), strict=True))
+
+    def in_domain_score(self, emb: Tensor) -> Tensor:
+        """The gate's raw in-domain score of each request (unit rows `emb`)."""
+        if self.gate is None:
+            raise ConfigurationError("this prototype router has no open-world gate")
+        s = self._state
+        return self.gate.scores(self._sims(emb, s), s.thresholds)
+
+    def in_domain_for(self, emb: Tensor) -> Tensor | None:
+        """The in-domain mass of each request; None without a gate (closed world)."""
+        if self.gate is None:
+            return None
+        s = self._state
+        return self.gate.in_domain(self._sims(emb, s), s.thresholds)
+
+    def scores(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        emb = self.embedder.embed(texts)
+        return self.logits_for(emb), self.in_domain_for(emb)
 
 
 # ----------------------------------------------------------------------------------- MLP
@@ -317,13 +380,22 @@ class MLPRouter:
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str]) -> Tensor:
+        return self._logits(self.embedder.embed(texts))
+
+    @torch.inference_mode()
+    def scores(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Logits, and the in-domain mass of the prototypes' gate (None without one)."""
         emb = self.embedder.embed(texts)
+        gate = self.fallback.in_domain_for(emb) if self.fallback is not None else None
+        return self._logits(emb), gate
+
+    def _logits(self, emb: Tensor) -> Tensor:
         mlp: Tensor = self.net(emb)  # [n, T], columns in trained_experts order
         if self.fallback is None:
             known = [e in self.trained for e in self.trained_experts]
             return mlp.masked_fill(~torch.tensor(known), -math.inf)
         current = self.fallback.experts
-        out = torch.full((len(texts), len(current)), -math.inf)
+        out = torch.full((emb.shape[0], len(current)), -math.inf)
         col = {e: i for i, e in enumerate(self.trained_experts)}
         for j, e in enumerate(current):
             if e in self.trained and e in col:
@@ -586,15 +658,17 @@ def router_for(
     embedder: Embedder | None = None,
     base_dir: Path | None = None,
     mlp_dir: Path | None = None,
+    gate: OpenWorldGate | None = None,
 ) -> Router:
     """The `kind` router over `experts` (name -> PEFT dir): prototypes from each dir's
     examples.jsonl, the MLP saved in `mlp_dir` (prototypes for the experts it has not
-    seen), or Arrow from the adapters' `factors`."""
+    seen), or Arrow from the adapters' `factors`. `gate` makes the prototype and MLP
+    routers open-world (Arrow has no examples to calibrate one from: closed world)."""
     if kind in ("prototype", "mlp"):
         if embedder is None:
             raise ConfigurationError(f"the {kind} router needs an embedder")
         examples = {n: read_examples(p) for n, p in experts.items()}
-        proto = PrototypeRouter.from_examples(embedder, examples)
+        proto = PrototypeRouter.from_examples(embedder, examples, gate=gate)
         if kind == "prototype":
             return proto
         if mlp_dir is None:
@@ -652,17 +726,19 @@ def load_router(
     *,
     embedder: Embedder | None = None,
     base_dir: Path | None = None,
+    gate: OpenWorldGate | None = None,
 ) -> Router:
     """The named router over the experts under `experts_dir`.
 
     prototype and mlp need `embedder` (the MLP the one it was trained on, and it falls
     back to prototypes for experts it has not seen); arrow needs the base model dir.
+    `gate` makes prototype and mlp open-world.
     """
     if name in ("prototype", "mlp"):
         if embedder is None:
             raise ConfigurationError(f"the {name} router needs an embedder")
         examples = experts_examples(experts_dir)
-        proto = PrototypeRouter.from_examples(embedder, examples)
+        proto = PrototypeRouter.from_examples(embedder, examples, gate=gate)
         if name == "prototype":
             return proto
         return MLPRouter.load(mlp_router_dir(experts_dir), embedder, proto, examples)

@@ -34,7 +34,7 @@ from typing import Literal
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
 from mergeserve.adapters.twin import SHARED_TERM, TwinDecomposition
 from mergeserve.router.policy import MergeKey, Routing, RoutingPolicy
-from mergeserve.router.routers import Router
+from mergeserve.router.routers import Router, router_scores
 from mergeserve.runtime.batching import MicroBatcher
 from mergeserve.runtime.engine import LoRATarget
 from mergeserve.runtime.expert_set import ExpertSet
@@ -51,6 +51,11 @@ PROBE_WEIGHT = 0.5
 
 DynamicMode = Literal["twin", "exact"]
 DYNAMIC_MODES: tuple[DynamicMode, ...] = ("twin", "exact")
+
+TwinNone = Literal["base", "shared"]
+"""What the shared adapter S gets outside the experts (a routed key's none mass): `base`
+scales S by the in-domain mass 1 − none, so a request routed to none is the base model;
+`shared` keeps S at full weight on every request (Twin-Merging's own form)."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,11 @@ class DynamicMerger:
         mixture_rank: int | None = None,
         pin: AdapterHook | None = None,
         unpin: AdapterHook | None = None,
+        twin_none: TwinNone = "base",
     ) -> None:
         self._state = DynamicState(experts, twin, router)
         self.policy = policy
+        self.twin_none = twin_none
         self.cache = cache
         self.max_rank = max_rank
         self.mixture_rank = mixture_rank
@@ -174,7 +181,8 @@ class DynamicMerger:
     def _route_batch(self, texts: list[str]) -> Sequence[tuple[Routing, DynamicState]]:
         # One state for the whole batch: its router's columns are its experts.
         state = self._state
-        routings = self.policy.apply(state.router.experts, state.router.logits(texts))
+        logits, in_domain = router_scores(state.router, texts)
+        routings = self.policy.apply(state.router.experts, logits, in_domain)
         return [(r, state) for r in routings]
 
     async def route(self, text: str) -> RoutedRequest:
@@ -193,14 +201,28 @@ class DynamicMerger:
 
     # ------------------------------------------------------------------- merging
 
+    def shared_scale(self, key: MergeKey) -> float:
+        """The weight of S in a twin merge of `key` (see TwinNone)."""
+        return 1.0 if self.twin_none == "shared" else 1.0 - key.none
+
+    def serves_base(
+        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
+    ) -> bool:
+        """Whether `key` in `mode` is exactly the base model: routed to none, and in twin
+        mode S scaled to 0 (or folded away): served with no LoRA work at all."""
+        if not key.is_base:
+            return False
+        shared = (state or self._state).twin.shared
+        return mode == "exact" or shared is None or self.shared_scale(key) == 0.0
+
     def content_key(
         self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
     ) -> str:
         state = state or self._state
-        h = hashlib.sha256(b"mergeserve-merge/1\n")
+        h = hashlib.sha256(b"mergeserve-merge/2\n")
         h.update(f"{mode}\n{state.experts.version}\n".encode())
         if mode == "twin":
-            h.update(f"{state.twin_id}\n".encode())
+            h.update(f"{state.twin_id}\n{self.shared_scale(key)!r}\n".encode())
         h.update(json.dumps(key.weights).encode())
         return h.hexdigest()
 
@@ -210,7 +232,10 @@ class DynamicMerger:
         """The merged adapter's factors (blocking: runs in the cache's worker thread)."""
         twin = (state or self._state).twin
         weights = key.as_dict()
-        merged = twin.merged(weights) if mode == "twin" else twin.merged_exact(weights)
+        if mode == "twin":
+            merged = twin.merged(weights, self.shared_scale(key))
+        else:
+            merged = twin.merged_exact(weights)
         if max(merged.ranks.values()) > self.max_rank:
             merged = truncate_adapter(merged, self.max_rank)
         return merged
@@ -222,10 +247,10 @@ class DynamicMerger:
         state = state or self._state
         source = state.twin.exclusives if mode == "twin" else state.experts.factors
         parts = [source[n] for n in key.experts]
-        if mode == "twin" and state.twin.shared is not None:
+        if mode == "twin" and state.twin.shared is not None and self.shared_scale(key) != 0:
             parts.append(state.twin.shared)
         kinds = {k for p in parts for k in p.ranks}
-        return max(sum(p.ranks.get(k, 0) for p in parts) for k in kinds)
+        return max((sum(p.ranks.get(k, 0) for p in parts) for k in kinds), default=0)
 
     def max_routed_rank(self, mode: DynamicMode, state: DynamicState | None = None) -> int:
         """An upper bound of the rank of any routed merge (top-k experts of largest rank)."""
@@ -246,9 +271,22 @@ class DynamicMerger:
             "mode": mode,
             "experts": state.experts.version,
             "twin": state.twin_id if mode == "twin" else None,
+            "twin_none": self.twin_none if mode == "twin" else None,
             "router": router_id,
             "policy": asdict(self.policy),
             "cap": self.max_rank if self.max_routed_rank(mode, state) > self.max_rank else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def top1_identity(self, router_id: str, state: DynamicState | None = None) -> str:
+        """The digest of `route:top1`'s replies: the experts, the router and the policy
+        (which picks the top expert and the none outcome)."""
+        state = state or self._state
+        payload = {
+            "route": "top1",
+            "experts": state.experts.version,
+            "router": router_id,
+            "policy": asdict(self.policy),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -284,7 +322,8 @@ class DynamicMerger:
         terms = self.bundle_terms(mode, state)
         ranks = tuple(max(f.ranks.values(), default=0) for f in terms.values())
         weights = key.as_dict()
-        w = tuple(1.0 if n == SHARED_TERM else float(weights.get(n, 0.0)) for n in terms)
+        s = self.shared_scale(key)
+        w = tuple(s if n == SHARED_TERM else float(weights.get(n, 0.0)) for n in terms)
         return MixtureSpec(ranks, w)
 
     async def _acquire_mixture(
@@ -403,6 +442,8 @@ class DynamicMerger:
         unknown = set(key.experts) - set(st.experts.names)
         if unknown:  # a key from one state asked of another: never merge it silently
             raise ValueError(f"experts {sorted(unknown)} are not in this expert set")
+        if self.serves_base(mode, key, st):
+            raise ValueError("a key routed to none is the base model: serve it without LoRA")
         if self.uses_mixture(mode, st):
             return await self._acquire_mixture(mode, key, st)
         lease = await self.cache.acquire(

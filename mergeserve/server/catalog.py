@@ -6,6 +6,10 @@
 * `dynamic:twin`      routed, S + Σ wᵢ Xᵢ       (merged per request)
 * `dynamic:exact`     routed, Σ wᵢ Δᵢ           (merged per request)
 * `dynamic`           an alias of one of the two (settings)
+* `route:top1`        routed, the top expert's own adapter, or base when the router
+                      routes the request to none: adapter switching behind a classifier,
+                      as vLLM, LoRAX and S-LoRA users serve many experts (the baseline
+                      that per-request merging has to beat)
 
 A served model's `arm` is the name metrics and the `merge` object report: its own id,
 except for the alias `dynamic`, whose arm is the mode it stands for, so that one arm is
@@ -31,8 +35,9 @@ BASE = "base"
 EXPERT_PREFIX = "expert:"
 STATIC_PREFIX = "static:"
 DYNAMIC = "dynamic"
+ROUTE_TOP1 = "route:top1"
 
-ModelKind = Literal["base", "expert", "static", "dynamic"]
+ModelKind = Literal["base", "expert", "static", "dynamic", "route"]
 
 
 def dynamic_id(mode: DynamicMode) -> str:
@@ -148,6 +153,14 @@ class ModelCatalog:
                     f"alias of {alias}",
                     mode=dynamic_default,
                     digest=dg.get(alias),
+                )
+            )
+            models.append(
+                ServedModel(
+                    ROUTE_TOP1,
+                    "route",
+                    "router + the top expert's adapter (or base)",
+                    digest=dg.get(ROUTE_TOP1),
                 )
             )
         return cls(models)

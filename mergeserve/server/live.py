@@ -71,6 +71,7 @@ from mergeserve.adapters.twin import TwinConfig
 from mergeserve.config import Settings
 from mergeserve.errors import AdapterError, ConfigurationError
 from mergeserve.router.embedders import Embedder
+from mergeserve.router.open_world import OpenWorldGate, general_calibration_prompts, make_gate
 from mergeserve.router.policy import RoutingPolicy
 from mergeserve.router.routers import (
     examples_digest,
@@ -93,6 +94,7 @@ from mergeserve.runtime.materialize import AdapterCache, IdAllocator
 from mergeserve.server.catalog import (
     BASE,
     EXPERT_PREFIX,
+    ROUTE_TOP1,
     STATIC_PREFIX,
     ModelCatalog,
     ServedModel,
@@ -172,6 +174,7 @@ class LiveSet:
         self.ids = ids
         self._make_embedder = embedder
         self._embedder: Embedder | None = None
+        self._gate: OpenWorldGate | None = None
         self._on_batch = on_batch
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[ServedSet], None]] = []
@@ -498,6 +501,7 @@ class LiveSet:
                 if self._make_embedder is None:
                     raise ConfigurationError(f"the {rs.kind} router needs an embedder")
                 self._embedder = self._make_embedder()
+                self._gate = make_gate(rs.gate_config(), self._embedder)
             embedder = self._embedder
         paths = {n: i.path for n, i in experts.infos.items()}
         mlp = mlp_router_dir(self.settings.experts_dir) if self.settings.experts_dir else None
@@ -509,6 +513,7 @@ class LiveSet:
                 embedder=embedder,
                 base_dir=self.base_dir,
                 mlp_dir=mlp,
+                gate=self._gate,
             )
         except AdapterError as e:
             raise ConfigurationError(
@@ -632,6 +637,7 @@ class LiveSet:
             self.settings.engine.max_lora_rank,
             max_batch=rs.max_batch,
             on_batch=self._on_batch,
+            twin_none=ms.twin_none,
         )
         self._configure_mixture(self.dynamic)
 
@@ -701,6 +707,7 @@ class LiveSet:
                 dynamic_id(m): _digest(base, self.dynamic.identity(m, rid, dyn))
                 for m in DYNAMIC_MODES
             }
+            out[ROUTE_TOP1] = _digest(base, self.dynamic.top1_identity(rid, dyn))
         return out
 
     def _router_identity(self, experts: ExpertSet) -> str:
@@ -710,6 +717,9 @@ class LiveSet:
         if rs.kind != "arrow":
             payload["embedder"] = rs.embedder
             payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
+            payload["gate"] = dataclasses.asdict(rs.gate_config())
+            if rs.open_world == "knn":
+                payload["general"] = examples_digest(general_calibration_prompts())
             payload["examples"] = {
                 n: examples_digest(read_examples(i.path)) for n, i in experts.infos.items()
             }

@@ -89,6 +89,12 @@ class Metrics:
             buckets=_ENTROPY_BUCKETS,
             registry=r,
         )
+        self.routing_outcomes = Counter(
+            "mergeserve_routing_outcomes_total",
+            "Routed requests by arm and outcome: one expert, a blend, or none (base).",
+            ["arm", "outcome"],
+            registry=r,
+        )
         self.expert_weight = Histogram(
             "mergeserve_expert_weight",
             "Weight of each expert in dynamic merges (observed when > 0).",

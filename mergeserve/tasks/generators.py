@@ -324,10 +324,14 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
+    """A demo task (`TASKS`) or a two-skill evaluation task (`open_world.TWO_SKILL`) by name."""
+    from mergeserve.tasks.open_world import TWO_SKILL  # imports this module
+
+    task = TASKS.get(name) or TWO_SKILL.get(name)
+    if task is None:
+        known = ", ".join([*TASKS, *TWO_SKILL])
+        raise ValueError(f"unknown task {name!r}; tasks: {known}")
+    return task
 
 
 # ----------------------------------------------------------------------------- splits

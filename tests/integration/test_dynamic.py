@@ -61,6 +61,67 @@ async def test_dynamic_routes_merges_and_reports_it(served: Served) -> None:
     assert cap["adapter_id"] != m["adapter_id"]
 
 
+GENERAL = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
+
+
+@pytest.mark.parametrize("model", ["dynamic:exact", "dynamic:twin", "route:top1"])
+async def test_a_request_of_no_expert_is_served_by_the_base_model(
+    served: Served, model: str
+) -> None:
+    """Open-world routing: a request far from every expert's examples is routed to none
+    and generated with no adapter at all (twin: S scaled by the in-domain mass, 0)."""
+    r = await served.client.chat.completions.create(model=model, messages=GENERAL)
+    m = merge_of(r)
+    assert (m["route"], m["weights"], m["adapter_id"]) == ("none", {}, None)
+    assert m["routed"] is True and m["in_domain"] < 0.5
+    assert served.engine.loras_seen == []  # no adapter reached the engine
+    assert r.choices[0].message.content.startswith("[base]")
+    base = await served.client.chat.completions.create(model="base", messages=GENERAL)
+    assert r.choices[0].message.content == base.choices[0].message.content
+    assert state(served).dynamic.cache.stats().entries == 0  # type: ignore[union-attr]
+    text = (await served.http.get("/metrics")).text
+    outcomes = metric_samples(text, "mergeserve_routing_outcomes_total")
+    assert outcomes[(("arm", model), ("outcome", "none"))] == 1
+
+
+async def test_twin_keeps_the_shared_adapter_outside_the_experts_when_asked(
+    settings: Settings,
+) -> None:
+    settings.merge.twin_none = "shared"
+    async for s in serve(settings, FakeEngine()):
+        m = merge_of(await s.client.chat.completions.create(model="dynamic:twin", messages=GENERAL))
+        # Routed to none, but S stays at full weight: a merge of S alone.
+        assert (m["route"], m["weights"]) == ("none", {})
+        assert m["adapter_id"] is not None and s.engine.loras_seen != []
+        exact = merge_of(
+            await s.client.chat.completions.create(model="dynamic:exact", messages=GENERAL)
+        )
+        assert exact["adapter_id"] is None  # exact has no S: the base model
+
+
+async def test_route_top1_switches_to_the_top_experts_own_adapter(served: Served) -> None:
+    r = await served.client.chat.completions.create(model="route:top1", messages=CAPITAL)
+    m = merge_of(r)
+    assert (m["arm"], m["route"], m["weights"], m["routed"]) == (
+        "route:top1",
+        "expert",
+        {"beta": 1.0},
+        True,
+    )
+    expert = await served.client.chat.completions.create(model="expert:beta", messages=CAPITAL)
+    assert merge_of(expert)["adapter_id"] == m["adapter_id"]
+    assert r.choices[0].message.content == expert.choices[0].message.content
+    assert served.engine.loras_seen == ["expert:beta", "expert:beta"]
+    assert state(served).dynamic.cache.stats().entries == 0  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError, match="dynamic models only"):
+        await served.client.chat.completions.create(
+            model="route:top1", messages=CAPITAL, extra_body={"merge_weights": {"beta": 1}}
+        )
+    text = (await served.http.get("/metrics")).text
+    outcomes = metric_samples(text, "mergeserve_routing_outcomes_total")
+    assert outcomes[(("arm", "route:top1"), ("outcome", "expert"))] == 1
+
+
 async def test_streaming_sends_the_merge_object_first(served: Served) -> None:
     stream = await served.client.chat.completions.create(
         model="dynamic:twin", messages=CAPITAL, stream=True

@@ -31,6 +31,7 @@ async def test_models_lists_base_and_each_expert(served: Served) -> None:
         "dynamic:twin",
         "dynamic:exact",
         "dynamic",
+        "route:top1",
     ]
     one = await served.client.models.retrieve("expert:beta")
     assert one.id == "expert:beta"

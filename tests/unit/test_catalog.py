@@ -49,6 +49,7 @@ def test_static_and_dynamic_models_share_one_id_space(experts_dir: Path) -> None
         "dynamic:twin",
         "dynamic:exact",
         "dynamic",
+        "route:top1",
     ]
     assert cat.resolve("static:ties").lora.int_id == 3  # type: ignore[union-attr]
     assert ids() == 4  # merged adapters get ids after every fixed one

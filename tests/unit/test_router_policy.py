@@ -149,8 +149,12 @@ def test_merge_key_from_bad_weights(weights: dict[str, float], match: str) -> No
 
 
 def test_merge_key_invariants() -> None:
-    with pytest.raises(ValueError, match="at least one expert"):
+    with pytest.raises(ValueError, match="routes everything to none"):
         MergeKey(())
+    with pytest.raises(ValueError, match="none mass"):
+        MergeKey((("a", 0.5),), none=1.5)
+    base = MergeKey.base()
+    assert base.is_base and base.top is None and base.outcome == "none" and str(base) == "none=1"
     with pytest.raises(ValueError, match="unique and sorted"):
         MergeKey((("b", 0.5), ("a", 0.5)))
     with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):

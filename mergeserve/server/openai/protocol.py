@@ -112,6 +112,12 @@ class MergeInfo(BaseModel):
     """Dynamic arms: whether the merged adapter was ready (hit) or built for this request."""
     routed: bool | None = None
     """Dynamic arms: True when the router chose the weights, False when pinned."""
+    route: Literal["expert", "blend", "none"] | None = None
+    """Routed requests: one expert, a blend of two or more, or none (the base model
+    answered: the request belongs to no expert)."""
+    in_domain: float | None = None
+    """Routed requests: the router's in-domain mass (how much the request belongs to the
+    experts at all; 1 for a closed-world router)."""
     rank: int | None = None
     """Dynamic arms: rank of the merged adapter as served."""
     truncated: bool | None = None

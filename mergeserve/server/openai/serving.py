@@ -25,8 +25,10 @@ from mergeserve.errors import (
     EngineOverloadedError,
     InvalidRequestError,
     MergeserveError,
+    ModelNotFoundError,
 )
-from mergeserve.runtime.dynamic import DynamicMerger
+from mergeserve.router.policy import Routing
+from mergeserve.runtime.dynamic import DynamicMerger, RoutedRequest
 from mergeserve.runtime.engine import (
     EngineClient,
     FinishReason,
@@ -36,7 +38,7 @@ from mergeserve.runtime.engine import (
 )
 from mergeserve.runtime.materialize import AdapterLease
 from mergeserve.runtime.mixture import MixtureSpec
-from mergeserve.server.catalog import ModelCatalog, ServedModel
+from mergeserve.server.catalog import EXPERT_PREFIX, ModelCatalog, ServedModel
 from mergeserve.server.errors import sse_error
 from mergeserve.server.experiments import (
     Answered,
@@ -224,40 +226,29 @@ class ChatService:
 
     async def _bind(self, p: PreparedChat, req: ChatCompletionRequest) -> Binding:
         """The request's adapter: fixed for base, experts and static merges; routed and
-        merged (or pinned by `merge_weights`) for dynamic models."""
+        merged (or pinned by `merge_weights`) for dynamic models; routed to one expert's
+        own adapter (or base) for `route:top1`."""
         model = p.model
+        if model.kind == "route":
+            return await self._bind_top1(p)
         if model.kind != "dynamic":
-            lora = model.lora
-            hold = self.hold(model) if self.hold is not None else None
-            return Binding(
-                lora,
-                MergeInfo(
-                    arm=model.arm,
-                    weights=dict(model.weights),
-                    adapter_id=lora.int_id if lora is not None else None,
-                    experiment=p.experiment,
-                ),
-                hold=hold,
-            )
+            return self._fixed(model, p.experiment)
         assert self.dynamic is not None
         assert model.mode is not None
         dyn, m = self.dynamic, self.metrics
+        routing: Routing | None = None
         if req.merge_weights is not None:
             state = dyn.state
             key = dyn.pinned_key(req.merge_weights, state)
         else:
-            try:
-                routed = await dyn.route(p.route_text)
-            except MergeserveError:
-                raise
-            except Exception as e:
-                log.exception("routing failed")
-                raise MergeserveError(f"routing failed: {e}") from e
-            m.router_latency.observe(routed.seconds)
-            m.router_entropy.observe(routed.routing.entropy)
-            key, state = routed.routing.key, routed.state
+            routed = await self._route(p)
+            routing, key, state = routed.routing, routed.routing.key, routed.state
+            m.routing_outcomes.labels(model.arm, routing.outcome).inc()
         for name, w in key.weights:
             m.expert_weight.labels(name).observe(w)
+        if dyn.serves_base(model.mode, key, state):
+            # Routed to none: exactly the base model, with no LoRA work at all.
+            return Binding(None, self._routed_info(model.arm, routing, None, p.experiment))
         try:
             merged = await dyn.acquire(model.mode, key, state)
         except MergeserveError:
@@ -275,13 +266,81 @@ class ChatService:
             weights=key.as_dict(),
             adapter_id=lease.target.int_id,
             cache=lease.cache,
-            routed=req.merge_weights is None,
+            routed=routing is not None,
+            route=routing.outcome if routing is not None else None,
+            in_domain=round(routing.in_domain, 6) if routing is not None else None,
             rank=merged.rank,
             truncated=merged.truncated,
             mixture=merged.mixture is not None,
             experiment=p.experiment,
         )
         return Binding(lease.target, info, lease, mixture=merged.mixture)
+
+    def _fixed(self, model: ServedModel, experiment: str | None) -> Binding:
+        """base, an expert or a static merge: its one adapter (or none)."""
+        lora = model.lora
+        hold = self.hold(model) if self.hold is not None else None
+        return Binding(
+            lora,
+            MergeInfo(
+                arm=model.arm,
+                weights=dict(model.weights),
+                adapter_id=lora.int_id if lora is not None else None,
+                experiment=experiment,
+            ),
+            hold=hold,
+        )
+
+    async def _route(self, p: PreparedChat) -> RoutedRequest:
+        """Route the request's text (micro-batched), and count what came of it."""
+        assert self.dynamic is not None
+        m = self.metrics
+        try:
+            routed = await self.dynamic.route(p.route_text)
+        except MergeserveError:
+            raise
+        except Exception as e:
+            log.exception("routing failed")
+            raise MergeserveError(f"routing failed: {e}") from e
+        m.router_latency.observe(routed.seconds)
+        m.router_entropy.observe(routed.routing.entropy)
+        return routed
+
+    @staticmethod
+    def _routed_info(
+        arm: str, routing: Routing | None, expert: ServedModel | None, experiment: str | None
+    ) -> MergeInfo:
+        lora = expert.lora if expert is not None else None
+        return MergeInfo(
+            arm=arm,
+            weights=dict(expert.weights) if expert is not None else {},
+            adapter_id=lora.int_id if lora is not None else None,
+            routed=routing is not None,
+            route=("expert" if expert is not None else "none") if routing is not None else None,
+            in_domain=round(routing.in_domain, 6) if routing is not None else None,
+            experiment=experiment,
+        )
+
+    async def _bind_top1(self, p: PreparedChat) -> Binding:
+        """`route:top1`: the router's top expert alone, served by that expert's own
+        adapter (adapter switching), or base when the request is not in domain (its
+        in-domain mass below ½): the same router and gate as the dynamic arms."""
+        routed = await self._route(p)
+        r = routed.routing
+        top = r.key.top if r.in_domain >= 0.5 else None
+        if top is None:
+            self.metrics.routing_outcomes.labels(p.model.arm, "none").inc()
+            return Binding(None, self._routed_info(p.model.arm, r, None, p.experiment))
+        self.metrics.routing_outcomes.labels(p.model.arm, "expert").inc()
+        try:
+            expert = self.catalog.resolve(f"{EXPERT_PREFIX}{top}")
+        except ModelNotFoundError:
+            raise ArmUnavailableError(
+                f"expert {top!r} was removed while this request was routed; retry"
+            ) from None
+        binding = self._fixed(expert, p.experiment)
+        binding.merge = self._routed_info(p.model.arm, r, expert, p.experiment)
+        return binding
 
     def _admit(self) -> None:
         if self._pending >= self.settings.max_pending_requests:
