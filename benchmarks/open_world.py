@@ -84,12 +84,10 @@ def evaluate(
         "two_skill_kept": round(sum(m >= 0.5 for m in m_two) / len(m_two), 4),
         "two_skill_blend": round(sum(r.outcome == "blend" for r in r_two) / len(r_two), 4),
         "thresholds": {e: round(t, 4) for e, t in router.thresholds.items()},
-        "general_kept_examples": [
-            g for g, m in zip(general, m_gen, strict=True) if m >= 0.5
-        ][:10],
-        "in_domain_dropped_examples": [
-            t for t, m in zip(inside, m_in, strict=True) if m < 0.5
-        ][:10],
+        "general_kept_examples": [g for g, m in zip(general, m_gen, strict=True) if m >= 0.5][:10],
+        "in_domain_dropped_examples": [t for t, m in zip(inside, m_in, strict=True) if m < 0.5][
+            :10
+        ],
     }
 
 

@@ -73,7 +73,8 @@ async def test_a_request_of_no_expert_is_served_by_the_base_model(
     r = await served.client.chat.completions.create(model=model, messages=GENERAL)
     m = merge_of(r)
     assert (m["route"], m["weights"], m["adapter_id"]) == ("none", {}, None)
-    assert m["routed"] is True and m["in_domain"] < 0.5
+    assert m["routed"] is True
+    assert m["in_domain"] < 0.5
     assert served.engine.loras_seen == []  # no adapter reached the engine
     assert r.choices[0].message.content.startswith("[base]")
     base = await served.client.chat.completions.create(model="base", messages=GENERAL)
@@ -92,7 +93,8 @@ async def test_twin_keeps_the_shared_adapter_outside_the_experts_when_asked(
         m = merge_of(await s.client.chat.completions.create(model="dynamic:twin", messages=GENERAL))
         # Routed to none, but S stays at full weight: a merge of S alone.
         assert (m["route"], m["weights"]) == ("none", {})
-        assert m["adapter_id"] is not None and s.engine.loras_seen != []
+        assert m["adapter_id"] is not None
+        assert s.engine.loras_seen != []
         exact = merge_of(
             await s.client.chat.completions.create(model="dynamic:exact", messages=GENERAL)
         )

@@ -51,12 +51,16 @@ def test_in_domain_mass_scales_the_weights_and_the_rest_is_none() -> None:
     logits = torch.tensor([[5.0, 0.0, 0.0]] * 4)
     mass = torch.tensor([1.0, 0.6, 0.01, 0.0])
     full, part, tiny, zero = RoutingPolicy(temperature=0.01).apply(EXPERTS, logits, mass)
-    assert full.key == MergeKey((("add", 1.0),)) and full.outcome == "expert"
-    assert part.key.as_dict() == {"add": 0.6} and part.key.none == pytest.approx(0.4)
+    assert full.key == MergeKey((("add", 1.0),))
+    assert full.outcome == "expert"
+    assert part.key.as_dict() == {"add": 0.6}
+    assert part.key.none == pytest.approx(0.4)
     assert str(part.key) == "add=0.6,none=0.4"
     # Below half a grid step, the request is routed to none: exactly the base model.
     for r in (tiny, zero):
-        assert r.key == MergeKey.base() and r.outcome == "none" and r.key.top is None
+        assert r.key == MergeKey.base()
+        assert r.outcome == "none"
+        assert r.key.top is None
     assert tiny.in_domain == pytest.approx(0.01)
     # The full distribution is still reported (metrics, the route CLI).
     assert zero.probs["add"] == pytest.approx(1.0)
@@ -69,7 +73,8 @@ def test_grid_rounding_keeps_weights_plus_none_at_one() -> None:
     assert all(abs(w / 0.05 - round(w / 0.05)) < 1e-9 for w in r.key.as_dict().values())
     assert r.outcome == "blend"
     (closed,) = RoutingPolicy(top_k=2).apply(EXPERTS, logits)
-    assert closed.key.none == 0 and closed.in_domain == 1.0
+    assert closed.key.none == 0
+    assert closed.in_domain == 1.0
 
 
 @pytest.mark.parametrize("bad", [[1.5], [-0.1], [float("nan")]])
@@ -126,7 +131,7 @@ def test_auroc() -> None:
     assert auroc([2, 3], [0, 1]) == 1.0
     assert auroc([0], [1]) == 0.0
     assert auroc([1, 1], [1, 1]) == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positives and negatives"):
         auroc([], [1])
 
 
@@ -197,7 +202,8 @@ def test_the_mlp_router_is_gated_by_its_prototypes(
     mlp = train_mlp_router(minilm, DEMO, MLPTrainConfig(epochs=5), fallback=gated)
     logits, mass = mlp.scores(["Write a haiku about autumn.", "What is the capital of Peru?"])
     assert logits.shape == (2, len(DEMO))
-    assert mass is not None and mass[0] < 0.5 < mass[1]
+    assert mass is not None
+    assert mass[0] < 0.5 < mass[1]
     (r,) = route(mlp, RoutingPolicy(), ["Write a haiku about autumn."])
     assert r.key.is_base
 
@@ -206,5 +212,6 @@ def test_without_a_gate_the_router_is_closed_world(minilm: SentenceEmbedder) -> 
     router = PrototypeRouter.from_examples(minilm, {"a": ["apples"], "b": ["stocks fell"]})
     assert router.scores(["hello"])[1] is None
     (r,) = route(router, RoutingPolicy(), ["hello"])
-    assert not r.key.is_base and r.in_domain == 1.0
+    assert not r.key.is_base
+    assert r.in_domain == 1.0
     assert make_gate(GateConfig("off"), minilm) is None

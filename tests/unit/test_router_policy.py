@@ -154,7 +154,10 @@ def test_merge_key_invariants() -> None:
     with pytest.raises(ValueError, match="none mass"):
         MergeKey((("a", 0.5),), none=1.5)
     base = MergeKey.base()
-    assert base.is_base and base.top is None and base.outcome == "none" and str(base) == "none=1"
+    assert base.is_base
+    assert base.top is None
+    assert base.outcome == "none"
+    assert str(base) == "none=1"
     with pytest.raises(ValueError, match="unique and sorted"):
         MergeKey((("b", 0.5), ("a", 0.5)))
     with pytest.raises(ValueError, match=r"must be in \(0, 10\]"):
