@@ -19,6 +19,7 @@ With no arguments `serve` serves the embedded SmolLM2-135M-Instruct with the dem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -237,13 +238,46 @@ def _train_expert(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mergeserve.tasks.evaluate import REPLIES_FILE, evaluate, markdown_table, write_results
+    from mergeserve.tasks.evaluate import (
+        REPLIES_FILE,
+        evaluate,
+        evaluate_general,
+        harm_table,
+        markdown_table,
+        write_results,
+    )
+    from mergeserve.tasks.open_world import TWO_SKILL
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.suite == "general":
+        try:
+            cells = evaluate_general(
+                args.base_url,
+                models,
+                split=args.split,
+                concurrency=args.concurrency,
+                max_tokens=args.max_tokens,
+                api_key=args.api_key,
+                cache_file=args.out / REPLIES_FILE,
+                resume=args.resume,
+            )
+        except ValueError as e:
+            raise MergeserveError(str(e)) from e
+        args.out.mkdir(parents=True, exist_ok=True)
+        payload = {"split": args.split, "max_tokens": args.max_tokens}
+        payload["models"] = {m: dataclasses.asdict(c) for m, c in cells.items()}
+        (args.out / "general.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (args.out / "general.md").write_text(harm_table(cells))
+        print(harm_table(cells))
+        return
+    tasks = None if args.tasks == "all" else args.tasks.split(",")
+    if args.suite == "two-skill" and tasks is None:
+        tasks = list(TWO_SKILL)
     try:
         result = evaluate(
             args.base_url,
-            [m.strip() for m in args.models.split(",") if m.strip()],
-            None if args.tasks == "all" else args.tasks.split(","),
+            models,
+            tasks,
             n=args.n,
             concurrency=args.concurrency,
             max_tokens=args.max_tokens,
@@ -313,8 +347,13 @@ def _route(args: argparse.Namespace) -> None:
         )
     except ValueError as e:
         raise MergeserveError(str(e)) from e
+    from mergeserve.router.open_world import GateConfig, make_gate
+
     experts_dir, embedder, base_dir = _router_parts(args)
-    router = load_router(args.router, experts_dir, embedder=embedder, base_dir=base_dir)
+    gate = None
+    if embedder is not None:
+        gate = make_gate(GateConfig(args.open_world), embedder)
+    router = load_router(args.router, experts_dir, embedder=embedder, base_dir=base_dir, gate=gate)
     failed = 0
     for lineno, line in enumerate(sys.stdin, start=1):
         if not line.strip():
@@ -326,7 +365,13 @@ def _route(args: argparse.Namespace) -> None:
             out: dict[str, Any] = {"line": lineno, "error": str(e)}
         else:
             (r,) = route(router, policy, [prompt])
-            out = {"weights": r.key.as_dict(), "top": r.key.top, "entropy": round(r.entropy, 4)}
+            out = {
+                "weights": r.key.as_dict(),
+                "top": r.key.top,
+                "route": r.outcome,
+                "in_domain": round(r.in_domain, 4),
+                "entropy": round(r.entropy, 4),
+            }
         print(json.dumps(out), flush=True)
     if failed:
         raise MergeserveError(f"{failed} input line(s) were not routed (see their error lines)")
@@ -472,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="base,expert:*",
         help="comma-separated model ids; 'prefix*' expands against /v1/models",
     )
+    e.add_argument(
+        "--suite",
+        default="demo",
+        choices=["demo", "two-skill", "general"],
+        help="demo: the six tasks (exact match); two-skill: requests needing two skills "
+        "(exact match); general: requests outside every skill (harm: same reply as base)",
+    )
     e.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     e.add_argument("--n", type=int, default=100, help="test samples per task (default 100)")
     e.add_argument("--split", default="test", choices=["dev", "test"])
@@ -504,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, help="keep the k most likely experts (default all)")
     r.add_argument("--floor", type=float, default=0.0, help="drop weights below this")
     r.add_argument("--grid", type=float, default=0.05, help="round weights to this (0: no)")
+    r.add_argument(
+        "--open-world",
+        default="centroid",
+        choices=["off", "centroid", "threshold", "knn"],
+        help="the gate that routes requests of no expert to none (base); off: closed world",
+    )
     r.set_defaults(func=_route)
     ab = sub.add_parser("ab-report", help="compare an A/B experiment's arms (bootstrap CIs)")
     ab.add_argument("--experiment", required=True, help="the experiment's model name")

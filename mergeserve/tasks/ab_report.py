@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeserve.tasks.evaluate import evaluate
-from mergeserve.tasks.generators import TASKS, generate
+from mergeserve.tasks.generators import TASKS, generate, get_task
 
 CONFIDENCE = 0.95
 
@@ -178,7 +178,7 @@ def online_feedback(
                         max_tokens=max_tokens,
                         user=f"ab-report-{task}-{i}",
                     )
-                    ok = TASKS[task].matches(r.choices[0].message.content or "", answer)
+                    ok = get_task(task).matches(r.choices[0].message.content or "", answer)
                     fb = await http.post("/v1/feedback", json={"id": r.id, "score": float(ok)})
                     fb.raise_for_status()
                     sent += 1

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -221,29 +222,21 @@ async def _run(
     return replies
 
 
-def evaluate(
+def _collect(
     base_url: str,
     models: Sequence[str],
-    tasks: Sequence[str] | None = None,
-    n: int = 100,
-    concurrency: int = 8,
-    max_tokens: int = 48,
-    split: str = "test",
-    api_key: str = "unused",
-    timeout: float = 600.0,
-    cache_file: Path | None = None,
-    resume: bool = False,
-) -> EvalResult:
-    """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all).
-
-    With `cache_file`, replies are appended to it as they come; with `resume`, the replies
-    it already holds are reused instead of asked again (without, it is started afresh).
-    """
+    samples: dict[str, list[Sample]],
+    split: str,
+    concurrency: int,
+    max_tokens: int,
+    api_key: str,
+    timeout: float,
+    cache_file: Path | None,
+    resume: bool,
+) -> tuple[list[str], dict[tuple[str, str], list[str | None]], dict[str, float]]:
+    """(the models chosen, their replies by (model, task), each static merge's build s)."""
     import openai
 
-    task_names = list(tasks or TASKS)
-    for t in task_names:
-        get_task(t)
     with openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key) as c:
         cards = c.models.list().data
     served = [m.id for m in cards]
@@ -252,7 +245,6 @@ def evaluate(
         m.id: float(b) for m in cards if (b := (m.model_extra or {}).get("build_s")) is not None
     }
     chosen = expand_models(models, served)
-    samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
     cache: dict[ReplyKey, str] = {}
     if cache_file is not None:
         if resume:
@@ -275,13 +267,42 @@ def evaluate(
             digests,
         )
     )
+    return chosen, replies, build_s
+
+
+def evaluate(
+    base_url: str,
+    models: Sequence[str],
+    tasks: Sequence[str] | None = None,
+    n: int = 100,
+    concurrency: int = 8,
+    max_tokens: int = 48,
+    split: str = "test",
+    api_key: str = "unused",
+    timeout: float = 600.0,
+    cache_file: Path | None = None,
+    resume: bool = False,
+) -> EvalResult:
+    """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all).
+
+    With `cache_file`, replies are appended to it as they come; with `resume`, the replies
+    it already holds are reused instead of asked again (without, it is started afresh).
+    """
+    task_names = list(tasks or TASKS)
+    for t in task_names:
+        get_task(t)
+    samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
+    chosen, replies, build_s = _collect(
+        base_url, models, samples, split, concurrency, max_tokens, api_key, timeout,
+        cache_file, resume,
+    )  # fmt: skip
     cells: dict[str, dict[str, Cell]] = {}
     examples: dict[str, dict[str, list[dict[str, str]]]] = {}
     outcomes: dict[str, dict[str, list[bool]]] = {}
     for m in chosen:
         cells[m], examples[m], outcomes[m] = {}, {}, {}
         for t in task_names:
-            task, ss, rs = TASKS[t], samples[t], replies[(m, t)]
+            task, ss, rs = get_task(t), samples[t], replies[(m, t)]
             ok = [r is not None and task.matches(r, s.answer) for r, s in zip(rs, ss, strict=True)]
             held = [o for o, s in zip(ok, ss, strict=True) if s.held_out]
             outcomes[m][t] = ok
@@ -405,3 +426,93 @@ def write_results(result: EvalResult, out_dir: Path) -> dict[str, Path]:
     bar_chart(result, paths["chart"])
     ranking_chart(result, paths["ranking"])
     return paths
+
+
+# ---------------------------------------------------------------------- general split
+
+GENERAL_TASK = "general"
+"""The task name the general split's replies are cached under."""
+
+
+def token_f1(reply: str, reference: str) -> float:
+    """Bag-of-words F1 of `reply` against `reference` (whitespace tokens, casefolded):
+    a softer measure than equality of how much of base's reply a model kept."""
+    a, b = reply.casefold().split(), reference.casefold().split()
+    if not a and not b:
+        return 1.0
+    common = sum((Counter(a) & Counter(b)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class HarmCell:
+    same_as_base: float
+    """Fraction of prompts whose reply equals base's greedy reply (whitespace-stripped)."""
+    overlap: float
+    """Mean token F1 against base's reply."""
+    n: int
+    errors: int
+    by_category: dict[str, float]
+    """same_as_base per category."""
+
+
+def evaluate_general(
+    base_url: str,
+    models: Sequence[str],
+    split: str = "test",
+    concurrency: int = 8,
+    max_tokens: int = 32,
+    api_key: str = "unused",
+    timeout: float = 600.0,
+    cache_file: Path | None = None,
+    resume: bool = False,
+) -> dict[str, HarmCell]:
+    """Score `models` on the general split (requests outside every skill) by harm: how
+    often each model's reply is base's reply. `base` is asked too (the reference)."""
+    from mergeserve.tasks.open_world import general_prompts
+
+    prompts = general_prompts(split)  # type: ignore[arg-type]
+    samples = {GENERAL_TASK: [Sample(GENERAL_TASK, g.prompt, "", 0, False) for g in prompts]}
+    wanted = ["base", *(m for m in models if m != "base")]
+    chosen, replies, _ = _collect(
+        base_url, wanted, samples, split, concurrency, max_tokens, api_key, timeout,
+        cache_file, resume,
+    )  # fmt: skip
+    ref = replies[("base", GENERAL_TASK)]
+    out: dict[str, HarmCell] = {}
+    for m in chosen:
+        rs = replies[(m, GENERAL_TASK)]
+        same = [
+            r is not None and b is not None and r.strip() == b.strip()
+            for r, b in zip(rs, ref, strict=True)
+        ]
+        f1 = [
+            token_f1(r, b) if r is not None and b is not None else 0.0
+            for r, b in zip(rs, ref, strict=True)
+        ]
+        cats: dict[str, list[bool]] = {}
+        for g, ok in zip(prompts, same, strict=True):
+            cats.setdefault(g.category, []).append(ok)
+        out[m] = HarmCell(
+            same_as_base=sum(same) / len(same),
+            overlap=sum(f1) / len(f1),
+            n=len(same),
+            errors=sum(r is None for r in rs),
+            by_category={c: sum(v) / len(v) for c, v in sorted(cats.items())},
+        )
+    return out
+
+
+def harm_table(cells: Mapping[str, HarmCell]) -> str:
+    lines = [
+        "| model | same reply as base (%) | token F1 with base | n | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for m, c in cells.items():
+        lines.append(
+            f"| `{m}` | {100 * c.same_as_base:.1f} | {c.overlap:.3f} | {c.n} | {c.errors} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -133,6 +133,33 @@ def test_openai_client_streams_from_dynamic_and_sees_the_merge(real_server: Real
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+@pytest.mark.parametrize("model", ["dynamic:exact", "dynamic:twin", "route:top1"])
+def test_a_request_of_no_expert_gets_exactly_the_base_models_tokens(
+    real_server: RealServer, model: str
+) -> None:
+    """Open-world routing: a request unlike every expert's examples is routed to none
+    and generated with no LoRA at all, so its greedy tokens are base's, exactly."""
+
+    def greedy(name: str) -> Any:
+        return real_server.client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": "Give me three tips for better sleep."}],
+            temperature=0,
+            max_tokens=24,
+        )
+
+    r, base = greedy(model), greedy("base")
+    merge = (r.model_extra or {})["merge"]
+    assert (merge["route"], merge["weights"], merge["adapter_id"]) == ("none", {}, None)
+    assert merge["in_domain"] < 0.5
+    assert r.choices[0].message.content == base.choices[0].message.content
+    assert r.usage is not None
+    assert base.usage is not None
+    assert r.usage.completion_tokens == base.usage.completion_tokens
+    text = httpx.get(f"{real_server.base_url}/metrics").text
+    assert f'mergeserve_routing_outcomes_total{{arm="{model}",outcome="none"}}' in text
+
+
 def test_dynamic_metrics_pass_promtool(real_server: RealServer) -> None:
     import shutil
     import subprocess

@@ -156,3 +156,50 @@ def test_resume_asks_again_for_a_model_whose_content_changed(tmp_path: Path) -> 
     assert after["dynamic:exact"] != digests["dynamic:exact"]  # it merges the new add
     # Asked again: the changed expert and the merges that contain it, nothing else.
     assert asked() == {"base": N, "expert:add": 2 * N, "expert:capital": N, "dynamic:exact": 2 * N}
+
+
+def test_eval_general_and_two_skill_suites(tmp_path: Path) -> None:
+    """--suite general scores harm against base's reply; --suite two-skill is exact match
+    on the composed tasks (FakeEngine: replies name the adapter, so only a request
+    routed to none can equal base's)."""
+    from mergeserve.tasks.open_world import TWO_SKILL, general_prompts
+
+    experts = tmp_path / "experts"
+    write_fake_lora_dir(experts / "add", examples=[s.prompt for s in generate("add", "train", 8)])
+    write_fake_lora_dir(
+        experts / "capital", examples=[s.prompt for s in generate("capital", "train", 8)]
+    )
+    settings = Settings(model=None, experts_dir=experts, cache=tmp_path / "cache")
+    app = create_app(settings, FakeEngine(context_len=4096))
+    out = tmp_path / "general"
+    with uvicorn_in_thread(app) as url:
+        main(["eval", "--base-url", url, "--suite", "general", "--models",
+              "expert:add,dynamic,route:top1", "--max-tokens", "64",
+              "--out", str(out)])  # fmt: skip
+        main(["eval", "--base-url", url, "--suite", "two-skill", "--models", "base",
+              "--n", "4", "--out", str(tmp_path / "two")])  # fmt: skip
+    data = json.loads((out / "general.json").read_text())
+    cells = data["models"]
+    assert list(cells) == ["base", "expert:add", "dynamic", "route:top1"]
+    n = len(general_prompts("test"))
+    assert all(c["n"] == n and c["errors"] == 0 for c in cells.values())
+    assert cells["base"]["same_as_base"] == 1.0
+    assert cells["base"]["overlap"] == 1.0
+    assert cells["expert:add"]["same_as_base"] == 0.0  # "[expert:add] ..." never equals
+    assert 0 < cells["expert:add"]["overlap"] < 1  # ... but shares the reversed words
+    # The open-world router sends (nearly) every general request to none: base's reply.
+    assert cells["dynamic"]["same_as_base"] >= 0.9
+    assert cells["route:top1"]["same_as_base"] >= 0.9
+    assert "| `dynamic` |" in (out / "general.md").read_text()
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["tasks"] == list(TWO_SKILL)
+    assert two["accuracy"]["base"]["sum_json"]["n"] == 4
+
+
+def test_token_f1() -> None:
+    from mergeserve.tasks.evaluate import token_f1
+
+    assert token_f1("a b c", "a b c") == 1.0
+    assert token_f1("", "") == 1.0
+    assert token_f1("x", "a b") == 0.0
+    assert token_f1("A b", "a c") == pytest.approx(0.5)

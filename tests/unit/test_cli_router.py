@@ -58,6 +58,21 @@ def test_route_prototype(
         assert set(weights) <= set(NAMES)
 
 
+def test_route_a_request_of_no_expert_to_none(
+    experts: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sleep = json.dumps({"prompt": "Give me three tips for better sleep."})
+    (gated,) = _route(monkeypatch, capsys, [sleep], "--experts-dir", str(experts))
+    assert (gated["route"], gated["weights"], gated["top"]) == ("none", {}, None)
+    assert isinstance(gated["in_domain"], float)
+    assert gated["in_domain"] < 0.5
+    (closed,) = _route(
+        monkeypatch, capsys, [sleep], "--experts-dir", str(experts), "--open-world", "off"
+    )
+    assert closed["route"] in ("expert", "blend")
+    assert closed["in_domain"] == 1.0
+
+
 def test_route_top_k_and_grid(
     experts: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,6 +49,7 @@ def test_every_query_names_exported_metrics() -> None:
         "mergeserve_expert_weight_bucket",
         "mergeserve_merge_latency_seconds_count",
         "mergeserve_tokens_total",
+        "mergeserve_routing_outcomes_total",
     ):
         assert needed in used
 
