@@ -19,6 +19,8 @@ from typing import Any
 from mergeserve.tasks.open_world import COMPOSED_OF
 
 ORACLE = "oracle single expert"
+TWIN_SHARED = "dynamic:twin, S kept outside the experts"
+"""The twin arm served with MERGESERVE_MERGE__TWIN_NONE=shared (pass C)."""
 
 
 def _merged(paths: list[Path], key: str) -> dict[str, Any]:
@@ -36,9 +38,23 @@ def load(root: Path) -> dict[str, Any]:
     demo = _merged(list((root / "demo").glob("results.*.json")), "accuracy")
     two = _merged(list((root / "two_skill").glob("results.*.json")), "accuracy")
     general = _merged(list((root / "general").glob("general.*.json")), "models")
+    shared = root / "twin_shared"
+    for name, table, pattern, key in (
+        ("demo", demo, "results.*.json", "accuracy"),
+        ("two_skill", two, "results.*.json", "accuracy"),
+        ("general", general, "general.*.json", "models"),
+    ):
+        extra = _merged(list((shared / name).glob(pattern)), key)
+        if "dynamic:twin" in extra:
+            table[TWIN_SHARED] = extra["dynamic:twin"]
     gates_file = root / "gates.test.json"
     gates = json.loads(gates_file.read_text()) if gates_file.is_file() else None
-    return {"demo": demo, "two": two, "general": general, "gates": gates}
+    blend = {}
+    for split in ("dev", "test"):
+        f = root.resolve().parents[2] / "benchmarks" / "results" / f"blend.{split}.cpu-2core.json"
+        if f.is_file():
+            blend[split] = json.loads(f.read_text())
+    return {"demo": demo, "two": two, "general": general, "gates": gates, "blend": blend}
 
 
 def rows(data: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -101,6 +117,19 @@ def two_skill_table(two: dict[str, Any]) -> str:
     for m, row in two.items():
         cells = [f"{100 * row[c]['accuracy']:.0f}" if c in row else "–" for c in comps]
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def blend_table(blend: dict[str, Any]) -> str:
+    dev = blend["dev"]
+    comps = list(dev["exact_match"])
+    head = ["strategy", *(f"{c} (dev)" for c in comps), "mean (dev)", "mean (test)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    test = blend.get("test", {}).get("mean", {})
+    for name, mean in dev["mean"].items():
+        cells = [f"{100 * dev['exact_match'][c][name]:.0f}" for c in comps]
+        t = test.get(name)
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {100 * mean:.1f} | {_pct(t)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +198,16 @@ def report(root: Path) -> str:
         "",
         two_skill_table(data["two"]),
     ]
+    if data["blend"].get("dev"):
+        parts += [
+            "## Blending on two-skill requests (exact %)",
+            "",
+            "`python benchmarks/blend.py --split dev` (then `--split test` once): each skill's",
+            "expert alone, the routed arms, per-expert (multi-label) memberships pinned as",
+            "weights, and the oracle pair of each composition's two skills pinned at λ each.",
+            "",
+            blend_table(data["blend"]),
+        ]
     if data["gates"] is not None:
         parts += [
             "## Open-world gates, test split",

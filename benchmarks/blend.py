@@ -1,0 +1,151 @@
+"""Blending on requests that need two skills: which per-request weights solve what no
+single expert solves? Measured on the two-skill split (mergeserve.tasks.open_world) of a
+running server, exact match, greedy, through the OpenAI API.
+
+Strategies, per composition of skills (s₁, s₂):
+
+- `expert:s1`, `expert:s2`: each skill's expert alone (the oracle single expert is the
+  better of the two, and of every other expert);
+- `route:top1`: the router's top expert alone (adapter switching);
+- `dynamic:exact`: the served router and policy (softmax over prototype scores, top-2);
+- `multilabel`: each expert's own in-domain membership (the open-world gate's score per
+  expert, not a softmax across experts), the two most likely pinned at their membership
+  (two skills present: both near 1), computed in process by the same router;
+- `pair@λ`: the oracle pair {s₁: λ, s₂: λ} pinned (λ = 0.5: the average; λ = 1: task
+  arithmetic with both skills at full strength), the best any router could give.
+
+Pick on `--split dev`; report `--split test` once.
+
+    python benchmarks/blend.py --base-url http://127.0.0.1:8000 [--split dev] [--n 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeserve.router.embedders import SentenceEmbedder
+from mergeserve.router.open_world import GateConfig, make_gate
+from mergeserve.router.routers import PrototypeRouter, experts_examples
+from mergeserve.tasks.generators import Sample, generate
+from mergeserve.tasks.open_world import COMPOSED_OF, TWO_SKILL
+
+ROOT = Path(__file__).resolve().parent.parent
+LAMBDAS = (0.5, 0.75, 1.0, 1.5)
+
+
+def multilabel_weights(prompts: Sequence[str], threads: int) -> list[dict[str, float]]:
+    """Each expert's own membership m_e = sigmoid((cos(x, c_e) - tau_e) / width); the two
+    largest kept when at least one clears 1/2, at their membership (rounded to 0.05)."""
+    torch.set_num_threads(threads)
+    embedder = SentenceEmbedder(quantize=True)
+    config = GateConfig()
+    gate = make_gate(config, embedder)
+    router = PrototypeRouter.from_examples(
+        embedder, experts_examples(ROOT / "examples" / "experts"), gate=gate
+    )
+    emb = embedder.embed(list(prompts))
+    tau = torch.tensor(list(router.thresholds.values()))
+    member = config.mass(router.similarities(emb) - tau)  # [n, E]
+    out = []
+    for row in member.tolist():
+        ranked = sorted(zip(router.experts, row, strict=True), key=lambda x: -x[1])[:2]
+        kept = {e: round(round(m / 0.05) * 0.05, 2) for e, m in ranked if m >= 0.5}
+        out.append({e: w for e, w in kept.items() if w > 0})
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url=f"{args.base_url.rstrip('/')}/v1", api_key="unused", timeout=600, max_retries=2
+    )
+    sem = asyncio.Semaphore(args.concurrency)
+    samples: dict[str, list[Sample]] = {c: generate(c, args.split, args.n) for c in TWO_SKILL}
+    prompts = [s.prompt for ss in samples.values() for s in ss]
+    ml = dict(zip(prompts, multilabel_weights(prompts, args.threads), strict=True))
+    experts = sorted({e for pair in COMPOSED_OF.values() for e in pair})
+
+    async def ask(model: str, prompt: str, weights: dict[str, float] | None) -> str:
+        async with sem:
+            extra = {"merge_weights": weights} if weights else None
+            r = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=args.max_tokens,
+                extra_body=extra,
+            )
+            return r.choices[0].message.content or ""
+
+    def strategies(comp: str) -> dict[str, tuple[str, Any]]:
+        s1, s2 = COMPOSED_OF[comp]
+        out: dict[str, tuple[str, Any]] = {f"expert:{e}": (f"expert:{e}", None) for e in experts}
+        out["route:top1"] = ("route:top1", None)
+        out["dynamic:exact"] = ("dynamic:exact", None)
+        out["multilabel"] = ("dynamic:exact", "multilabel")
+        for lam in LAMBDAS:
+            out[f"pair@{lam:g}"] = ("dynamic:exact", {s1: lam, s2: lam})
+        return out
+
+    results: dict[str, dict[str, float]] = {}
+    examples: dict[str, dict[str, list[str]]] = {}
+    for comp, ss in samples.items():
+        task = TWO_SKILL[comp]
+        results[comp], examples[comp] = {}, {}
+        for name, (model, weights) in strategies(comp).items():
+
+            def pinned(prompt: str, w: Any = weights) -> dict[str, float] | None:
+                if w == "multilabel":
+                    return ml[prompt] or None  # none of the experts: the routed model
+                return w if isinstance(w, dict) else None
+
+            replies = await asyncio.gather(*(ask(model, s.prompt, pinned(s.prompt)) for s in ss))
+            ok = [task.matches(r, s.answer) for r, s in zip(replies, ss, strict=True)]
+            results[comp][name] = round(sum(ok) / len(ok), 4)
+            examples[comp][name] = replies[:2]
+            print(f"{comp:16s} {name:26s} {100 * results[comp][name]:5.1f}", flush=True)
+    await client.close()
+    mean = {
+        name: round(sum(results[c][name] for c in results) / len(results), 4)
+        for name in next(iter(results.values()))
+    }
+    return {
+        "split": args.split,
+        "n_per_composition": args.n,
+        "max_tokens": args.max_tokens,
+        "composed_of": {c: list(p) for c, p in COMPOSED_OF.items()},
+        "exact_match": results,
+        "mean": mean,
+        "multilabel_blends": sum(len(w) == 2 for w in ml.values()) / len(ml),
+        "examples": examples,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--split", choices=["dev", "test"], default="dev")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    out = asyncio.run(run(args))
+    text = json.dumps(out, indent=2)
+    print(json.dumps(out["mean"], indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
