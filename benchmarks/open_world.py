@@ -11,6 +11,9 @@ open_world, the same split name):
   routed to none (in-domain mass < ½), of in-domain prompts kept in domain (≥ ½), of
   two-skill prompts kept in domain, and of general prompts whose served key is exactly
   base (every weight rounds to 0 on the 0.05 grid);
+- the fraction of the tasks' train-only paraphrases (phrasings that are in no router
+  example and no dev or test template: 5 prompts of each) kept in domain and routed to
+  their task: how the gate treats a way of asking it has not seen;
 - the energy score logsumexp(scale · cos) of the closed-world prototypes, as the
   score-only baseline a max-probability/energy detector would use.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,7 @@ def evaluate(
     labels: Sequence[str],
     general: Sequence[str],
     two_skill: Sequence[str],
+    paraphrases: Sequence[tuple[str, str]],
 ) -> dict[str, Any]:
     router = PrototypeRouter.from_examples(embedder, examples, gate=gate)
     policy = RoutingPolicy(top_k=2, floor=0.1, grid=0.05)  # the served defaults
@@ -73,6 +78,10 @@ def evaluate(
     s_in, m_in, r_in = run(inside)
     s_gen, m_gen, r_gen = run(general)
     _, m_two, r_two = run(two_skill)
+    _, _, r_para = run([p for _, p in paraphrases])
+    para_ok = [
+        r.key.none == 0 and r.key.top == t for r, (t, _) in zip(r_para, paraphrases, strict=True)
+    ]
     top_ok = [r.key.top == lab for r, lab in zip(r_in, labels, strict=True)]
     return {
         "auroc": round(auroc(s_in, s_gen), 4),
@@ -82,6 +91,7 @@ def evaluate(
         "in_domain_top1": round(sum(top_ok) / len(top_ok), 4),
         "in_domain_full_mass": round(sum(r.key.none == 0 for r in r_in) / len(r_in), 4),
         "two_skill_kept": round(sum(m >= 0.5 for m in m_two) / len(m_two), 4),
+        "paraphrases_kept_and_routed": round(sum(para_ok) / len(para_ok), 4),
         "two_skill_blend": round(sum(r.outcome == "blend" for r in r_two) / len(r_two), 4),
         "thresholds": {e: round(t, 4) for e, t in router.thresholds.items()},
         "general_kept_examples": [g for g, m in zip(general, m_gen, strict=True) if m >= 0.5][:10],
@@ -107,19 +117,29 @@ def main() -> None:
     labels = [s.task for s in samples]
     general = [g.prompt for g in general_prompts(args.split)]
     two = [s.prompt for t in TWO_SKILL for s in generate(t, args.split, 50)]
+    rng = random.Random(7)
+    paraphrases = []
+    for name, task in TASKS.items():
+        for template in task.paraphrases:
+            for _ in range(5):
+                fields, _answer = task.make(rng)
+                paraphrases.append((name, template.format(**fields)))
 
     out: dict[str, Any] = {
         "split": args.split,
         "n_in_domain": len(inside),
         "n_general": len(general),
         "n_two_skill": len(two),
+        "n_paraphrases": len(paraphrases),
         "embedder": embedder.name,
         "gates": {},
     }
     for name, config in CANDIDATES.items():
         gate = make_gate(config, embedder)
         assert gate is not None
-        out["gates"][name] = evaluate(embedder, examples, gate, inside, labels, general, two)
+        out["gates"][name] = evaluate(
+            embedder, examples, gate, inside, labels, general, two, paraphrases
+        )
     closed = PrototypeRouter.from_examples(embedder, examples)
     energy = {
         key: torch.logsumexp(closed.logits(texts), dim=1).tolist()

@@ -30,19 +30,12 @@ work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 STATIC='["linear", "task_arithmetic", "ties", "dare_ties", "pcb", "lines", "regmean", "regmean_pp", "fisher", "adamerging", "adamerging_layer", "evolutionary"]'
+# shellcheck source=scripts/serve_lib.sh
+source scripts/serve_lib.sh
 serve() {  # serve MAX_LORA_RANK STATIC_METHODS_JSON
-  MERGESERVE_ENGINE__MAX_LORA_RANK="$1" MERGESERVE_MERGE__STATIC_METHODS="$2" \
-    MERGESERVE_MERGE__DEV_FILE=examples/dev.jsonl MERGESERVE_MERGE__BUILD_THREADS=2 \
-    $ms serve --experts-dir examples/experts --port "$PORT" > "$work/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 900); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0
-    kill -0 "$server" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
-    sleep 1
-  done
-  echo "server did not start" >&2; exit 1
+  serve_with MERGESERVE_ENGINE__MAX_LORA_RANK="$1" MERGESERVE_MERGE__STATIC_METHODS="$2" \
+    MERGESERVE_MERGE__DEV_FILE=examples/dev.jsonl MERGESERVE_MERGE__BUILD_THREADS=2
 }
-stop() { kill "$server"; wait "$server" || true; }
 evaluate() {  # evaluate MODELS
   $ms eval --base-url "http://127.0.0.1:$PORT" --models "$1" --n "$N" \
     --concurrency 16 --max-tokens 32 --out "$out" --resume
