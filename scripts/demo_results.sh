@@ -69,6 +69,9 @@ stop
   echo "merge per request: \`dynamic:exact\` = Σ wᵢΔᵢ, \`dynamic:twin\` = shared (0.3 Σ Δ) +"
   echo "Σ wᵢ·exclusiveᵢ (rank 8). Frankenmerging (stacking layers of different models)"
   echo "changes the architecture and is out of scope for merging adapters of one base."
+  echo "These are the six skills alone; every arm on open traffic (requests of no skill,"
+  echo "requests needing two skills, and \`route:top1\`, adapter switching) is in"
+  echo "[results/open_world.md](results/open_world.md) (\`scripts/open_world_results.sh\`)."
   echo
   echo "Reproduce with one command: \`scripts/demo_results.sh $N\`, which runs"
   echo

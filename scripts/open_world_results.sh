@@ -6,7 +6,10 @@
 #   two-skill  requests needing two skills at once (N per composition), exact match
 #   general    requests outside every skill (the general split's test part), harm: the
 #              fraction of replies equal to base's greedy reply, and token F1 with it
-# plus the open-world gates' AUROC (benchmarks/open_world.py --split test).
+# plus the open-world gates' AUROC (benchmarks/open_world.py --split test), the choice of
+# what dynamic:twin's shared adapter gets outside the experts (MERGESERVE_MERGE__TWIN_NONE
+# base, the default, against shared), and the blending study on the two-skill split
+# (benchmarks/blend.py: dev, then test once).
 # Usage: scripts/open_world_results.sh [N, default 50]
 #
 # Two passes, as scripts/demo_results.sh (vLLM's CPU LoRA path computes every adapter at
@@ -28,24 +31,18 @@ trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$out/demo" "$out/two_skill" "$out/general"
 if [[ -z "${RESUME:-}" ]]; then
   rm -f "$out"/*/replies.jsonl
+  rm -rf "$out/twin_shared"
   [[ -f docs/results/replies.jsonl ]] && cp docs/results/replies.jsonl "$out/demo/replies.jsonl"
 fi
 
-serve() {  # serve MAX_LORA_RANK STATIC_METHODS_JSON
-  MERGESERVE_ENGINE__MAX_LORA_RANK="$1" MERGESERVE_MERGE__STATIC_METHODS="$2" \
-    MERGESERVE_MERGE__BUILD_THREADS=2 \
-    $ms serve --experts-dir examples/experts --port "$PORT" > "$work/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 900); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0
-    kill -0 "$server" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
-    sleep 1
-  done
-  echo "server did not start" >&2; exit 1
+# shellcheck source=scripts/serve_lib.sh
+source scripts/serve_lib.sh
+serve() {  # serve MAX_LORA_RANK STATIC_METHODS_JSON [TWIN_NONE]
+  serve_with MERGESERVE_ENGINE__MAX_LORA_RANK="$1" MERGESERVE_MERGE__STATIC_METHODS="$2" \
+    MERGESERVE_MERGE__BUILD_THREADS=2 MERGESERVE_MERGE__TWIN_NONE="${3:-base}"
 }
-stop() { kill "$server"; wait "$server" || true; }
-evaluate() {  # evaluate SUITE MODELS
-  local dir="${1//-/_}"
+evaluate() {  # evaluate SUITE MODELS PASS [DIR]
+  local dir="${4:-${1//-/_}}"
   $ms eval --base-url "http://127.0.0.1:$PORT" --suite "$1" --models "$2" --n "$N" \
     --concurrency 16 --max-tokens 32 --out "$out/$dir" --resume > "$work/eval.log" 2>&1 \
     || { tail -30 "$work/eval.log" >&2; exit 1; }
@@ -60,6 +57,26 @@ stop
 methods="$(echo "$STATIC" | tr ',' '\n' | sed 's/^static://' | jq -R . | jq -sc .)"
 serve 64 "$methods"
 for suite in demo two-skill general; do evaluate "$suite" "base,$STATIC,dynamic:twin" b; done
+stop
+# Pass C: dynamic:twin with S at full weight on every request (TWIN_NONE=shared); each
+# suite's cache is copied so base's replies are not asked again (same digest).
+for suite in demo two_skill general; do
+  mkdir -p "$out/twin_shared/$suite"
+  [[ -f "$out/twin_shared/$suite/replies.jsonl" ]] \
+    || cp "$out/$suite/replies.jsonl" "$out/twin_shared/$suite/replies.jsonl"
+done
+serve 64 '[]' shared
+for suite in demo two-skill general; do
+  evaluate "$suite" "base,dynamic:twin" c "twin_shared/${suite//-/_}"
+done
+stop
+# Pass D: blending on the two-skill split, pinned weights through dynamic:exact's mixture.
+serve 16 '[]'
+for split in dev test; do
+  .venv/bin/python benchmarks/blend.py --base-url "http://127.0.0.1:$PORT" --split "$split" \
+    --n 25 --out "benchmarks/results/blend.$split.cpu-2core.json" > "$work/blend.log" 2>&1 \
+    || { tail -30 "$work/blend.log" >&2; exit 1; }
+done
 stop
 
 .venv/bin/python benchmarks/open_world.py --split test --out "$out/gates.test.json" > /dev/null

@@ -214,13 +214,81 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
 # vLLM
 
 
+class LoRASlots:
+    """Keeps the adapters in flight within the engine's LoRA slots, pinned ones included.
+
+    vLLM's scheduler lets up to `max_loras` distinct adapters into one batch, but a pinned
+    adapter holds a slot of its own that the scheduler does not count: a batch of
+    `max_loras` unpinned adapters next to a pinned one makes the worker evict an adapter
+    the same batch uses, and the engine dies (KeyError in punica's convert_mapping). So
+    at most `slots - pinned` distinct unpinned adapters are submitted at once; a request
+    for another waits until one of them has no request left. Requests of an adapter
+    already in flight, of a pinned adapter, or of none, never wait.
+    """
+
+    def __init__(self, slots: int):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots = slots
+        self.pinned: set[int] = set()
+        self.in_flight: dict[int, int] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        """Slots left for unpinned adapters not in flight now."""
+        used = len(self.pinned) + sum(1 for i in self.in_flight if i not in self.pinned)
+        return self.slots - used
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            changed = self._changed
+            await changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def acquire(self, lora_id: int) -> None:
+        await self._wait(lambda: self.free > 0 or lora_id in (self.pinned | set(self.in_flight)))
+        self.in_flight[lora_id] = self.in_flight.get(lora_id, 0) + 1
+
+    def release(self, lora_id: int) -> None:
+        n = self.in_flight[lora_id] - 1
+        if n:
+            self.in_flight[lora_id] = n
+        else:
+            del self.in_flight[lora_id]
+            self._notify()
+
+    async def pin(self, lora_id: int) -> None:
+        """Reserve a slot for `lora_id` for good (it may already be in flight); waits
+        until one is free, and never takes the last one (requests of other adapters
+        would then wait forever)."""
+        if lora_id in self.pinned:
+            return
+        if self.slots - len(self.pinned) < 2:
+            raise RuntimeError(
+                f"no LoRA slot to pin in: {self.slots} slots, {len(self.pinned)} pinned"
+            )
+        await self._wait(lambda: lora_id in self.in_flight or self.free > 1)
+        self.pinned.add(lora_id)
+
+    def unpin(self, lora_id: int) -> None:
+        self.pinned.discard(lora_id)
+        self._notify()
+
+
 class VllmEngine(EngineClient):
     """vLLM's in-process AsyncLLM (engine core in a child process), LoRA enabled."""
 
-    def __init__(self, engine: Any, max_model_len: int, *, mixture: bool = False):
+    def __init__(
+        self, engine: Any, max_model_len: int, *, mixture: bool = False, max_loras: int = 1
+    ):
         self._engine = engine
         self._max_model_len = max_model_len
         self._mixture = mixture
+        self._slots = LoRASlots(max_loras)
         self._tokenizer = engine.get_tokenizer()
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise ConfigurationError("the model's tokenizer has no chat template")
@@ -264,7 +332,9 @@ class VllmEngine(EngineClient):
             engine = AsyncLLM.from_engine_args(args)
         except Exception as e:
             raise ConfigurationError(f"vLLM could not start on {model_dir}: {e}") from e
-        return cls(engine, settings.max_model_len, mixture=settings.plugin)
+        return cls(
+            engine, settings.max_model_len, mixture=settings.plugin, max_loras=settings.max_loras
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -282,9 +352,7 @@ class VllmEngine(EngineClient):
         mixture: MixtureSpec | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         from vllm import SamplingParams
-        from vllm.exceptions import GracefulHTTPError
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
@@ -308,6 +376,22 @@ class VllmEngine(EngineClient):
             # holds the adapter, not the weights: the salt keeps KV blocks computed under
             # one weighting from being reused under another (equal weightings share).
             prompt["cache_salt"] = mixture.salt()
+        if lora is not None:
+            await self._slots.acquire(lora.int_id)
+        try:
+            async for delta in self._stream(prompt, sampling, request_id, lora_request):
+                yield delta
+        finally:
+            if lora is not None:
+                self._slots.release(lora.int_id)
+
+    async def _stream(
+        self, prompt: dict[str, Any], sampling: Any, request_id: str, lora_request: Any
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        from vllm.exceptions import GracefulHTTPError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        prompt_token_ids = prompt["prompt_token_ids"]
         stream = self._engine.generate(
             prompt,
             sampling,
@@ -359,11 +443,17 @@ class VllmEngine(EngineClient):
         return self._mixture
 
     async def pin_adapter(self, lora: LoRATarget) -> None:
-        await self._engine.add_lora(_lora_request(lora))
-        await self._engine.pin_lora(lora.int_id)
+        await self._slots.pin(lora.int_id)
+        try:
+            await self._engine.add_lora(_lora_request(lora))
+            await self._engine.pin_lora(lora.int_id)
+        except BaseException:
+            self._slots.unpin(lora.int_id)
+            raise
 
     async def unpin_adapter(self, lora: LoRATarget) -> None:
         await self._engine.remove_lora(lora.int_id)
+        self._slots.unpin(lora.int_id)
 
 
 def _lora_request(lora: LoRATarget) -> Any:

@@ -178,3 +178,45 @@ def test_bundles_are_pinned_and_unpinned_in_vllm_across_a_hot_add(pair: Pair) ->
     assert new[0] not in gone
     assert "could not pin" not in after
     assert "could not unpin" not in after
+
+
+def test_more_distinct_adapters_than_free_slots_next_to_a_pinned_bundle(pair: Pair) -> None:
+    """vLLM's scheduler does not count a pinned bundle's slot: with 4 slots, 1 pinned,
+    four distinct unpinned adapters in one batch made the worker evict one the batch
+    used and the engine died (KeyError in convert_mapping). The engine client now keeps
+    distinct unpinned adapters in flight within the free slots: every request answers."""
+    import asyncio
+
+    async def flood() -> list[str]:
+        c = openai.AsyncOpenAI(
+            base_url=f"{pair.live.base_url}/v1", api_key="-", max_retries=0, timeout=300
+        )
+        jobs: list[tuple[str, dict[str, Any] | None]] = [
+            ("expert:e1", None),
+            ("expert:e2", None),
+            ("static:linear", None),
+            ("dynamic:exact", {"merge_weights": {"e1": 0.7, "e2": 0.2}}),
+            ("dynamic:twin", {"merge_weights": {"e1": 0.4, "e2": 0.9}}),
+        ] * 4
+
+        async def one(model: str, extra: dict[str, Any] | None) -> str:
+            r = await c.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": USER}],
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+                extra_body=extra,
+            )
+            return r.choices[0].message.content or ""
+
+        try:
+            return await asyncio.gather(*(one(m, e) for m, e in jobs))
+        finally:
+            await c.close()
+
+    pinned_before = "pinned the" in pair.live.log.read_text(errors="replace")
+    replies = asyncio.run(flood())
+    assert len(replies) == 20
+    assert pinned_before or "pinned the" in pair.live.log.read_text(errors="replace")
+    assert httpx.get(f"{pair.live.base_url}/health", timeout=10).status_code == 200
+    assert "KeyError" not in pair.live.log.read_text(errors="replace")
