@@ -43,13 +43,15 @@ from mergeserve.tasks.open_world import TWO_SKILL, general_prompts
 ROOT = Path(__file__).resolve().parent.parent
 
 CANDIDATES: dict[str, GateConfig] = {
-    "centroid q=0.05 w=0.005 (default)": GateConfig("centroid"),
+    "centroid q=0.05 w=0.001 (default)": GateConfig("centroid"),
+    "centroid q=0.05 w=0.005": GateConfig("centroid", width=0.005),
     "centroid q=0.05 w=0.02": GateConfig("centroid", width=0.02),
-    "centroid q=0.10 w=0.005": GateConfig("centroid", quantile=0.10),
-    "centroid q=0 w=0.005": GateConfig("centroid", quantile=0.0),
-    "threshold q=0.05 w=0.005": GateConfig("threshold"),
-    "threshold q=0.10 w=0.005": GateConfig("threshold", quantile=0.10),
-    "knn w=0.005": GateConfig("knn"),
+    "centroid q=0.05 w=0.001 margin 0.01": GateConfig("centroid", margin=0.01),
+    "centroid q=0.10 w=0.001": GateConfig("centroid", quantile=0.10),
+    "centroid q=0 w=0.001": GateConfig("centroid", quantile=0.0),
+    "threshold q=0.05 w=0.001": GateConfig("threshold"),
+    "threshold q=0.10 w=0.001": GateConfig("threshold", quantile=0.10),
+    "knn w=0.001": GateConfig("knn"),
     "knn w=0.02": GateConfig("knn", width=0.02),
 }
 

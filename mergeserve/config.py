@@ -174,7 +174,7 @@ class RouterSettings(BaseModel):
     and MLP routers only: Arrow has no examples to calibrate from."""
     open_world_margin: float = 0.0
     """Subtracted from the in-domain score (cosine units): > 0 sends more to none."""
-    open_world_width: float = Field(0.005, gt=0)
+    open_world_width: float = Field(0.001, gt=0)
     """Softness of the gate: in-domain mass = sigmoid((score - margin) / width)."""
     open_world_quantile: float = Field(0.05, ge=0, le=1)
     """`centroid`/`threshold`: the quantile of the experts' own similarities (and 1 -

@@ -50,8 +50,11 @@ class GateConfig:
     kind: GateKind = "centroid"
     margin: float = 0.0
     """Subtracted from the score: > 0 routes more requests to none."""
-    width: float = 0.005
-    """Softness of the gate, in cosine units: m = sigmoid((score - margin) / width)."""
+    width: float = 0.001
+    """Softness of the gate, in cosine units: m = sigmoid((score - margin) / width).
+    Near-hard by default: on the dev splits a softer gate (0.005, 0.02) only added
+    partial merges, fewer general requests served exactly by base and fewer unseen
+    phrasings kept at full weight (benchmarks/open_world.py)."""
     quantile: float = 0.05
     """`centroid` and `threshold`: the quantile of the experts' own similarities that
     marks their in-domain edge (and 1 - it, of the general prompts', the outer edge)."""

@@ -104,6 +104,10 @@ from mergeserve.server.openai.serving import Release
 
 log = logging.getLogger(__name__)
 
+EMBEDDING_REVISION = 2
+"""Bumped when the vectors an embedder gives change (2: int8 one text at a time), so the
+digests of routed models change with them."""
+
 Source = Literal["seed", "registry"]
 
 
@@ -716,6 +720,7 @@ class LiveSet:
         payload: dict[str, object] = {"kind": rs.kind}
         if rs.kind != "arrow":
             payload["embedder"] = rs.embedder
+            payload["embedding"] = EMBEDDING_REVISION
             payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
             payload["gate"] = dataclasses.asdict(rs.gate_config())
             if rs.open_world == "knn":

@@ -6,7 +6,8 @@ Reads `<dir>/demo/results.*.json`, `<dir>/two_skill/results.*.json` (exact match
 `mergeserve eval --suite demo|two-skill`), `<dir>/general/general.*.json` (harm, from
 `--suite general`) and `<dir>/gates.test.json` (benchmarks/open_world.py), and writes the
 table of every arm on the three splits, the oracle rows, the two-skill compositions, the
-gates, and `<dir>/open_world.png`.
+gates, and `<dir>/open_world.png`; `<dir>/NOTE.md`, when present, goes above the table
+(what a partial re-run left stale).
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def report(root: Path) -> str:
         "prompt, its task's own expert (demo), the best single expert of each composition",
         "(two-skill), and no expert (general). Reproduce: `scripts/open_world_results.sh 50`.",
         "",
+        *([(root / "NOTE.md").read_text().strip(), ""] if (root / "NOTE.md").is_file() else []),
         table(r),
         "![every arm on the three splits](open_world/open_world.png)",
         "",
