@@ -45,6 +45,7 @@ def test_models_list(real_server: RealServer) -> None:
         "dynamic:twin",
         "dynamic:exact",
         "dynamic",
+        "route:top1",
     ]
 
 
