@@ -249,20 +249,25 @@ def _eval(args: argparse.Namespace) -> None:
     from mergeserve.tasks.open_world import TWO_SKILL
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    tasks = None if args.tasks == "all" else args.tasks.split(",")
+    if args.suite == "two-skill" and tasks is None:
+        tasks = list(TWO_SKILL)
+    common: dict[str, Any] = {
+        "split": args.split,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "api_key": args.api_key,
+        "cache_file": args.out / REPLIES_FILE,
+        "resume": args.resume,
+    }
+    try:
+        if args.suite == "general":
+            cells = evaluate_general(args.base_url, models, **common)
+        else:
+            result = evaluate(args.base_url, models, tasks, n=args.n, **common)
+    except ValueError as e:
+        raise MergeserveError(str(e)) from e
     if args.suite == "general":
-        try:
-            cells = evaluate_general(
-                args.base_url,
-                models,
-                split=args.split,
-                concurrency=args.concurrency,
-                max_tokens=args.max_tokens,
-                api_key=args.api_key,
-                cache_file=args.out / REPLIES_FILE,
-                resume=args.resume,
-            )
-        except ValueError as e:
-            raise MergeserveError(str(e)) from e
         args.out.mkdir(parents=True, exist_ok=True)
         payload = {"split": args.split, "max_tokens": args.max_tokens}
         payload["models"] = {m: dataclasses.asdict(c) for m, c in cells.items()}
@@ -270,24 +275,6 @@ def _eval(args: argparse.Namespace) -> None:
         (args.out / "general.md").write_text(harm_table(cells))
         print(harm_table(cells))
         return
-    tasks = None if args.tasks == "all" else args.tasks.split(",")
-    if args.suite == "two-skill" and tasks is None:
-        tasks = list(TWO_SKILL)
-    try:
-        result = evaluate(
-            args.base_url,
-            models,
-            tasks,
-            n=args.n,
-            concurrency=args.concurrency,
-            max_tokens=args.max_tokens,
-            split=args.split,
-            api_key=args.api_key,
-            cache_file=args.out / REPLIES_FILE,
-            resume=args.resume,
-        )
-    except ValueError as e:
-        raise MergeserveError(str(e)) from e
     paths = write_results(result, args.out)
     print(markdown_table(result))
     print("written:", ", ".join(str(p) for p in paths.values()))

@@ -36,7 +36,6 @@ MAX_PINNED_WEIGHT = 10.0
 
 
 RoutingOutcome = Literal["expert", "blend", "none"]
-ROUTING_OUTCOMES: tuple[RoutingOutcome, ...] = ("expert", "blend", "none")
 
 
 @dataclass(frozen=True)

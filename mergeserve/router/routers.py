@@ -287,8 +287,13 @@ class PrototypeRouter:
         return self.gate.in_domain(self._sims(emb, s), s.thresholds)
 
     def scores(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Logits and in-domain mass from one embedding and one set of similarities."""
         emb = self.embedder.embed(texts)
-        return self.logits_for(emb), self.in_domain_for(emb)
+        s = self._state
+        sims = self._sims(emb, s)
+        logits = (sims.centroid if self.aggregate == "mean" else sims.nearest) * self.scale
+        mass = self.gate.in_domain(sims, s.thresholds) if self.gate is not None else None
+        return logits, mass
 
 
 # ----------------------------------------------------------------------------------- MLP

@@ -249,8 +249,12 @@ class LoRASlots:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _holds(self, lora_id: int) -> bool:
+        """Whether `lora_id` already has a slot (pinned, or in flight)."""
+        return lora_id in self.pinned or lora_id in self.in_flight
+
     async def acquire(self, lora_id: int) -> None:
-        await self._wait(lambda: self.free > 0 or lora_id in (self.pinned | set(self.in_flight)))
+        await self._wait(lambda: self._holds(lora_id) or self.free > 0)
         self.in_flight[lora_id] = self.in_flight.get(lora_id, 0) + 1
 
     def release(self, lora_id: int) -> None:

@@ -723,7 +723,7 @@ class LiveSet:
             payload["embedding"] = EMBEDDING_REVISION
             payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
             payload["gate"] = dataclasses.asdict(rs.gate_config())
-            if rs.open_world == "knn":
+            if rs.gate_config().needs_general:
                 payload["general"] = examples_digest(general_calibration_prompts())
             payload["examples"] = {
                 n: examples_digest(read_examples(i.path)) for n, i in experts.infos.items()

@@ -292,7 +292,8 @@ class ChatService:
         )
 
     async def _route(self, p: PreparedChat) -> RoutedRequest:
-        """Route the request's text (micro-batched), and count what came of it."""
+        """Route the request's text (micro-batched); its latency and entropy go to the
+        metrics (the caller counts the outcome: the arm decides what it is)."""
         assert self.dynamic is not None
         m = self.metrics
         try:
@@ -338,9 +339,9 @@ class ChatService:
             raise ArmUnavailableError(
                 f"expert {top!r} was removed while this request was routed; retry"
             ) from None
-        binding = self._fixed(expert, p.experiment)
-        binding.merge = self._routed_info(p.model.arm, r, expert, p.experiment)
-        return binding
+        hold = self.hold(expert) if self.hold is not None else None
+        info = self._routed_info(p.model.arm, r, expert, p.experiment)
+        return Binding(expert.lora, info, hold=hold)
 
     def _admit(self) -> None:
         if self._pending >= self.settings.max_pending_requests:
