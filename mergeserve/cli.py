@@ -264,7 +264,14 @@ def _eval(args: argparse.Namespace) -> None:
         if args.suite == "general":
             cells = evaluate_general(args.base_url, models, **common)
         else:
-            result = evaluate(args.base_url, models, tasks, n=args.n, **common)
+            result = evaluate(
+                args.base_url,
+                models,
+                tasks,
+                n=args.n,
+                phrasings=args.suite == "phrasings",
+                **common,
+            )
     except ValueError as e:
         raise MergeserveError(str(e)) from e
     if args.suite == "general":
@@ -507,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--suite",
         default="demo",
-        choices=["demo", "two-skill", "general"],
-        help="demo: the six tasks (exact match); two-skill: requests needing two skills "
+        choices=["demo", "phrasings", "two-skill", "general"],
+        help="demo: the six tasks (exact match); phrasings: the six tasks asked in ten "
+        "phrasings per task no expert trained on; two-skill: requests needing two skills "
         "(exact match); general: requests outside every skill (harm: same reply as base)",
     )
     e.add_argument("--tasks", default="all", help="comma-separated task names, or all")

@@ -228,6 +228,9 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     max_pending_requests: int = Field(256, ge=1)
     """Requests admitted at once; the next one gets 503 so a balancer can retry elsewhere."""
+    queue_budget_s: float = Field(5.0, ge=0, allow_inf_nan=False)
+    """Load shedding: a request whose expected wait for its first token is over this many
+    seconds gets 503 with Retry-After at once (mergeserve.server.shedding). 0: off."""
 
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none (bounded by the context window)."""

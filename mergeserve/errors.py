@@ -15,11 +15,20 @@ class MergeserveError(Exception):
     status_code: int = 500
     error_type: str = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after
+        """Seconds a client should wait before retrying (sent as `Retry-After`)."""
 
 
 class ConfigurationError(MergeserveError):

@@ -3,6 +3,8 @@
 # served by the real server (vLLM, fp32, CPU) and scored through the OpenAI API, greedy,
 # 32 new tokens:
 #   demo       the six tasks' test split (N per task, unseen templates included), exact match
+#   phrasings  the six tasks asked in phrasings no expert trained on (mergeserve.tasks.
+#              phrasings, test part, N per task), exact match
 #   two-skill  requests needing two skills at once (N per composition), exact match
 #   general    requests outside every skill (the general split's test part), harm: the
 #              fraction of replies equal to base's greedy reply, and token F1 with it
@@ -28,7 +30,8 @@ out=docs/results/open_world
 STATIC="${STATIC:-static:linear,static:task_arithmetic,static:ties,static:dare_ties}"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$out/demo" "$out/two_skill" "$out/general"
+SUITES=(demo phrasings two-skill general)
+mkdir -p "$out/demo" "$out/phrasings" "$out/two_skill" "$out/general"
 if [[ -z "${RESUME:-}" ]]; then
   rm -f "$out"/*/replies.jsonl
   rm -rf "$out/twin_shared"
@@ -56,21 +59,21 @@ evaluate() {  # evaluate SUITE MODELS PASS [DIR]
 
 ARMS_A='base,expert:*,dynamic:exact,route:top1'
 serve 16 '[]'
-for suite in demo two-skill general; do evaluate "$suite" "$ARMS_A" a; done
+for suite in "${SUITES[@]}"; do evaluate "$suite" "$ARMS_A" a; done
 stop
 methods="$(echo "$STATIC" | tr ',' '\n' | sed 's/^static://' | jq -R . | jq -sc .)"
 serve 64 "$methods"
-for suite in demo two-skill general; do evaluate "$suite" "base,$STATIC,dynamic:twin" b; done
+for suite in "${SUITES[@]}"; do evaluate "$suite" "base,$STATIC,dynamic:twin" b; done
 stop
 # Pass C: dynamic:twin with S at full weight on every request (TWIN_NONE=shared); each
 # suite's cache is copied so base's replies are not asked again (same digest).
-for suite in demo two_skill general; do
+for suite in demo phrasings two_skill general; do
   mkdir -p "$out/twin_shared/$suite"
   [[ -f "$out/twin_shared/$suite/replies.jsonl" ]] \
     || cp "$out/$suite/replies.jsonl" "$out/twin_shared/$suite/replies.jsonl"
 done
 serve 64 '[]' shared
-for suite in demo two-skill general; do
+for suite in "${SUITES[@]}"; do
   evaluate "$suite" "base,dynamic:twin" c "twin_shared/${suite//-/_}"
 done
 stop

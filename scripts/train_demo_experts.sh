@@ -7,12 +7,17 @@
 # stage on the task's train-only paraphrases (--paraphrases, seed 2): after two stages it
 # scored 100% on the trained phrasings but 2/8 on the held-out one, where it ordered the
 # numbers wrongly; more ways of asking, none of them the held-out one, is the remedy.
+# add and reverse_words end with the same paraphrase stage (issue 23: asked in phrasings
+# written outside the project, they scored 0.85 and 0.875; on the dev part of
+# mergeserve.tasks.phrasings add scored 0.86, failing word problems and "Add up: a, b").
+# capital, sentiment and to_json scored 1.0 there and on their held-out template, so they
+# keep their one-stage recipe.
 # Usage: scripts/train_demo_experts.sh [task ...]   (default: all six; existing dirs are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 declare -A STEPS=([sentiment]=60 [capital]=120 [reverse_words]=150 [to_json]=120 [sort_numbers]=450 [add]=600)
 declare -A MORE=([sort_numbers]=300 [add]=350)
-declare -A PARAPHRASED=([sort_numbers]=300)
+declare -A PARAPHRASED=([sort_numbers]=300 [add]=300 [reverse_words]=150)
 ORDER=(sentiment capital reverse_words to_json sort_numbers add)
 tasks=("${@:-${ORDER[@]}}")
 stage="$(mktemp -d)"
@@ -21,17 +26,20 @@ train() { .venv/bin/mergeserve train-expert --rank 8 --alpha 16 --batch-size 16 
 for t in "${tasks[@]}"; do
   out="examples/experts/$t"
   if [[ -e "$out" ]]; then echo "keep $out"; continue; fi
+  # stage 1, then (MORE) a continuation on fresh data, then (PARAPHRASED) one on the
+  # paraphrases; the last stage writes $out
+  last="$stage/$t.1"
+  [[ -n "${MORE[$t]:-}${PARAPHRASED[$t]:-}" ]] || last="$out"
+  train --task "$t" --steps "${STEPS[$t]}" --lr 1e-3 --seed 0 --threads 2 --out "$last"
+  if [[ -n "${MORE[$t]:-}" ]]; then
+    next="$stage/$t.2"
+    [[ -n "${PARAPHRASED[$t]:-}" ]] || next="$out"
+    train --task "$t" --init "$last" --steps "${MORE[$t]}" --lr 5e-4 --seed 1 --threads 2 \
+      --out "$next"
+    last="$next"
+  fi
   if [[ -n "${PARAPHRASED[$t]:-}" ]]; then
-    train --task "$t" --steps "${STEPS[$t]}" --lr 1e-3 --seed 0 --threads 2 --out "$stage/$t.1"
-    train --task "$t" --init "$stage/$t.1" --steps "${MORE[$t]}" --lr 5e-4 --seed 1 --threads 2 \
-      --out "$stage/$t.2"
-    train --task "$t" --init "$stage/$t.2" --paraphrases --steps "${PARAPHRASED[$t]}" --lr 5e-4 \
+    train --task "$t" --init "$last" --paraphrases --steps "${PARAPHRASED[$t]}" --lr 5e-4 \
       --seed 2 --threads 2 --out "$out"
-  elif [[ -n "${MORE[$t]:-}" ]]; then
-    train --task "$t" --steps "${STEPS[$t]}" --lr 1e-3 --seed 0 --threads 2 --out "$stage/$t"
-    train --task "$t" --init "$stage/$t" --steps "${MORE[$t]}" --lr 5e-4 --seed 1 --threads 2 \
-      --out "$out"
-  else
-    train --task "$t" --steps "${STEPS[$t]}" --lr 1e-3 --seed 0 --threads 2 --out "$out"
   fi
 done

@@ -63,6 +63,7 @@ from mergeserve.adapters.peft_io import (
     validate_adapter_name,
 )
 from mergeserve.errors import AdapterError, ConfigurationError
+from mergeserve.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,7 @@ class ExpertRegistry:
             except AdapterError as e:  # name the dir the caller gave, not the staging copy
                 msg = e.message.replace(str(staging), str(src))
                 raise AdapterError(msg, param=e.param, code=e.code) from e
+            failpoint("hot_add.validated")
             trash = []
             with self._write_lock, self._file_lock():
                 self._check_open()
@@ -461,6 +463,7 @@ class ExpertRegistry:
                 if created:
                     os.rename(staging, target)
                     _fsync_dir(self._objects)
+                failpoint("hot_add.staged")
                 ref = ExpertRef(
                     name=name,
                     digest=digest,
@@ -478,6 +481,7 @@ class ExpertRegistry:
                     if created:  # nothing on disk references it
                         shutil.rmtree(target, ignore_errors=True)
                     raise
+                failpoint("hot_add.committed")
                 with self._cond:
                     self._snapshot = new
                     self._orphans.discard(digest)  # revived, if a removal was collecting it

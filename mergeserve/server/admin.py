@@ -35,6 +35,7 @@ from mergeserve.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
+from mergeserve.failpoints import failpoint
 from mergeserve.router.routers import EXAMPLES_FILE
 from mergeserve.server.live import LiveSet, ServedSet
 from mergeserve.server.state import AppState, get_state
@@ -175,6 +176,7 @@ async def _add_upload(request: Request, live: Live) -> tuple[str, ServedSet]:
             missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (src / f).is_file()]
             if missing:
                 raise InvalidRequestError(f"the upload has no {', '.join(missing)}", param="files")
+            failpoint("hot_add.received")
             try:
                 served = await asyncio.to_thread(live.add, name, src)
             except AdapterError as e:  # name the upload, not this server's temp dir
@@ -211,4 +213,5 @@ def _add_allowed_path(live: LiveSet, name: str, raw: str) -> ServedSet:
         )
     if not path.is_dir():
         raise InvalidRequestError(f"{raw} is not a directory", param="path")
+    failpoint("hot_add.received")
     return live.add(name, path, follow_symlinks=False)  # a link could reach any file

@@ -66,6 +66,8 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _json(exc.status_code, from_exception(exc))
         if isinstance(exc, AuthenticationError):
             response.headers["WWW-Authenticate"] = "Bearer"
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(0, int(exc.retry_after)))
         return response
 
     @app.exception_handler(RequestValidationError)

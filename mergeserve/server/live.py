@@ -70,6 +70,7 @@ from mergeserve.adapters.registry import (
 from mergeserve.adapters.twin import TwinConfig
 from mergeserve.config import Settings
 from mergeserve.errors import AdapterError, ConfigurationError
+from mergeserve.failpoints import failpoint
 from mergeserve.router.embedders import Embedder
 from mergeserve.router.open_world import OpenWorldGate, general_calibration_prompts, make_gate
 from mergeserve.router.policy import RoutingPolicy
@@ -251,6 +252,7 @@ class LiveSet:
             try:
                 new = self._synced(cur, snap, adding=name)
                 self._publish(new)
+                failpoint("hot_add.published")
             except BaseException:
                 with contextlib.suppress(Exception):  # nothing served it: no lease
                     _, ref = registry.unpublish(name)

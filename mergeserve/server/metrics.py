@@ -71,6 +71,12 @@ class Metrics:
             "Requests admitted and not yet finished.",
             registry=r,
         )
+        self.shed = Counter(
+            "mergeserve_requests_shed",
+            "Requests refused at admission (503 + Retry-After) because their expected wait "
+            "for a first token was over server.queue_budget_s.",
+            registry=r,
+        )
         self.router_latency = Histogram(
             "mergeserve_router_latency_seconds",
             "Seconds a dynamic request waited for its routing (queue + embedding batch).",

@@ -19,8 +19,9 @@ wins, or that the data cannot tell.
 from __future__ import annotations
 
 import json
+import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,19 +96,39 @@ def paired_bootstrap(
     return _intervals(point, samples)
 
 
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+TRIM = 0.1
+"""The share of scores cut from each end for the trimmed mean."""
+
+
+def trimmed_mean(xs: Sequence[float], trim: float = TRIM) -> float:
+    """The mean of `xs` without its `trim` lowest and `trim` highest shares: a few
+    extreme scores cannot move it far."""
+    k = int(len(xs) * trim)
+    ys = sorted(xs)[k : len(xs) - k] or sorted(xs)
+    return sum(ys) / len(ys)
+
+
 def independent_bootstrap(
-    scores: Mapping[str, Sequence[float]], boot: int = 2000, seed: int = 0
+    scores: Mapping[str, Sequence[float]],
+    boot: int = 2000,
+    seed: int = 0,
+    stat: Callable[[Sequence[float]], float] = mean,
 ) -> tuple[dict[str, Interval], dict[tuple[str, str], Interval]]:
-    """Mean score of each arm and of each difference, arms resampled independently."""
+    """`stat` (default: the mean) of each arm's scores and of each difference, arms
+    resampled independently."""
     rng = random.Random(seed)
     arms = [a for a, s in scores.items() if s]
-    means = {a: sum(scores[a]) / len(scores[a]) for a in arms}
+    point = {a: stat(scores[a]) for a in arms}
     samples: dict[str, list[float]] = {a: [] for a in arms}
     for _ in range(boot):
         for a in arms:
             s = scores[a]
-            samples[a].append(sum(s[rng.randrange(len(s))] for _ in s) / len(s))
-    return _intervals(means, samples)
+            samples[a].append(stat([s[rng.randrange(len(s))] for _ in s]))
+    return _intervals(point, samples)
 
 
 def verdict(
@@ -268,21 +289,23 @@ def ab_report(
             "verdict": verdict(each, diffs, "Offline (labelled test prompts)", "points"),
         }
     if feedback_log is not None:
-        records = read_feedback(feedback_log, experiment)
-        scores: dict[str, list[float]] = {a: [] for a in names}
-        for r in records:  # by the arm as the experiment names it
-            arm, score = r.get("choice") or r.get("arm"), r.get("score")
-            if isinstance(arm, str) and isinstance(score, int | float):
-                scores.setdefault(arm, []).append(float(score))
+        scores, dropped = feedback_scores(read_feedback(feedback_log, experiment), names)
         each_f, diffs_f = independent_bootstrap(scores, boot, seed)
+        each_t, diffs_t = independent_bootstrap(scores, boot, seed, trimmed_mean)
+        said = verdict(each_f, diffs_f, "Feedback", "score")
+        if each_f and said != (robust := verdict(each_t, diffs_t, "Feedback", "score")):
+            said += (
+                f" **Read with care**: on {int(TRIM * 100)}%-trimmed means the verdict differs"
+                f" ({robust.removeprefix('Feedback: ')}): a few extreme scores move the means."
+            )
         report["feedback"] = {
             "log": str(feedback_log),
             "count": {a: len(s) for a, s in scores.items()},
+            "dropped": dropped,
             "mean": {a: i.__dict__ for a, i in each_f.items()},
+            "trimmed_mean": {a: i.__dict__ for a, i in each_t.items()},
             "difference": {f"{a} - {b}": d.__dict__ for (a, b), d in diffs_f.items()},
-            "verdict": verdict(each_f, diffs_f, "Feedback", "score")
-            if each_f
-            else "Feedback: none recorded for this experiment.",
+            "verdict": said if each_f else "Feedback: none recorded for this experiment.",
         }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ab-report.json").write_text(json.dumps(report, indent=2))
@@ -291,7 +314,31 @@ def ab_report(
     return report
 
 
+def feedback_scores(
+    records: Sequence[Mapping[str, object]], arms: Sequence[str]
+) -> tuple[dict[str, list[float]], int]:
+    """Each arm's scores (by the arm as the experiment names it), and how many records
+    were dropped: no arm, or a score that is not a finite number in SCORE_RANGE (a log
+    written by an older server, or edited by hand, may hold anything)."""
+    from mergeserve.server.experiments import SCORE_RANGE
+
+    lo, hi = SCORE_RANGE
+    scores: dict[str, list[float]] = {a: [] for a in arms}
+    dropped = 0
+    for r in records:
+        arm, score = r.get("choice") or r.get("arm"), r.get("score")
+        number = isinstance(score, int | float) and not isinstance(score, bool)
+        s = float(score) if number else math.nan  # type: ignore[arg-type]
+        if isinstance(arm, str) and math.isfinite(s) and lo <= s <= hi:
+            scores.setdefault(arm, []).append(s)
+        else:
+            dropped += 1
+    return scores, dropped
+
+
 def markdown(report: dict[str, Any]) -> str:
+    from mergeserve.server.experiments import SCORE_RANGE
+
     exp, arms = report["experiment"], report["arms"]
     pct = int(100 * report["confidence"])
     lines = [
@@ -327,16 +374,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Feedback",
             "",
-            f"Scores posted to `/v1/feedback` for this experiment ({fb['log']}), mean per arm, "
-            f"{pct}% bootstrap intervals.",
+            f"Scores posted to `/v1/feedback` for this experiment ({fb['log']}), mean and "
+            f"{int(TRIM * 100)}%-trimmed mean per arm, {pct}% bootstrap intervals"
+            + (
+                f"; {fb['dropped']} records dropped (no arm, or a score outside "
+                f"[{SCORE_RANGE[0]:g}, {SCORE_RANGE[1]:g}])."
+                if fb.get("dropped")
+                else "."
+            ),
             "",
-            "| arm | feedbacks | mean score |",
-            "|---|---|---|",
+            "| arm | feedbacks | mean score | trimmed mean |",
+            "|---|---|---|---|",
         ]
         for a in fb["count"]:
-            m = fb["mean"].get(a)
+            m, t = fb["mean"].get(a), fb.get("trimmed_mean", {}).get(a)
             lines.append(
-                f"| `{a}` | {fb['count'][a]} | {Interval(**m).fmt(1.0, 3) if m else '–'} |"
+                f"| `{a}` | {fb['count'][a]} | {Interval(**m).fmt(1.0, 3) if m else '–'} "
+                f"| {Interval(**t).fmt(1.0, 3) if t else '–'} |"
             )
         lines += ["", fb["verdict"], ""]
     lines += ["![per-arm results](ab-report.png)", ""]

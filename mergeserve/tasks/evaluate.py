@@ -282,16 +282,26 @@ def evaluate(
     timeout: float = 600.0,
     cache_file: Path | None = None,
     resume: bool = False,
+    phrasings: bool = False,
 ) -> EvalResult:
     """Score `models` ('expert:*' expands against GET /v1/models) on `tasks` (default all).
 
     With `cache_file`, replies are appended to it as they come; with `resume`, the replies
     it already holds are reused instead of asked again (without, it is started afresh).
+    `phrasings=True` asks the demo tasks in the unseen phrasings of
+    `mergeserve.tasks.phrasings` instead of the task templates.
     """
     task_names = list(tasks or TASKS)
     for t in task_names:
         get_task(t)
-    samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
+    if phrasings:
+        from mergeserve.tasks.phrasings import generate_phrasings
+
+        if split not in ("dev", "test"):
+            raise ValueError(f"unknown split {split!r} for the phrasings; splits: dev, test")
+        samples = {t: generate_phrasings(t, split, n) for t in task_names}  # type: ignore[arg-type]
+    else:
+        samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]
     chosen, replies, build_s = _collect(
         base_url, models, samples, split, concurrency, max_tokens, api_key, timeout,
         cache_file, resume,

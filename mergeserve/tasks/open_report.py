@@ -2,8 +2,9 @@
 
     python -m mergeserve.tasks.open_report docs/results/open_world > docs/results/open_world.md
 
-Reads `<dir>/demo/results.*.json`, `<dir>/two_skill/results.*.json` (exact match, from
-`mergeserve eval --suite demo|two-skill`), `<dir>/general/general.*.json` (harm, from
+Reads `<dir>/demo/results.*.json`, `<dir>/phrasings/results.*.json`,
+`<dir>/two_skill/results.*.json` (exact match, from
+`mergeserve eval --suite demo|phrasings|two-skill`), `<dir>/general/general.*.json` (harm, from
 `--suite general`) and `<dir>/gates.test.json` (benchmarks/open_world.py), and writes the
 table of every arm on the three splits, the oracle rows, the two-skill compositions, the
 gates, and `<dir>/open_world.png`; `<dir>/NOTE.md`, when present, goes above the table
@@ -37,11 +38,13 @@ def _mean(xs: list[float]) -> float:
 
 def load(root: Path) -> dict[str, Any]:
     demo = _merged(list((root / "demo").glob("results.*.json")), "accuracy")
+    phrasings = _merged(list((root / "phrasings").glob("results.*.json")), "accuracy")
     two = _merged(list((root / "two_skill").glob("results.*.json")), "accuracy")
     general = _merged(list((root / "general").glob("general.*.json")), "models")
     shared = root / "twin_shared"
     for name, table, pattern, key in (
         ("demo", demo, "results.*.json", "accuracy"),
+        ("phrasings", phrasings, "results.*.json", "accuracy"),
         ("two_skill", two, "results.*.json", "accuracy"),
         ("general", general, "general.*.json", "models"),
     ):
@@ -55,13 +58,22 @@ def load(root: Path) -> dict[str, Any]:
         f = root.resolve().parents[2] / "benchmarks" / "results" / f"blend.{split}.cpu-2core.json"
         if f.is_file():
             blend[split] = json.loads(f.read_text())
-    return {"demo": demo, "two": two, "general": general, "gates": gates, "blend": blend}
+    return {
+        "demo": demo,
+        "phrasings": phrasings,
+        "two": two,
+        "general": general,
+        "gates": gates,
+        "blend": blend,
+    }
 
 
 def rows(data: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """model -> demo mean, unseen-template mean, two-skill mean, general same / F1."""
+    """model -> demo mean, unseen-template mean, unseen-phrasings mean, two-skill mean,
+    general same / F1."""
     demo, two, general = data["demo"], data["two"], data["general"]
-    models = list(dict.fromkeys([*demo, *two, *general]))
+    phr = data.get("phrasings", {})
+    models = list(dict.fromkeys([*demo, *phr, *two, *general]))
     out: dict[str, dict[str, float | None]] = {}
     for m in models:
         d = demo.get(m)
@@ -69,6 +81,7 @@ def rows(data: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         out[m] = {
             "demo": _mean([c["accuracy"] for c in d.values()]) if d else None,
             "unseen": _mean([h for h in held if h is not None]) if held else None,
+            "phrasings": _mean([c["accuracy"] for c in phr[m].values()]) if m in phr else None,
             "two": _mean([c["accuracy"] for c in two[m].values()]) if m in two else None,
             "general": general[m]["same_as_base"] if m in general else None,
             "f1": general[m]["overlap"] if m in general else None,
@@ -81,9 +94,11 @@ def rows(data: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         if two and all(m in two for m in experts):
             comps = list(next(iter(two.values())))
             oracle_two = _mean([max(two[e][c]["accuracy"] for e in experts) for c in comps])
+        own_phr = [phr[f"expert:{t}"][t] for t in tasks if t in phr.get(f"expert:{t}", {})]
         out[ORACLE] = {
             "demo": _mean([c["accuracy"] for c in own]),
             "unseen": _mean([c["held_out_accuracy"] for c in own]),
+            "phrasings": _mean([c["accuracy"] for c in own_phr]) if own_phr else None,
             "two": oracle_two,
             "general": 1.0,  # outside every skill the oracle picks no expert: base
             "f1": 1.0,
@@ -97,15 +112,16 @@ def _pct(x: float | None) -> str:
 
 def table(r: dict[str, dict[str, float | None]]) -> str:
     lines = [
-        "| arm | demo skills (exact %) | unseen templates | two-skill (exact %) "
-        "| general: same reply as base (%) | general: token F1 with base |",
-        "|---|---|---|---|---|---|",
+        "| arm | demo skills (exact %) | unseen templates | unseen phrasings (exact %) "
+        "| two-skill (exact %) | general: same reply as base (%) | general: token F1 with base |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, v in r.items():
         f1 = "–" if v["f1"] is None else f"{v['f1']:.3f}"
         name = m if m == ORACLE else f"`{m}`"
         lines.append(
-            f"| {name} | {_pct(v['demo'])} | {_pct(v['unseen'])} | {_pct(v['two'])} "
+            f"| {name} | {_pct(v['demo'])} | {_pct(v['unseen'])} | {_pct(v.get('phrasings'))} "
+            f"| {_pct(v['two'])} "
             f"| {_pct(v['general'])} | {f1} |"
         )
     return "\n".join(lines) + "\n"
@@ -160,12 +176,17 @@ def chart(r: dict[str, dict[str, float | None]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("demo", "demo skills"), ("two", "two-skill"), ("general", "general (= base)")]
+    keys = [
+        ("demo", "demo skills"),
+        ("phrasings", "unseen phrasings"),
+        ("two", "two-skill"),
+        ("general", "general (= base)"),
+    ]
     models = list(r)
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(models) + 1.5))
     h = 0.8 / len(keys)
     for j, (k, label) in enumerate(keys):
-        vals = [100 * (r[m][k] or 0.0) for m in models]
+        vals = [100 * (r[m].get(k) or 0.0) for m in models]
         ax.barh([i + j * h for i in range(len(models))], vals, h, label=label)
     ax.set_yticks([i + h for i in range(len(models))], models, fontsize=8)
     ax.invert_yaxis()
@@ -186,6 +207,8 @@ def report(root: Path) -> str:
         "",
         "Served by the real server (vLLM, fp32, CPU) and scored through the OpenAI API, greedy,",
         "32 new tokens. *demo skills*: the six tasks' test split (unseen templates included),",
+        "exact match; *unseen phrasings*: the same six tasks asked in ten ways per task that",
+        "no expert and no router was trained on (mergeserve.tasks.phrasings, test part),",
         "exact match. *two-skill*: requests that need two skills at once (mergeserve.tasks.",
         "open_world.TWO_SKILL, test split), exact match. *general*: requests outside every",
         "skill (the general split's test part), scored by harm: the share of replies equal to",

@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from mergeserve.adapters.registry import ExpertRegistry
+from mergeserve.failpoints import ENV as FAILPOINTS
+from mergeserve.failpoints import HOT_ADD
 from mergeserve.server.admin import UPLOAD_FILES
 from mergeserve.testing import make_random_lora, make_tiny_llama, server_process
 
@@ -30,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 from mergeserve.adapters.registry import ExpertRegistry
+from mergeserve.failpoints import ENV as FAILPOINTS
+from mergeserve.failpoints import HOT_ADD
 root, src, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 reg = ExpertRegistry.open(root, shared=True)
 tensors = load_file(src / "adapter_model.safetensors")
@@ -92,7 +96,21 @@ def test_kill_9_during_registry_adds_leaves_the_previous_or_the_new_version(
     assert counts[-1] > counts[0] > 0  # the kills landed among real adds
 
 
-def test_kill_9_while_the_server_adds_an_expert_then_restart(base: Path, tmp_path: Path) -> None:
+def _stopped(pid: int, timeout_s: float = 120) -> bool:
+    """Wait until process `pid` is stopped (SIGSTOP at a failpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == "T":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_at_every_stage_of_a_server_add_then_restart(base: Path, tmp_path: Path) -> None:
+    """The server stops itself at one named stage of POST /admin/experts (a failpoint),
+    is killed there, and restarts: an add killed before its manifest is durable is gone,
+    one killed after is served; the registry is intact and every listed expert answers."""
     experts = tmp_path / "experts"
     d = make_random_lora(base, experts / "alpha", rank=4, seed=1)
     (d / "examples.jsonl").write_text(json.dumps({"prompt": "alpha"}) + "\n")
@@ -109,20 +127,17 @@ def test_kill_9_while_the_server_adds_an_expert_then_restart(base: Path, tmp_pat
         (u / "examples.jsonl").write_text(json.dumps({"prompt": name}) + "\n")
         files = [("files", (f, (u / f).read_bytes())) for f in UPLOAD_FILES]
         return httpx.post(
-            f"{url}/admin/experts", headers=AUTH, data={"name": name}, files=files, timeout=60
+            f"{url}/admin/experts", headers=AUTH, data={"name": name}, files=files, timeout=300
         )
 
-    served = {"alpha"}
-    add_s = 0.0
-    # An add that runs to the end (to time one), three killed at 10/50/90% of that time,
-    # and a last start that only checks what the third kill left.
-    for i, fraction in enumerate((None, 0.1, 0.5, 0.9, -1.0)):
-        with server_process(args, tmp_path / f"server{i}.log", env) as p:
+    expected = {"alpha"}
+    stages: list[str | None] = [*HOT_ADD, None]  # the last start only checks the last kill
+    for i, stage in enumerate(stages):
+        log = tmp_path / f"server{i}.log"
+        with server_process(args, log, env | {FAILPOINTS: stage or ""}) as p:
             listing = httpx.get(f"{p.base_url}/admin/experts", headers=AUTH, timeout=10).json()
-            now = {e["name"] for e in listing["experts"]}
-            assert served <= now <= served | {f"up{i - 1}"}  # the old set or the new one
-            served = now
-            for name in now:  # every expert it lists answers
+            assert {e["name"] for e in listing["experts"]} == expected, stages[i - 1]
+            for name in expected:  # every expert it lists answers
                 r = httpx.post(
                     f"{p.base_url}/v1/chat/completions",
                     json={
@@ -132,21 +147,23 @@ def test_kill_9_while_the_server_adds_an_expert_then_restart(base: Path, tmp_pat
                     timeout=30,
                 )
                 assert r.status_code == 200, r.text
-            if fraction == -1.0:
+            with ExpertRegistry.open(tmp_path / "registry", shared=True) as reg:
+                assert reg.verify() == ()
+            if stage is None:
                 break
-            if fraction is None:
-                r = upload(p.base_url, f"up{i}", 10 + i)
-                assert r.status_code == 201, r.text
-                add_s = r.json()["seconds"]
-                continue
             with ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(upload, p.base_url, f"up{i}", 10 + i)
-                time.sleep(fraction * add_s)
+                assert _stopped(p.pid), f"the server never reached {stage}"
+                assert f"failpoint {stage} reached" in log.read_text()
                 os.kill(p.pid, signal.SIGKILL)
                 with pytest.raises(httpx.HTTPError):
                     pending.result()
+        # Durable from the commit on: the next start serves it.
+        if HOT_ADD.index(stage) >= HOT_ADD.index("hot_add.committed"):
+            expected = expected | {f"up{i}"}
     with ExpertRegistry.open(tmp_path / "registry", shared=True) as reg:
         assert reg.verify() == ()
+        assert sorted(reg.snapshot().names) == sorted(expected - {"alpha"})
         assert sorted(p.name for p in (tmp_path / "registry" / "objects").iterdir()) == sorted(
             reg.snapshot().digests
         )

@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from mergeserve.tasks.ab_report import independent_bootstrap, paired_bootstrap, verdict
+from mergeserve.tasks.ab_report import (
+    feedback_scores,
+    independent_bootstrap,
+    paired_bootstrap,
+    trimmed_mean,
+    verdict,
+)
 
 
 def outcomes(rates: dict[str, float], n: int = 100, seed: int = 0) -> dict:
@@ -63,3 +69,31 @@ def test_independent_bootstrap_on_feedback_scores() -> None:
     assert "**`a` is better**" in verdict(each, diffs, "Feedback", "score")
     one, none = independent_bootstrap({"a": [1.0]}, boot=50)
     assert "one arm only" in verdict(one, none, "Feedback", "score")
+
+
+def test_feedback_scores_drop_what_the_server_would_refuse() -> None:
+    records = [
+        {"arm": "a", "score": 1},
+        {"choice": "b", "arm": "dynamic:exact", "score": 0.5},  # by the experiment's name
+        {"arm": "a", "score": 1e300},  # outside SCORE_RANGE
+        {"arm": "a", "score": float("nan")},
+        {"arm": "a", "score": True},  # not a number, whatever Python says
+        {"arm": "a", "score": "1"},
+        {"score": 1.0},  # no arm
+    ]
+    scores, dropped = feedback_scores(records, ["a", "b"])
+    assert scores == {"a": [1.0], "b": [0.5]}
+    assert dropped == 5
+
+
+def test_a_few_extreme_scores_cannot_make_a_winner_unnoticed() -> None:
+    """Both arms score alike except ten maximal scores on b (of 300): b's mean wins
+    clearly, its trimmed mean does not."""
+    rng = random.Random(2)
+    a = [float(rng.random() < 0.5) for _ in range(300)]
+    b = [float(rng.random() < 0.5) for _ in range(290)] + [100.0] * 10
+    assert trimmed_mean([0.0] * 18 + [100.0, 100.0]) == 0.0  # 10% off each end
+    each, diffs = independent_bootstrap({"a": a, "b": b}, boot=500)
+    assert "**`b` is better**" in verdict(each, diffs, "Feedback", "score")
+    t_each, t_diffs = independent_bootstrap({"a": a, "b": b}, boot=500, stat=trimmed_mean)
+    assert "no clear winner" in verdict(t_each, t_diffs, "Feedback", "score")

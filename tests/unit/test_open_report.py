@@ -35,6 +35,12 @@ def root(tmp_path: Path) -> Path:
         "dynamic:exact": {"sum_json": _cell(0.5), "capital_json": _cell(0.5)},
     }
     _write(root / "two_skill" / "results.a.json", "accuracy", two)
+    phrasings = {
+        "expert:add": {"add": _cell(0.7, 0.7), "capital": _cell(0.0, 0.0)},
+        "expert:capital": {"add": _cell(0.0, 0.0), "capital": _cell(0.9, 0.9)},
+        "dynamic:exact": {"add": _cell(0.7, 0.7), "capital": _cell(0.8, 0.8)},
+    }
+    _write(root / "phrasings" / "results.a.json", "accuracy", phrasings)
     general = {
         "base": {"same_as_base": 1.0, "overlap": 1.0},
         "dynamic:exact": {"same_as_base": 0.95, "overlap": 0.97},
@@ -57,6 +63,9 @@ def test_rows_oracle_and_the_twin_variant(root: Path) -> None:
     assert r[ORACLE]["demo"] == pytest.approx((0.9 + 1.0) / 2)
     assert r[ORACLE]["unseen"] == pytest.approx((0.8 + 1.0) / 2)
     assert r[ORACLE]["two"] == pytest.approx((0.2 + 0.6) / 2)
+    assert r[ORACLE]["phrasings"] == pytest.approx((0.7 + 0.9) / 2)
+    assert r["dynamic:exact"]["phrasings"] == pytest.approx(0.75)
+    assert r["base"]["phrasings"] is None
     assert r[ORACLE]["general"] == 1.0
     assert r[TWIN_SHARED]["general"] == pytest.approx(0.1)
     assert r[TWIN_SHARED]["demo"] is None
@@ -64,6 +73,7 @@ def test_rows_oracle_and_the_twin_variant(root: Path) -> None:
 
 def test_report_writes_the_table_and_the_chart(root: Path) -> None:
     text = report(root)
-    assert "| `dynamic:exact` | 95.0 | 90.0 | 50.0 | 95.0 | 0.970 |" in text
-    assert f"| {ORACLE} | 95.0 | 90.0 | 40.0 | 100.0 | 1.000 |" in text
+    assert "| `dynamic:exact` | 95.0 | 90.0 | 75.0 | 50.0 | 95.0 | 0.970 |" in text
+    assert f"| {ORACLE} | 95.0 | 90.0 | 80.0 | 40.0 | 100.0 | 1.000 |" in text
+    assert "| `base` | 0.0 | 0.0 | – | – | 100.0 | 1.000 |" in text
     assert (root / "open_world.png").read_bytes()[:4] == b"\x89PNG"

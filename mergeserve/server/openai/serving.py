@@ -58,6 +58,7 @@ from mergeserve.server.openai.protocol import (
     MergeInfo,
     UsageInfo,
 )
+from mergeserve.server.shedding import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,14 @@ class _Accounting:
     completion_tokens: int = 0
     released: bool = False
 
-    def saw(self, delta: GenerationDelta) -> None:
-        if self.first_token_at is None and delta.num_tokens:
+    def saw(self, delta: GenerationDelta) -> bool:
+        """Count `delta`; True when it holds the request's first token."""
+        first = self.first_token_at is None and delta.num_tokens > 0
+        if first:
             self.first_token_at = time.perf_counter()
         self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.num_tokens
+        return first
 
     def usage(self) -> UsageInfo:
         return UsageInfo(
@@ -143,14 +147,16 @@ class ChatService:
         hold: Callable[[ServedModel], Release | None] | None = None,
         experiments: Mapping[str, Experiment] | None = None,
         feedback: FeedbackBook | None = None,
+        shedder: LoadShedder | None = None,
     ):
         """`hold(model)` is called as a request for `model` is bound and returns what
         releases the model's files when the request ends (or None). `experiments` are
         model names that assign each request an arm; `feedback` remembers which arm
-        answered each response id."""
+        answered each response id; `shedder` refuses requests that would wait too long."""
         self.engine = engine
         self.metrics = metrics
         self.settings = settings
+        self.shedder = shedder
         self.hold = hold
         self.experiments: Mapping[str, Experiment] = experiments or {}
         self.feedback = feedback
@@ -347,7 +353,17 @@ class ChatService:
         if self._pending >= self.settings.max_pending_requests:
             raise EngineOverloadedError(
                 f"{self._pending} requests in flight (limit "
-                f"{self.settings.max_pending_requests}); retry shortly"
+                f"{self.settings.max_pending_requests}); retry shortly",
+                retry_after=1,
+            )
+        shed = self.shedder.check(self._pending) if self.shedder is not None else None
+        if shed is not None:
+            self.metrics.shed.inc()
+            raise EngineOverloadedError(
+                f"overloaded: a request now would wait about {shed.expected_wait_s:.1f} s "
+                f"for its first token (budget {self.settings.queue_budget_s:g} s); retry "
+                f"in {shed.retry_after_s} s",
+                retry_after=shed.retry_after_s,
             )
         self._pending += 1
         self.metrics.in_flight.set(self._pending)
@@ -375,6 +391,10 @@ class ChatService:
             m.latency.labels(acct.arm).observe(now - acct.started)
             if acct.first_token_at is not None:
                 m.ttft.labels(acct.arm).observe(acct.first_token_at - acct.started)
+                if self.shedder is not None:
+                    self.shedder.observe(
+                        acct.first_token_at - acct.started, now - acct.first_token_at
+                    )
         if acct.experiment is not None:
             e, a = acct.experiment, acct.arm
             m.exp_requests.labels(e, a, status).inc()
@@ -467,6 +487,10 @@ class ChatService:
         lora, mixture = (b.lora, b.mixture) if b is not None else (None, None)
         return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora, mixture)
 
+    def _saw(self, acct: _Accounting, delta: GenerationDelta) -> None:
+        if acct.saw(delta) and self.shedder is not None and acct.first_token_at is not None:
+            self.shedder.first_token(acct.first_token_at - acct.started)
+
     async def complete(
         self, req: ChatCompletionRequest, headers: Mapping[str, str] | None = None
     ) -> ChatCompletionResponse:
@@ -477,7 +501,7 @@ class ChatService:
             stream = self._generate(prepared, acct)
             async with aclosing(stream):
                 async for delta in stream:
-                    acct.saw(delta)
+                    self._saw(acct, delta)
                     text.append(delta.text)
                     finish = delta.finish_reason or finish
         return ChatCompletionResponse(
@@ -523,7 +547,7 @@ class ChatService:
             gen = self._generate(prepared, acct)
             async with aclosing(gen):
                 async for delta in gen:
-                    acct.saw(delta)
+                    self._saw(acct, delta)
                     if delta.text or delta.finish_reason:
                         yield chunk(DeltaMessage(content=delta.text), delta.finish_reason)
             if include_usage:
