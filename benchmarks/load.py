@@ -13,8 +13,14 @@ Only `dynamic` is asked: it is the path a hot-add changes (routing, merging, ada
 leases); `expert:*` is one fixed LoRA (serve_throughput.py) and the static merges are off
 here to save start-up.
 
-Prints one JSON object (also written to `--out`): requests ok / failed (failures by
-reason; target 0), requests/s and completion tokens/s over the whole run (`wall_s`, the
+Load shedding is on at the server's default budget (`--queue-budget`, 0: off): a request
+that would wait longer than it for its first token is answered 503 with Retry-After at
+once, and its client waits that long before its next request (as the openai SDK does).
+Before the load, 24 requests one at a time give the unloaded TTFT (median).
+
+Prints one JSON object (also written to `--out`): requests ok / shed / failed (failures
+other than sheds by reason; target 0), the accepted requests' TTFT p99 over the unloaded
+TTFT (target ≤ 10), requests/s and completion tokens/s over the whole run (`wall_s`, the
 drain included), time to first token (first non-empty content chunk, client-observed)
 p50/p90/p99/max, latency p50/p99, TTFT by when requests were sent (10 s windows), the
 POST's latency and when the new expert was first routed, the server's in-flight gauge
@@ -82,6 +88,7 @@ from hot_add_harness import (
 from mergeserve.tasks import TASKS, generate
 
 TOKEN = "load-benchmark"
+SHED = "shed (503 overloaded_error + Retry-After)"
 IN_FLIGHT = "mergeserve_requests_in_flight"
 
 
@@ -100,10 +107,16 @@ class Sample:
     completion_tokens: int = 0
     weights: dict[str, float] | None = None
     error: str | None = None
+    retry_after_s: float | None = None
+    """A shed request's Retry-After (503 overloaded_error with the header)."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def shed(self) -> bool:
+        return self.error == SHED
 
 
 @dataclass
@@ -147,6 +160,9 @@ async def stream_once(
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 s.error = _error_reason(r.status_code, await r.aread())
+                retry = r.headers.get("retry-after", "")
+                if s.error == "HTTP 503 overloaded_error" and retry.isdigit():
+                    s.error, s.retry_after_s = SHED, float(retry)
                 return s
             finished = False
             async for line in r.aiter_lines():
@@ -212,7 +228,11 @@ async def run_load(
         async def client() -> None:
             while time.perf_counter() < deadline:
                 task, prompt = next(prompts)
-                result.samples.append(await stream_once(http, model, task, prompt, max_tokens))
+                sample = await stream_once(http, model, task, prompt, max_tokens)
+                result.samples.append(sample)
+                if sample.retry_after_s is not None:  # as the openai SDK does: wait, retry
+                    left = deadline - time.perf_counter()
+                    await asyncio.sleep(max(0.0, min(sample.retry_after_s, left)))
 
         async def event() -> None:
             if at is not None:
@@ -240,11 +260,15 @@ def summarize(r: LoadResult) -> dict[str, Any]:
     in_window = [
         s for s in ok if s.latency is not None and s.started + s.latency - start <= r.duration_s
     ]
+    shed = [s for s in r.samples if s.shed]
     return {
         "requests": len(r.samples),
         "ok": len(ok),
-        "failed": len(r.samples) - len(ok),
-        "failures": dict(Counter(s.error for s in r.samples if s.error)),
+        "shed": len(shed),
+        "failed": len(r.samples) - len(ok) - len(shed),
+        "failures": dict(Counter(s.error for s in r.samples if s.error and not s.shed)),
+        "retry_after_s": {"p50": pct([s.retry_after_s or 0.0 for s in shed], 0.5)}
+        | {"max": max((s.retry_after_s or 0.0 for s in shed), default=None)},
         "wall_s": round(r.wall_s, 1),
         "ok_within_duration": len(in_window),
         "requests_per_s": round(len(ok) / r.wall_s, 2) if r.wall_s else None,
@@ -396,10 +420,16 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
                 probe_done.set()
             await prober
 
-    # Warm every path once (MiniLM's first batch, the first merges).
+    # Warm every path once (MiniLM's first batch, the first merges), then the unloaded
+    # TTFT: one request at a time, the same prompts and max_tokens as the load.
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
         for t in TASKS:
             await stream_once(http, "dynamic", t, next(iter(generate(t, "test", 1))).prompt, 4)
+        alone = mixed_prompts()
+        unloaded = [
+            await stream_once(http, "dynamic", *next(alone), args.max_tokens) for _ in range(24)
+        ]
+    unloaded_ttft = pct([x.ttft for x in unloaded if x.ttft is not None], 0.5)
 
     before = await counters(base_url)
     gauges, stop_watch = Gauges(), asyncio.Event()
@@ -428,6 +458,11 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
             at=(args.hot_add_at, hot_add),
         )
         out = summarize(result)
+        p99 = out["ttft_s"]["p99"]
+        out["unloaded_ttft_p50_s"] = unloaded_ttft
+        out["accepted_ttft_p99_over_unloaded"] = (
+            round(p99 / unloaded_ttft, 1) if p99 is not None and unloaded_ttft else None
+        )
     stop_watch.set()
     await watcher
 
@@ -475,7 +510,8 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
         {
             "from_s": 10 * w,
             "requests": len(xs),
-            "failed": sum(1 for x in xs if not x.ok),
+            "failed": sum(1 for x in xs if not x.ok and not x.shed),
+            "shed": sum(1 for x in xs if x.shed),
             "ttft_p50_s": pct([x.ttft for x in xs if x.ttft is not None], 0.5),
         }
         for w, xs in sorted(windows.items())
@@ -505,6 +541,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's batch bound")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
+    p.add_argument(
+        "--queue-budget",
+        type=float,
+        default=None,
+        help="server.queue_budget_s (load shedding; 0: off); default: the server's",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/...")
     p.add_argument(
         "--vllm-bench",
@@ -519,9 +561,16 @@ def main() -> None:
     load_avg = [round(x, 2) for x in os.getloadavg()]
     env = {
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs),
-        # Admit every client at once (and the probes): nothing refused as overloaded.
+        # The hard cap out of the way (every client and the probes fit): what refuses
+        # requests here is load shedding, by the expected wait.
         "MERGESERVE_SERVER__MAX_PENDING_REQUESTS": str(max(256, args.clients + 64)),
     }
+    budget = args.queue_budget
+    if budget is None:
+        from mergeserve.config import ServerSettings
+
+        budget = ServerSettings().queue_budget_s
+    env["MERGESERVE_SERVER__QUEUE_BUDGET_S"] = str(budget)
     with (
         tempfile.TemporaryDirectory() as tmp,
         hot_add_server(args.expert, threads=args.threads, token=TOKEN, env=env) as s,
@@ -538,8 +587,9 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_pending_requests": int(env["MERGESERVE_SERVER__MAX_PENDING_REQUESTS"]),
+        "queue_budget_s": budget,
         **out,
-        "target": {"failed": 0, "in_flight_after": 0},
+        "target": {"failed": 0, "in_flight_after": 0, "accepted_ttft_p99_over_unloaded": 10},
         "machine": machine(
             args.threads,
             load_avg_at_start=load_avg,

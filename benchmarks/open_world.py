@@ -7,13 +7,14 @@ of in-domain prompts (the six demo tasks) against general prompts (mergeserve.ta
 open_world, the same split name):
 
 - AUROC of the raw in-domain score, six skills against general (threshold-free);
-- at the operating point (margin 0, the default width): the fraction of general prompts
+- at the operating point (the served margin and width): the fraction of general prompts
   routed to none (in-domain mass < ½), of in-domain prompts kept in domain (≥ ½), of
   two-skill prompts kept in domain, and of general prompts whose served key is exactly
   base (every weight rounds to 0 on the 0.05 grid);
-- the fraction of the tasks' train-only paraphrases (phrasings that are in no router
-  example and no dev or test template: 5 prompts of each) kept in domain and routed to
-  their task: how the gate treats a way of asking it has not seen;
+- the fraction of the tasks' unseen phrasings (mergeserve.tasks.phrasings, the same
+  split's part: ways of asking that are in no router example, no template and no
+  paraphrase; 25 prompts per task) kept in domain and routed to their task: how the
+  gate treats a way of asking it has not seen;
 - the energy score logsumexp(scale · cos) of the closed-world prototypes, as the
   score-only baseline a max-probability/energy detector would use.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,20 +39,23 @@ from mergeserve.router.policy import RoutingPolicy
 from mergeserve.router.routers import PrototypeRouter, experts_examples
 from mergeserve.tasks.generators import TASKS, generate
 from mergeserve.tasks.open_world import TWO_SKILL, general_prompts
+from mergeserve.tasks.phrasings import generate_phrasings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CANDIDATES: dict[str, GateConfig] = {
-    "centroid q=0.05 w=0.001 (default)": GateConfig("centroid"),
-    "centroid q=0.05 w=0.005": GateConfig("centroid", width=0.005),
-    "centroid q=0.05 w=0.02": GateConfig("centroid", width=0.02),
+    "centroid q=0.05 w=0.001 margin 0.005 (default)": GateConfig("centroid"),
+    "centroid q=0.05 w=0.001 margin 0": GateConfig("centroid", margin=0.0),
     "centroid q=0.05 w=0.001 margin 0.01": GateConfig("centroid", margin=0.01),
-    "centroid q=0.10 w=0.001": GateConfig("centroid", quantile=0.10),
-    "centroid q=0 w=0.001": GateConfig("centroid", quantile=0.0),
-    "threshold q=0.05 w=0.001": GateConfig("threshold"),
-    "threshold q=0.10 w=0.001": GateConfig("threshold", quantile=0.10),
-    "knn w=0.001": GateConfig("knn"),
-    "knn w=0.02": GateConfig("knn", width=0.02),
+    "centroid q=0.05 w=0.001 margin 0.02": GateConfig("centroid", margin=0.02),
+    "centroid q=0.05 w=0.005 margin 0.005": GateConfig("centroid", width=0.005),
+    "centroid q=0.05 w=0.02 margin 0.005": GateConfig("centroid", width=0.02),
+    "centroid q=0.10 w=0.001 margin 0.005": GateConfig("centroid", quantile=0.10),
+    "centroid q=0 w=0.001 margin 0.005": GateConfig("centroid", quantile=0.0),
+    "threshold q=0.05 w=0.001": GateConfig("threshold", margin=0.0),
+    "threshold q=0.10 w=0.001": GateConfig("threshold", margin=0.0, quantile=0.10),
+    "knn w=0.001": GateConfig("knn", margin=0.0),
+    "knn w=0.02": GateConfig("knn", margin=0.0, width=0.02),
 }
 
 
@@ -64,7 +67,7 @@ def evaluate(
     labels: Sequence[str],
     general: Sequence[str],
     two_skill: Sequence[str],
-    paraphrases: Sequence[tuple[str, str]],
+    phrasings: Sequence[tuple[str, str]],
 ) -> dict[str, Any]:
     router = PrototypeRouter.from_examples(embedder, examples, gate=gate)
     policy = RoutingPolicy(top_k=2, floor=0.1, grid=0.05)  # the served defaults
@@ -80,9 +83,9 @@ def evaluate(
     s_in, m_in, r_in = run(inside)
     s_gen, m_gen, r_gen = run(general)
     _, m_two, r_two = run(two_skill)
-    _, _, r_para = run([p for _, p in paraphrases])
-    para_ok = [
-        r.key.none == 0 and r.key.top == t for r, (t, _) in zip(r_para, paraphrases, strict=True)
+    _, _, r_phr = run([p for _, p in phrasings])
+    phr_ok = [
+        r.key.none == 0 and r.key.top == t for r, (t, _) in zip(r_phr, phrasings, strict=True)
     ]
     top_ok = [r.key.top == lab for r, lab in zip(r_in, labels, strict=True)]
     return {
@@ -93,7 +96,7 @@ def evaluate(
         "in_domain_top1": round(sum(top_ok) / len(top_ok), 4),
         "in_domain_full_mass": round(sum(r.key.none == 0 for r in r_in) / len(r_in), 4),
         "two_skill_kept": round(sum(m >= 0.5 for m in m_two) / len(m_two), 4),
-        "paraphrases_kept_and_routed": round(sum(para_ok) / len(para_ok), 4),
+        "phrasings_kept_and_routed": round(sum(phr_ok) / len(phr_ok), 4),
         "two_skill_blend": round(sum(r.outcome == "blend" for r in r_two) / len(r_two), 4),
         "thresholds": {e: round(t, 4) for e, t in router.thresholds.items()},
         "general_kept_examples": [g for g, m in zip(general, m_gen, strict=True) if m >= 0.5][:10],
@@ -119,20 +122,14 @@ def main() -> None:
     labels = [s.task for s in samples]
     general = [g.prompt for g in general_prompts(args.split)]
     two = [s.prompt for t in TWO_SKILL for s in generate(t, args.split, 50)]
-    rng = random.Random(7)
-    paraphrases = []
-    for name, task in TASKS.items():
-        for template in task.paraphrases:
-            for _ in range(5):
-                fields, _answer = task.make(rng)
-                paraphrases.append((name, template.format(**fields)))
+    phrasings = [(t, s.prompt) for t in TASKS for s in generate_phrasings(t, args.split, 25)]
 
     out: dict[str, Any] = {
         "split": args.split,
         "n_in_domain": len(inside),
         "n_general": len(general),
         "n_two_skill": len(two),
-        "n_paraphrases": len(paraphrases),
+        "n_phrasings": len(phrasings),
         "embedder": embedder.name,
         "gates": {},
     }
@@ -140,7 +137,7 @@ def main() -> None:
         gate = make_gate(config, embedder)
         assert gate is not None
         out["gates"][name] = evaluate(
-            embedder, examples, gate, inside, labels, general, two, paraphrases
+            embedder, examples, gate, inside, labels, general, two, phrasings
         )
     closed = PrototypeRouter.from_examples(embedder, examples)
     energy = {

@@ -172,8 +172,9 @@ class RouterSettings(BaseModel):
     threshold from the examples alone; `knn` its nearest example with its nearest
     general prompt; `off` gives every request to the experts (closed world). Prototype
     and MLP routers only: Arrow has no examples to calibrate from."""
-    open_world_margin: float = 0.0
-    """Subtracted from the in-domain score (cosine units): > 0 sends more to none."""
+    open_world_margin: float = 0.005
+    """Subtracted from the in-domain score (cosine units): > 0 sends more to none
+    (chosen on the dev splits: router/open_world.py GateConfig.margin)."""
     open_world_width: float = Field(0.001, gt=0)
     """Softness of the gate: in-domain mass = sigmoid((score - margin) / width)."""
     open_world_quantile: float = Field(0.05, ge=0, le=1)

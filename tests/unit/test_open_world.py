@@ -97,7 +97,8 @@ def test_gate_config_is_checked() -> None:
         GateConfig(quantile=1.5)
     with pytest.raises(ValueError, match="needs general calibration prompts"):
         OpenWorldGate(GateConfig("centroid"))
-    assert GateConfig().mass(torch.tensor([0.0]))[0] == pytest.approx(0.5)
+    assert GateConfig(margin=0.0).mass(torch.tensor([0.0]))[0] == pytest.approx(0.5)
+    assert GateConfig().mass(torch.tensor([0.005]))[0] == pytest.approx(0.5)  # the margin
     assert GateConfig(margin=0.1).mass(torch.tensor([0.0]))[0] < 1e-6
 
 
