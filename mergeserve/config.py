@@ -199,6 +199,11 @@ class MergeSettings(BaseModel):
     """Serve `dynamic`, `dynamic:twin` and `dynamic:exact` (needs at least one expert)."""
     default_mode: Literal["twin", "exact"] = "exact"
     """What the model name `dynamic` means."""
+    background_builds: bool = True
+    """Build the static arms in a thread after the server starts, instead of before:
+    `base`, `expert:*`, `dynamic*` and `route:top1` answer as soon as the engine is up;
+    a static arm not built yet is listed with its status in /v1/models and answers 503
+    with Retry-After until it is."""
     static_methods: list[str] = ["linear", "task_arithmetic", "ties", "dare_ties"]
     """One `static:<method>` arm each, with the options of STATIC_DEFAULTS. The data-aware
     ones (regmean, regmean_pp, fisher, adamerging, adamerging_layer, evolutionary) run the

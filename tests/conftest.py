@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Test servers build their static arms before they serve, as tests ask them at once;
+# tests/integration/test_background_builds.py turns background builds (the default) on.
+os.environ.setdefault("MERGESERVE_MERGE__BACKGROUND_BUILDS", "false")
 
 FAKE_DIM = 16
 FAKE_LAYERS = 2

@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             await state.live.close()
             raise
         state.metrics.mixture_active.set(state.live.mixture_active)
+        state.live.build_in_background()  # the static arms, now that the engine is up
         app.state.mergeserve = state
         try:
             yield
@@ -163,9 +164,10 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
 
     @app.get("/ready")
     async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
-        """Readiness: the engine is up and can answer every served model (the lifespan
-        builds every arm and the router before the app serves at all); 503 otherwise, so
-        a balancer sends traffic elsewhere without the pod being restarted."""
+        """Readiness: the engine is up and the router loaded, so base, the experts and
+        the dynamic arms answer; 503 otherwise, so a balancer sends traffic elsewhere
+        without the pod being restarted. Static arms still being built in the background
+        are counted in `building` (they answer 503 with Retry-After meanwhile)."""
         await state.engine.check_health()
         served = state.live.current
         return JSONResponse(
@@ -174,6 +176,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                 "models": len(state.catalog),
                 "experts": len(served.experts),
                 "mixture": state.live.mixture_active,
+                "building": sum(b.status != "failed" for b in served.building.values()),
+                "failed": sorted(m for m, b in served.building.items() if b.status == "failed"),
             }
         )
 

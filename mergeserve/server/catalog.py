@@ -38,6 +38,17 @@ DYNAMIC = "dynamic"
 ROUTE_TOP1 = "route:top1"
 
 ModelKind = Literal["base", "expert", "static", "dynamic", "route"]
+BuildStatus = Literal["queued", "building", "failed"]
+
+
+@dataclass(frozen=True)
+class BuildState:
+    """A static arm that is not served yet: waiting for its build, being built (since
+    `since`, a time.time()), or failed (`error`)."""
+
+    status: BuildStatus
+    since: float | None = None
+    error: str | None = None
 
 
 def dynamic_id(mode: DynamicMode) -> str:
@@ -63,6 +74,9 @@ class ServedModel:
     build_s: float | None = None
     """How long a static merge took to build (seconds, when it was built; None if
     unknown or not a static merge)."""
+    build: BuildState | None = None
+    """Set while a static arm is not built yet (it has no `lora` then): requests to it
+    get 503 with Retry-After."""
 
     @property
     def arm(self) -> str:
@@ -87,12 +101,14 @@ class ModelCatalog:
         ids: IdAllocator | None = None,
         digests: Mapping[str, str] | None = None,
         reuse: ModelCatalog | None = None,
+        building: Mapping[str, BuildState] | None = None,
     ) -> ModelCatalog:
         """Every model: base, one per expert, one per static merge, and the dynamic arms
         when `dynamic_default` is given. Engine ids come from `ids` (default: from 1);
         `digests` maps model ids to their content digests (see ServedModel.digest). A
         model of `reuse` with the same name, files and digest keeps its engine id, so a
-        change of the expert set reloads only the adapters that changed."""
+        change of the expert set reloads only the adapters that changed. `building`:
+        the static arms listed before they are built (method -> its state)."""
         ids = ids or IdAllocator()
         dg = digests or {}
 
@@ -128,16 +144,22 @@ class ModelCatalog:
                 f"experts of rank above max_lora_rank={max_lora_rank}: {', '.join(too_big)}; "
                 "raise MERGESERVE_ENGINE__MAX_LORA_RANK"
             )
-        for method, info in sorted((static or {}).items()):
-            lora = target(f"{STATIC_PREFIX}{method}", info.path)
+        built, pending = dict(static or {}), dict(building or {})
+        for method in sorted({*built, *pending}):
+            name = f"{STATIC_PREFIX}{method}"
+            if method not in built:
+                root = f"static merge ({pending[method].status})"
+                models.append(ServedModel(name, "static", root, build=pending[method]))
+                continue
+            lora = target(name, built[method].path)
             models.append(
                 ServedModel(
                     lora.name,
                     "static",
-                    str(info.path),
+                    str(built[method].path),
                     lora=lora,
                     digest=dg.get(lora.name),
-                    build_s=build_seconds(info.path),
+                    build_s=build_seconds(built[method].path),
                 )
             )
         if dynamic_default is not None:

@@ -97,6 +97,7 @@ from mergeserve.server.catalog import (
     EXPERT_PREFIX,
     ROUTE_TOP1,
     STATIC_PREFIX,
+    BuildState,
     ModelCatalog,
     ServedModel,
     dynamic_id,
@@ -148,6 +149,10 @@ class ServedSet:
     catalog: ModelCatalog
     registry_version: int = 0
     """The version of the registry snapshot this set serves (0 without a registry)."""
+    building: Mapping[str, BuildState] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Static arms listed but not built yet (`merge.background_builds`): method -> state."""
 
     @property
     def generation(self) -> int:
@@ -188,6 +193,7 @@ class LiveSet:
         self.registry: ExpertRegistry | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._builder: threading.Thread | None = None
         self.mixture_refused: str | None = None
         """Why the mixture self-check failed (then dynamic merges are materialized)."""
         self.mixture_check_s: float | None = None
@@ -388,6 +394,76 @@ class LiveSet:
         log.info("rebuilt %d experts (generation %d)", len(new.experts), new.generation)
         return new
 
+    def build_in_background(self) -> threading.Thread | None:
+        """Build the static arms listed as queued (`merge.background_builds`) in a
+        thread, one after another, publishing each as soon as it is built; the thread,
+        or None when nothing is queued. Call once the engine is up: the arms that need no
+        build answer meanwhile."""
+        if not self._current.building or self._builder is not None:
+            return None
+        self._builder = threading.Thread(target=self._build_queued, name="static-builds")
+        self._builder.daemon = True
+        self._builder.start()
+        return self._builder
+
+    def _build_queued(self) -> None:
+        cur = self._current
+        experts, basis = cur.experts, cur.basis
+        ms = self.settings.merge
+        context = None
+        try:
+            for method in [m for m in ms.static_methods if m in cur.building]:
+                if self._stop.is_set() or self._current.basis != basis:
+                    return  # closing, or a rebuild or removal built its own
+                self._set_building(basis, method, BuildState("building", since=time.time()))
+                log.info("building static:%s in the background", method)
+                t0 = time.perf_counter()
+                try:
+                    if context is None and METHODS.get(method).needs_data:
+                        context = merge_context(
+                            experts, self.base_dir, ms.dev_file, ms.build_threads
+                        )
+                    info = static_merge(
+                        experts,
+                        method,
+                        STATIC_DEFAULTS[method],
+                        self.settings.engine.max_lora_rank,
+                        self.settings.cache,
+                        context,
+                    )
+                except Exception as e:  # the others are still worth building
+                    log.exception("static:%s failed to build", method)
+                    state = BuildState("failed", error=f"{type(e).__name__}: {e}")
+                    self._set_building(basis, method, state)
+                    continue
+                self._set_building(basis, method, None, info)
+                log.info("static:%s built in %.1f s", method, time.perf_counter() - t0)
+        finally:
+            if context is not None:
+                load_base.cache_clear()
+
+    def _set_building(
+        self,
+        basis: tuple[str, ...],
+        method: str,
+        state: BuildState | None,
+        built: LoraAdapterInfo | None = None,
+    ) -> None:
+        """Publish a static arm's new build state, or (`built`) the arm itself, unless
+        the served set moved to another basis meanwhile."""
+        with self._lock:
+            cur = self._current
+            if cur.basis != basis or method not in cur.building:
+                return
+            building = {m: b for m, b in cur.building.items() if m != method}
+            if state is not None:
+                building[method] = state
+            static = {**cur.static, method: built} if built is not None else dict(cur.static)
+            new = self._served(
+                cur.experts, cur.sources, static, cur.basis, cur.dynamic, cur, building
+            )
+            self._publish(new)
+
     def close_registry(self) -> None:
         self._stop.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
@@ -443,7 +519,7 @@ class LiveSet:
                 router_with(d.router, name, path, factors),
                 d.shared_of,
             )
-        return self._served(experts, sources, cur.static, cur.basis, dyn, cur)
+        return self._served(experts, sources, cur.static, cur.basis, dyn, cur, cur.building)
 
     def _start(self) -> ServedSet:
         seed = discover_lora_dirs(self.settings.experts_dir) if self.settings.experts_dir else []
@@ -465,12 +541,19 @@ class LiveSet:
                 infos[name] = read_lora_dir(ref.path, name)
                 sources[name] = "registry"
         experts = ExpertSet.load(list(infos.values()), self.base_spec)
-        return dataclasses.replace(self._rebuilt(experts, sources, None), registry_version=version)
+        served = self._rebuilt(experts, sources, None, defer=self.settings.merge.background_builds)
+        return dataclasses.replace(served, registry_version=version)
 
     def _rebuilt(
-        self, experts: ExpertSet, sources: Mapping[str, Source], prev: ServedSet | None
+        self,
+        experts: ExpertSet,
+        sources: Mapping[str, Source],
+        prev: ServedSet | None,
+        *,
+        defer: bool = False,
     ) -> ServedSet:
-        """A served set with S, exclusives, router and static merges all of `experts`."""
+        """A served set with S, exclusives, router and static merges all of `experts`;
+        with `defer`, the static merges are listed as queued, for `build_in_background`."""
         ms = self.settings.merge
         static: dict[str, LoraAdapterInfo] = {}
         if len(experts):
@@ -479,6 +562,11 @@ class LiveSet:
                 raise ConfigurationError(
                     f"no static arm {unknown[0]!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
                 )
+        if defer and len(experts) and ms.static_methods:
+            dyn = self._dynamic_state(experts) if ms.dynamic else None
+            queued = dict.fromkeys(ms.static_methods, BuildState("queued"))
+            return self._served(experts, sources, {}, experts.names, dyn, prev, queued)
+        if len(experts):
             context = None
             if any(METHODS.get(m).needs_data for m in ms.static_methods):
                 context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
@@ -537,6 +625,7 @@ class LiveSet:
         basis: tuple[str, ...],
         dyn: DynamicState | None,
         prev: ServedSet | None,
+        building: Mapping[str, BuildState] | None = None,
     ) -> ServedSet:
         if dyn is not None:
             self._ensure_merger(dyn)
@@ -549,6 +638,7 @@ class LiveSet:
             ids=self.ids,
             digests=self._digests(experts, static, dyn),
             reuse=prev.catalog if prev is not None else None,
+            building=building,
         )
         return ServedSet(
             experts,
@@ -558,6 +648,7 @@ class LiveSet:
             dyn,
             catalog,
             prev.registry_version if prev is not None else 0,
+            MappingProxyType(dict(building or {})),
         )
 
     def attach_engine(self, engine: EngineClient) -> None:

@@ -199,6 +199,13 @@ class ModelCard(BaseModel):
     materializing each merge (no mixture-capable engine, or its self-check failed)."""
     serving_note: str | None = None
     """Why a dynamic model is materialized although the mixture was asked for."""
+    status: Literal["ready", "queued", "building", "failed"] = "ready"
+    """mergeserve's extension: whether the model answers now. Static arms are built in
+    the background after start-up (`merge.background_builds`): until then `queued` or
+    `building` (requests get 503 with Retry-After), or `failed` (see `status_note`)."""
+    status_note: str | None = None
+    """What a model that is not ready is doing: how long it has been building, or why
+    it failed."""
 
 
 class FeedbackRequest(BaseModel):

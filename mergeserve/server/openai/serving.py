@@ -131,6 +131,28 @@ class PreparedChat:
     """The A/B experiment that chose `model`, when the request named one."""
 
 
+BUILD_RETRY_S = 10
+"""Retry-After of a request for a static arm that is still being built."""
+
+
+def arm_not_built(model: ServedModel) -> ArmUnavailableError:
+    """The 503 of a request for a static arm that is not built (yet, or at all)."""
+    b = model.build
+    assert b is not None
+    if b.status == "failed":
+        return ArmUnavailableError(
+            f"{model.id} failed to build ({b.error}); see the server log, fix it and "
+            "POST /admin/rebuild, or restart",
+            code="arm_build_failed",
+        )
+    since = f" for {time.time() - b.since:.0f} s" if b.since is not None else ""
+    return ArmUnavailableError(
+        f"{model.id} is not built yet ({b.status}{since}); GET /v1/models shows its status",
+        code="arm_building",
+        retry_after=BUILD_RETRY_S,
+    )
+
+
 def route_text(messages: list[dict[str, str]]) -> str:
     users = [m["content"] for m in messages if m["role"] == "user"]
     return users[-1] if users else "\n".join(m["content"] for m in messages)
@@ -417,6 +439,8 @@ class ChatService:
         admitted = False
         try:
             model, experiment = self._resolve(req, headers or {})
+            if model.build is not None:
+                raise arm_not_built(model)
             if req.merge_weights is not None and model.kind != "dynamic":
                 raise InvalidRequestError(
                     "merge_weights applies to the dynamic models only "
