@@ -51,7 +51,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from mergeserve.adapters.calibration import load_base
-from mergeserve.adapters.methods import METHODS, MergeOptions
+from mergeserve.adapters.methods import METHODS, MergeContext, MergeOptions
 from mergeserve.adapters.peft_io import (
     BaseModelSpec,
     LoraAdapterInfo,
@@ -423,14 +423,7 @@ class LiveSet:
                         context = merge_context(
                             experts, self.base_dir, ms.dev_file, ms.build_threads
                         )
-                    info = static_merge(
-                        experts,
-                        method,
-                        STATIC_DEFAULTS[method],
-                        self.settings.engine.max_lora_rank,
-                        self.settings.cache,
-                        context,
-                    )
+                    info = self._static_arm(experts, method, context)
                 except Exception as e:  # the others are still worth building
                     log.exception("static:%s failed to build", method)
                     state = BuildState("failed", error=f"{type(e).__name__}: {e}")
@@ -572,19 +565,25 @@ class LiveSet:
                 context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
             try:
                 for method in ms.static_methods:
-                    static[method] = static_merge(
-                        experts,
-                        method,
-                        STATIC_DEFAULTS[method],
-                        self.settings.engine.max_lora_rank,
-                        self.settings.cache,
-                        context,
-                    )
+                    static[method] = self._static_arm(experts, method, context)
             finally:
                 if context is not None:
                     load_base.cache_clear()  # the HF copy of the base model: not kept
         dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
         return self._served(experts, sources, static, experts.names, dyn, prev)
+
+    def _static_arm(
+        self, experts: ExpertSet, method: str, context: MergeContext | None
+    ) -> LoraAdapterInfo:
+        """The `static:<method>` merge of `experts` (built, or read from the cache)."""
+        return static_merge(
+            experts,
+            method,
+            STATIC_DEFAULTS[method],
+            self.settings.engine.max_lora_rank,
+            self.settings.cache,
+            context,
+        )
 
     def _dynamic_state(self, experts: ExpertSet) -> DynamicState:
         rs = self.settings.router
