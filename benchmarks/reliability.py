@@ -106,6 +106,28 @@ def chat_raw(content: bytes) -> Send:
     return send
 
 
+def chat_chunked(content: bytes) -> Send:
+    """The body sent in 64 KiB chunks without a Content-Length (Transfer-Encoding:
+    chunked): the server must count it as it arrives."""
+
+    def send(c: httpx.Client, t: Target) -> httpx.Response:
+        def chunks() -> Any:
+            for i in range(0, len(content), 64 << 10):
+                yield content[i : i + (64 << 10)]
+
+        return c.post(
+            "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+
+    return send
+
+
+def _big_chat() -> bytes:
+    """A chat body of 5 MiB: over the server's default max_body_bytes (4 MiB)."""
+    text = "x" * (5 << 20)
+    return json.dumps({"model": "base", "messages": [{"role": "user", "content": text}]}).encode()
+
+
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -332,7 +354,7 @@ CASES: list[Case] = [
         "lora_alpha overflowing",
         "upload, lora_alpha: 1e39",
         400,
-        upload("alpha", configured(lora_alpha=1e39)),
+        upload("hugealpha", configured(lora_alpha=1e39)),
     ),
     Case(
         "r unlike the tensors", "upload, r: 3 (tensors rank 4)", 400, upload("r3", configured(r=3))
@@ -361,6 +383,30 @@ CASES: list[Case] = [
     Case("bad name", "name: '../x'", 400, upload("../x", good)),
     Case("empty name", "name: ''", 400, upload("", good)),
     Case("missing file", "upload without adapter_config.json", 400, upload("nocfg", no_config)),
+    Case(
+        "chat body over the limit",
+        "POST /v1/chat/completions, 5 MiB body (Content-Length)",
+        413,
+        chat_raw(_big_chat()),
+    ),
+    Case(
+        "chunked chat body over the limit",
+        "POST /v1/chat/completions, 5 MiB body, chunked (no Content-Length)",
+        413,
+        chat_chunked(_big_chat()),
+    ),
+    Case(
+        "feedback score huge",
+        "POST /v1/feedback score: 1e300",
+        400,
+        lambda c, t: c.post("/v1/feedback", json={"id": "chatcmpl-x", "score": 1e300}),
+    ),
+    Case(
+        "feedback for no response",
+        "POST /v1/feedback id: 'chatcmpl-nope'",
+        404,
+        lambda c, t: c.post("/v1/feedback", json={"id": "chatcmpl-nope", "score": 1}),
+    ),
     Case(
         "no admin token",
         "POST /admin/experts without Authorization",
