@@ -28,6 +28,9 @@ ENGINE_ENV = {
     # TIES/DARE are dense merges (a minute of CI on SmolLM2's 210 modules): the exact
     # low-rank static arms stand for them here; the fast tier covers the dense ones.
     "MERGESERVE_MERGE__STATIC_METHODS": '["linear", "task_arithmetic"]',
+    # Bursts beyond max_num_seqs are sent on purpose here (every request must answer);
+    # load shedding has its own tests (integration) and benchmark (benchmarks/load.py).
+    "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
 }
 
 ADMIN_TOKEN = "e2e-admin"
