@@ -6,7 +6,7 @@ Reads `<dir>/demo/results.*.json`, `<dir>/phrasings/results.*.json`,
 `<dir>/two_skill/results.*.json` (exact match, from
 `mergeserve eval --suite demo|phrasings|two-skill`), `<dir>/general/general.*.json` (harm, from
 `--suite general`) and `<dir>/gates.test.json` (benchmarks/open_world.py), and writes the
-table of every arm on the three splits, the oracle rows, the two-skill compositions, the
+table of every arm on the four splits, the oracle rows, the two-skill compositions, the
 gates, and `<dir>/open_world.png`; `<dir>/NOTE.md`, when present, goes above the table
 (what a partial re-run left stale).
 """
@@ -203,7 +203,8 @@ def report(root: Path) -> str:
     r = rows(data)
     chart(r, root / "open_world.png")
     parts = [
-        "# Open traffic: every arm on the demo skills, two-skill requests and general requests",
+        "# Open traffic: every arm on the demo skills, unseen phrasings, two-skill requests and "
+        "general requests",
         "",
         "Served by the real server (vLLM, fp32, CPU) and scored through the OpenAI API, greedy,",
         "32 new tokens. *demo skills*: the six tasks' test split (unseen templates included),",
@@ -218,7 +219,7 @@ def report(root: Path) -> str:
         "",
         *([(root / "NOTE.md").read_text().strip(), ""] if (root / "NOTE.md").is_file() else []),
         table(r),
-        "![every arm on the three splits](open_world/open_world.png)",
+        "![every arm on the four splits](open_world/open_world.png)",
         "",
         "## Two-skill compositions (exact %)",
         "",
