@@ -18,6 +18,7 @@ never counted under two names.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,15 @@ class BuildState:
     status: BuildStatus
     since: float | None = None
     error: str | None = None
+
+    def note(self) -> str:
+        """What the arm is doing, for people: why it failed, or how long it has been
+        building, or that it waits for the arms before it."""
+        if self.status == "failed":
+            return self.error or "failed"
+        if self.since is not None:
+            return f"building for {time.time() - self.since:.0f} s"
+        return "waiting for the static arms before it"
 
 
 def dynamic_id(mode: DynamicMode) -> str:

@@ -549,17 +549,16 @@ class LiveSet:
         with `defer`, the static merges are listed as queued, for `build_in_background`."""
         ms = self.settings.merge
         static: dict[str, LoraAdapterInfo] = {}
+        queued: dict[str, BuildState] = {}
         if len(experts):
             unknown = [m for m in ms.static_methods if m not in STATIC_DEFAULTS]
             if unknown:
                 raise ConfigurationError(
                     f"no static arm {unknown[0]!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
                 )
-        if defer and len(experts) and ms.static_methods:
-            dyn = self._dynamic_state(experts) if ms.dynamic else None
+        if defer and len(experts):
             queued = dict.fromkeys(ms.static_methods, BuildState("queued"))
-            return self._served(experts, sources, {}, experts.names, dyn, prev, queued)
-        if len(experts):
+        elif len(experts):
             context = None
             if any(METHODS.get(m).needs_data for m in ms.static_methods):
                 context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
@@ -570,7 +569,7 @@ class LiveSet:
                 if context is not None:
                     load_base.cache_clear()  # the HF copy of the base model: not kept
         dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
-        return self._served(experts, sources, static, experts.names, dyn, prev)
+        return self._served(experts, sources, static, experts.names, dyn, prev, queued)
 
     def _static_arm(
         self, experts: ExpertSet, method: str, context: MergeContext | None

@@ -42,8 +42,9 @@ class ShedDecision:
 class LoadShedder:
     """Decides, per request, whether its expected wait is within `budget_s`.
 
-    `observe` is called with each finished request's TTFT and decode time; `check` with
-    the requests in flight before admitting the next one. `budget_s` of 0 turns it off.
+    `first_token` is called with each request's TTFT as its first token comes, `observe`
+    with its decode time when it ends; `check` with the requests in flight before
+    admitting the next one. `budget_s` of 0 turns it off.
     Not thread-safe: the server calls it from the event loop only.
     """
 
@@ -74,16 +75,14 @@ class LoadShedder:
     def enabled(self) -> bool:
         return self.budget_s > 0
 
-    def observe(self, ttft_s: float, decode_s: float) -> None:
-        """A request finished: `ttft_s` from admission to its first token, `decode_s` from
-        its first token to its end."""
-        if not (math.isfinite(ttft_s) and math.isfinite(decode_s)):
+    def observe(self, decode_s: float) -> None:
+        """A request finished, `decode_s` after its first token (its TTFT was given to
+        `first_token` then)."""
+        if not math.isfinite(decode_s):
             return
-        ttft_s, decode_s = max(0.0, ttft_s), max(0.0, decode_s)
+        decode_s = max(0.0, decode_s)
         s = self._service_s
         self._service_s = decode_s if s is None else s + self.alpha * (decode_s - s)
-        self._ttfts.append((self._clock(), ttft_s))
-        self._trim()
 
     def first_token(self, ttft_s: float) -> None:
         """A request got its first token (streamed or not) after `ttft_s`: what queued

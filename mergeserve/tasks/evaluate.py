@@ -297,8 +297,6 @@ def evaluate(
     if phrasings:
         from mergeserve.tasks.phrasings import generate_phrasings
 
-        if split not in ("dev", "test"):
-            raise ValueError(f"unknown split {split!r} for the phrasings; splits: dev, test")
         samples = {t: generate_phrasings(t, split, n) for t in task_names}  # type: ignore[arg-type]
     else:
         samples = {t: generate(t, split, n) for t in task_names}  # type: ignore[arg-type]

@@ -18,7 +18,8 @@ class Clock:
 def test_nothing_is_shed_while_the_engine_has_free_sequences_or_nothing_is_known() -> None:
     s = LoadShedder(1.0, capacity=4, clock=Clock())
     assert s.check(1000) is None  # no finished request yet: no service time to go on
-    s.observe(0.1, 2.0)
+    s.first_token(0.1)
+    s.observe(2.0)
     assert s.check(3) is None  # a fourth sequence fits
     assert s.expected_wait(3) == 0.0
 
@@ -26,7 +27,8 @@ def test_nothing_is_shed_while_the_engine_has_free_sequences_or_nothing_is_known
 def test_the_wait_grows_with_the_queue_and_is_refused_over_the_budget() -> None:
     clock = Clock()
     s = LoadShedder(2.0, capacity=4, clock=clock)
-    s.observe(0.1, 2.0)  # S = 2 s, prefill 0.1 s
+    s.first_token(0.1)
+    s.observe(2.0)  # S = 2 s, prefill 0.1 s
     # 4 in flight: the next starts when one of 4 finishes, ~S/4 = 0.5 s, + prefill
     assert s.expected_wait(4) == pytest.approx(0.6)
     assert s.check(4) is None
@@ -40,8 +42,10 @@ def test_the_wait_grows_with_the_queue_and_is_refused_over_the_budget() -> None:
 def test_service_time_is_a_moving_average_and_old_ttfts_expire() -> None:
     clock = Clock()
     s = LoadShedder(1.0, capacity=1, alpha=0.5, window_s=5.0, clock=clock)
-    s.observe(0.0, 1.0)
-    s.observe(0.0, 3.0)  # S = 1 + 0.5 * (3 - 1) = 2
+    s.first_token(0.0)
+    s.observe(1.0)
+    s.first_token(0.0)
+    s.observe(3.0)  # S = 1 + 0.5 * (3 - 1) = 2
     assert s.expected_wait(1) == pytest.approx(2.0)
     # What clients saw lately bounds the estimate from below while requests queue ...
     s.first_token(9.0)
@@ -53,12 +57,14 @@ def test_service_time_is_a_moving_average_and_old_ttfts_expire() -> None:
 
 def test_retry_after_is_bounded_and_budget_zero_is_off() -> None:
     s = LoadShedder(0.5, capacity=1, clock=Clock())
-    s.observe(0.0, 100.0)
+    s.first_token(0.0)
+    s.observe(100.0)
     shed = s.check(50)
     assert shed is not None
     assert shed.retry_after_s == 60
     off = LoadShedder(0.0, capacity=1, clock=Clock())
-    off.observe(0.0, 100.0)
+    off.first_token(0.0)
+    off.observe(100.0)
     assert not off.enabled
     assert off.check(50) is None
 
@@ -69,6 +75,6 @@ def test_bad_settings_and_non_finite_observations() -> None:
     with pytest.raises(ValueError, match="capacity"):
         LoadShedder(1.0, capacity=0)
     s = LoadShedder(1.0, capacity=1, clock=Clock())
-    s.observe(float("inf"), 1.0)
+    s.observe(float("inf"))
     s.first_token(float("nan"))
     assert s.check(10) is None  # nothing usable was observed

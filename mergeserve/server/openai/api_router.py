@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -104,13 +103,7 @@ def _experiment_card(exp: Experiment) -> ModelCard:
 def _card(m: ServedModel, state: AppState) -> ModelCard:
     card = ModelCard(id=m.id, root=m.root, digest=m.digest, build_s=m.build_s)
     if m.build is not None:
-        card.status = m.build.status
-        if m.build.status == "failed":
-            card.status_note = m.build.error
-        elif m.build.since is not None:
-            card.status_note = f"building for {time.time() - m.build.since:.0f} s"
-        else:
-            card.status_note = "waiting for the static arms before it"
+        card.status, card.status_note = m.build.status, m.build.note()
     if m.mode is not None:
         card.serving = state.live.serving(m.mode)
         card.serving_note = state.live.mixture_refused

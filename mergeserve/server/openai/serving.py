@@ -141,13 +141,12 @@ def arm_not_built(model: ServedModel) -> ArmUnavailableError:
     assert b is not None
     if b.status == "failed":
         return ArmUnavailableError(
-            f"{model.id} failed to build ({b.error}); see the server log, fix it and "
+            f"{model.id} failed to build ({b.note()}); see the server log, fix it and "
             "POST /admin/rebuild, or restart",
             code="arm_build_failed",
         )
-    since = f" for {time.time() - b.since:.0f} s" if b.since is not None else ""
     return ArmUnavailableError(
-        f"{model.id} is not built yet ({b.status}{since}); GET /v1/models shows its status",
+        f"{model.id} is not built yet ({b.note()}); GET /v1/models shows its status",
         code="arm_building",
         retry_after=BUILD_RETRY_S,
     )
@@ -413,10 +412,8 @@ class ChatService:
             m.latency.labels(acct.arm).observe(now - acct.started)
             if acct.first_token_at is not None:
                 m.ttft.labels(acct.arm).observe(acct.first_token_at - acct.started)
-                if self.shedder is not None:
-                    self.shedder.observe(
-                        acct.first_token_at - acct.started, now - acct.first_token_at
-                    )
+                if self.shedder is not None:  # its TTFT was given at its first token
+                    self.shedder.observe(now - acct.first_token_at)
         if acct.experiment is not None:
             e, a = acct.experiment, acct.arm
             m.exp_requests.labels(e, a, status).inc()
