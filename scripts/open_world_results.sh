@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce docs/results/open_world.md: every arm on the three splits of open traffic,
+# Reproduce docs/results/open_world.md: every arm on the four splits of open traffic,
 # served by the real server (vLLM, fp32, CPU) and scored through the OpenAI API, greedy,
 # 32 new tokens:
 #   demo       the six tasks' test split (N per task, unseen templates included), exact match
