@@ -3,7 +3,8 @@ side on the same prompts: decides between two versions of an expert without a se
 
 Splits scored per adapter: the task's dev split (its own templates, `--n` prompts, per
 template) and the dev part of the unseen phrasings (`mergeserve.tasks.phrasings`,
-`--n-phrasings`). Decide on dev; the test splits are for the served results only.
+`--n-phrasings`). Decide on dev. `--held-out N` also measures N prompts of the task's
+held-out template (it is in the test split only): a figure to report, never to choose by.
 
     python benchmarks/expert_accuracy.py --task add \
         --adapter new=examples/experts/add --adapter old=/tmp/add-8af3f85 [--n 300]
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--adapter", action="append", required=True, help="NAME=DIR (repeat)")
     ap.add_argument("--n", type=int, default=300, help="dev prompts on the task's templates")
     ap.add_argument("--n-phrasings", type=int, default=100)
+    ap.add_argument("--held-out", type=int, default=0, help="held-out-template prompts (test)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +75,9 @@ def main() -> None:
         "dev": generate(args.task, "dev", args.n),
         "phrasings_dev": generate_phrasings(args.task, "dev", args.n_phrasings),
     }
+    if args.held_out:
+        test = generate(args.task, "test", args.held_out * len(TASKS[args.task].templates) * 2)
+        sets["held_out_test"] = [s for s in test if s.held_out][: args.held_out]
     out: dict[str, Any] = {"task": args.task, "adapters": {}}
     for spec in args.adapter:
         name, _, path = spec.partition("=")

@@ -50,6 +50,17 @@ serve 64 "$STATIC"
 evaluate "$ARMS_B"
 stop
 
+open_traffic_section() {  # every arm on open traffic, from docs/results/open_world.md
+  echo "## Every arm on open traffic"
+  echo
+  echo "From [results/open_world.md](results/open_world.md) (\`scripts/open_world_results.sh 50\`:"
+  echo "the splits, the oracle and \`route:top1\`, adapter switching behind the same router, are"
+  echo "described there, with the two-skill compositions, the blending study and the gates)."
+  echo
+  awk '/^\| arm \|/ {p = 1} p && !/^\|/ {exit} p' docs/results/open_world.md
+  echo
+  echo "![every arm on the four splits](results/open_world/open_world.png)"
+}
 {
   echo "# Demo results: base, experts, static merges and dynamic merging on the six demo tasks"
   echo
@@ -108,5 +119,7 @@ PY
   echo "![mean exact match of every arm, with build times](results/ranking.png)"
   echo
   echo "![exact match per task](results/results.png)"
+  echo
+  open_traffic_section
 } > docs/results.md
 echo "written: docs/results.md"
