@@ -172,6 +172,7 @@ def main() -> None:
     seqs = str(max(16, args.concurrency))
     env = {
         "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
+        "MERGESERVE_ENGINE__COMPILE": "true",  # the plugin's fast path, as deployed
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
         "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
         "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras),

