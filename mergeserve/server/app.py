@@ -36,7 +36,7 @@ from mergeserve.server.live import LiveSet, ServedSet
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.api_router import router as openai_router
 from mergeserve.server.openai.serving import ChatService
-from mergeserve.server.shedding import LoadShedder
+from mergeserve.server.shedding import Admission
 from mergeserve.server.state import AppState, get_state
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
         hold=live.hold,
         experiments=experiments,
         feedback=book,
-        shedder=LoadShedder(settings.server.queue_budget_s, settings.engine.max_num_seqs),
+        admission=Admission(settings.server.max_pending_requests, settings.server.queue_budget_s),
     )
 
     def on_change(new: ServedSet) -> None:

@@ -73,8 +73,21 @@ class Metrics:
         )
         self.shed = Counter(
             "mergeserve_requests_shed",
-            "Requests refused at admission (503 + Retry-After) because their expected wait "
-            "for a first token was over server.queue_budget_s.",
+            "Requests refused at admission (503 + Retry-After): their expected wait for a "
+            "first token was over server.queue_budget_s, or they waited that long in the "
+            "admission queue, or server.max_pending_requests were in flight or queued.",
+            registry=r,
+        )
+        self.queued = Gauge(
+            "mergeserve_requests_queued",
+            "Requests waiting in the admission queue for a slot (mergeserve.server.shedding).",
+            registry=r,
+        )
+        self.concurrency_limit = Gauge(
+            "mergeserve_concurrency_limit",
+            "Requests admitted at once before load shedding refuses the next: the number "
+            "in flight at which first tokens still come within server.queue_budget_s, "
+            "measured (mergeserve.server.shedding).",
             registry=r,
         )
         self.router_latency = Histogram(

@@ -1,119 +1,235 @@
-"""Load shedding: refuse a request at once when it would wait longer than a time budget.
+"""Admission: a measured concurrency limit, a short queue, and a quick 503 past a budget.
 
-A request the engine cannot start waits in vLLM's queue. Past a point that wait is worse
-than a refusal: the client (or its balancer) could have gone to another replica, and a
-two-minute TTFT is a failure anyway. So before a request is admitted the server
-estimates how long it would wait for its first token and, over the budget, answers 503
-with `Retry-After` at once (`EngineOverloadedError`), having done no work for it.
+A request the engine cannot serve promptly waits, in vLLM's queue or in a batch so large
+that every step is slow. Past a point that wait is worse than a refusal: the client (or
+its balancer) could have gone to another replica, and a two-minute time to the first
+token (TTFT) is a failure anyway. So every request passes `Admission.acquire` before any
+work is done for it (template, tokenizer, routing, engine):
 
-The estimate treats the engine as `capacity` servers (vLLM runs up to `max_num_seqs`
-sequences at once). With `pending` requests in flight, a new one starts when
-`pending - capacity + 1` of them have finished; each running one takes about `S` (time
-from its first token to its end, an exponentially weighted mean over recent requests),
-so it waits about
+- up to `limit` requests are *in flight* (admitted, not yet finished);
+- over it, a request *queues* (first come, first served), if its expected wait plus the
+  TTFT the engine gives lately is within the budget `budget_s`; a request whose wait in
+  the queue passes that budget after all leaves it with the same 503;
+- otherwise it is refused at once: 503 `overloaded_error` with `Retry-After`, the time
+  for the requests ahead of it to finish (the mean request time lately times their
+  number, over the limit; 1 to 60 s). `max_in_flight` + as many queued is a hard cap.
 
-    (pending - capacity + 1) * S / capacity + P
+The limit is measured, not configured, because what the engine can take depends on the
+hardware, the prompts and the adapters: vLLM's `max_num_seqs` is a batch bound, not a
+promise about latency (on 2 CPU cores 64 concurrent sequences give TTFTs of 4-6 s where
+one alone takes 0.25 s). `ConcurrencyLimit` follows the TTFT each admitted request saw
+from its admission, as TCP's congestion window follows losses (additive increase,
+multiplicative decrease; Netflix's `concurrency-limits` and Envoy's adaptive concurrency
+filter do the same for RPCs):
 
-where `P` is the prefill time (the smallest TTFT seen lately: a request that did not
-wait). The estimate is also held to what the clients see: while requests are queued, the
-mean TTFT of the requests that got their first token in the last `window_s` is a lower
-bound of it (a model of the engine that is too hopeful is corrected by the queue it let
-grow). Without any finished request yet there is no `S`, and nothing is shed on the
-estimate (the hard cap `max_pending_requests` still holds).
+- it starts small (`initial`), so a burst at a cold server is not admitted whole before
+  anything has been measured (the rest of the burst queues, bounded by the budget);
+- a first token within the budget, while the limit was in use (at least half of it in
+  flight), raises it: by 1 ("slow start", doubling per round) until a TTFT passes half
+  the budget (TTFT reports lag admissions by a round, so doubling up to the budget itself
+  would overshoot it by up to 2x; TCP's HyStart leaves slow start on rising delay the
+  same way) or the first overrun, then by 1/limit (one per round);
+- a first token over the budget lowers it to `backoff` times itself, once per round: only
+  a request admitted after the last decrease can lower it again (the others were admitted
+  under the old limit and say nothing about the new one). A request alone in flight does
+  not lower it: its TTFT is its own prefill, which no shedding shortens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from mergeserve.errors import EngineOverloadedError
 
 
-@dataclass(frozen=True)
-class ShedDecision:
-    expected_wait_s: float
-    """The estimated wait of a request admitted now, seconds."""
-    retry_after_s: int
-    """Seconds after which the estimate falls within the budget (at least 1)."""
+class ConcurrencyLimit:
+    """How many requests may be in flight for their first tokens to come within
+    `budget_s`, from the TTFTs of those admitted (see the module's docstring).
 
-
-class LoadShedder:
-    """Decides, per request, whether its expected wait is within `budget_s`.
-
-    `first_token` is called with each request's TTFT as its first token comes, `observe`
-    with its decode time when it ends; `check` with the requests in flight before
-    admitting the next one. `budget_s` of 0 turns it off.
-    Not thread-safe: the server calls it from the event loop only.
+    `check(in_flight)` before admitting a request; `first_token(ttft, in_flight)` as each
+    admitted request's first token comes (`ttft` from its admission); `finished(latency)`
+    when one ends. `budget_s` of 0 turns it off (no limit). Not thread-safe.
     """
 
     def __init__(
         self,
         budget_s: float,
-        capacity: int,
+        max_limit: int,
         *,
-        window_s: float = 5.0,
+        initial: int = 4,
+        backoff: float = 0.7,
         alpha: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
     ):
         if budget_s < 0 or not math.isfinite(budget_s):
             raise ValueError(f"budget_s must be finite and >= 0, got {budget_s}")
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_limit < 1:
+            raise ValueError(f"max_limit must be >= 1, got {max_limit}")
+        if initial < 1:
+            raise ValueError(f"initial must be >= 1, got {initial}")
+        if not 0 < backoff < 1:
+            raise ValueError(f"backoff must be in (0, 1), got {backoff}")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.budget_s = budget_s
-        self.capacity = capacity
-        self.window_s = window_s
+        self.max_limit = max_limit
+        self.backoff = backoff
         self.alpha = alpha
         self._clock = clock
-        self._service_s: float | None = None
-        self._ttfts: deque[tuple[float, float]] = deque()  # (when, ttft)
+        self._limit = float(min(initial, max_limit))
+        self._slow_start = True
+        self._last_cut = -math.inf
+        self._ttft: float | None = None  # moving means, for the estimates in a refusal
+        self._latency: float | None = None
 
     @property
     def enabled(self) -> bool:
         return self.budget_s > 0
 
-    def observe(self, decode_s: float) -> None:
-        """A request finished, `decode_s` after its first token (its TTFT was given to
-        `first_token` then)."""
-        if not math.isfinite(decode_s):
+    @property
+    def limit(self) -> int:
+        """Requests admitted at once now."""
+        return max(1, math.floor(self._limit))
+
+    def _mean(self, old: float | None, x: float) -> float:
+        return x if old is None else old + self.alpha * (x - old)
+
+    def first_token(self, ttft_s: float, in_flight: int) -> None:
+        """A request admitted `ttft_s` ago got its first token, with `in_flight` requests
+        (itself included) admitted now."""
+        if not math.isfinite(ttft_s) or ttft_s < 0:
             return
-        decode_s = max(0.0, decode_s)
-        s = self._service_s
-        self._service_s = decode_s if s is None else s + self.alpha * (decode_s - s)
+        self._ttft = self._mean(self._ttft, ttft_s)
+        if ttft_s > self.budget_s:
+            admitted_at = self._clock() - ttft_s
+            if in_flight > 1 and admitted_at > self._last_cut:
+                self._limit = max(1.0, self._limit * self.backoff)
+                self._last_cut = self._clock()
+                self._slow_start = False
+        elif in_flight >= self._limit / 2:
+            if ttft_s > self.budget_s / 2:
+                self._slow_start = False  # close to the budget: feel the way from here
+            self._limit += 1.0 if self._slow_start else 1.0 / self._limit
+            self._limit = min(self._limit, float(self.max_limit))
+
+    def finished(self, latency_s: float) -> None:
+        """An admitted request ended, `latency_s` after it was admitted."""
+        if math.isfinite(latency_s) and latency_s >= 0:
+            self._latency = self._mean(self._latency, latency_s)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """The mean TTFT from admission lately (None before any)."""
+        return self._ttft
+
+    def queue_wait(self, position: int) -> float | None:
+        """Seconds until the `position`-th request in the queue (1: the next) gets a slot
+        while the limit is in use: `position` requests must finish, `limit` at a time,
+        each taking the mean request time lately. None before any request finished."""
+        if self._latency is None:
+            return None
+        return position * self._latency / self.limit
+
+
+class Admission:
+    """The gate every request passes before any work is done for it: admitted (in
+    flight), queued, or refused with `EngineOverloadedError` (503, `Retry-After`); see the
+    module's docstring. `budget_s` of 0: no limit, no queue, only the hard cap of
+    `max_in_flight`. Call `release` once per admitted request, `first_token` and
+    `finished` with its times from admission. Event-loop only.
+    """
+
+    def __init__(
+        self,
+        max_in_flight: int,
+        budget_s: float,
+        limiter: ConcurrencyLimit | None = None,
+    ):
+        self.max_in_flight = max_in_flight
+        self.budget_s = budget_s
+        self.limiter = limiter or ConcurrencyLimit(budget_s, max_in_flight)
+        self.in_flight = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def limit(self) -> int:
+        """Requests in flight at once now (`max_in_flight` with shedding off)."""
+        return self.limiter.limit if self.limiter.enabled else self.max_in_flight
+
+    async def acquire(self) -> None:
+        """Return once admitted, or raise `EngineOverloadedError` (at once, or when the
+        wait in the queue passes the budget). A cancellation while queued leaves the
+        queue holding nothing."""
+        if self.in_flight + len(self._queue) >= self.max_in_flight:
+            raise EngineOverloadedError(
+                f"{self.in_flight + len(self._queue)} requests in flight or queued (limit "
+                f"{self.max_in_flight}); retry shortly",
+                retry_after=1,
+            )
+        if not self._queue and self.in_flight < self.limit:
+            self.in_flight += 1
+            return
+        ttft = self.limiter.ttft_s or 0.0
+        wait = self.limiter.queue_wait(len(self._queue) + 1)
+        if wait is not None and wait + ttft > self.budget_s:
+            raise self._overloaded(wait, ttft)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(fut)
+        try:
+            done, _ = await asyncio.wait({fut}, timeout=max(0.0, self.budget_s - ttft))
+        except BaseException:  # cancelled while queued
+            if not self._leave(fut):
+                self.release()  # a slot was handed over just before: give it back
+            raise
+        if not done and self._leave(fut):
+            raise self._overloaded(wait, ttft, waited=True)
+
+    def _leave(self, fut: asyncio.Future[None]) -> bool:
+        """Take `fut` out of the queue; False if it was given a slot already."""
+        if fut.done() and not fut.cancelled():
+            return False
+        fut.cancel()
+        self._queue.remove(fut)
+        return True
+
+    def _overloaded(
+        self, wait: float | None, ttft: float, *, waited: bool = False
+    ) -> EngineOverloadedError:
+        ahead = f"{self.in_flight} requests in flight (the limit now), {len(self._queue)} queued"
+        budget = f"its first-token budget of {self.budget_s:g} s"
+        if waited:
+            why = f"waited {self.budget_s - ttft:.1f} s in the queue without a slot; {budget}"
+        else:
+            why = f"a request now would wait about {(wait or 0.0) + ttft:.1f} s, over {budget}"
+        retry = max(1, min(60, math.ceil(wait))) if wait is not None else 1
+        return EngineOverloadedError(
+            f"overloaded: {ahead}; {why}; retry in {retry} s", retry_after=retry
+        )
+
+    def release(self) -> None:
+        """An admitted request ended (or was refused after its admission): its slot goes
+        to the next in the queue."""
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._queue and self.in_flight < self.limit:
+            self._queue.popleft().set_result(None)
+            self.in_flight += 1
 
     def first_token(self, ttft_s: float) -> None:
-        """A request got its first token (streamed or not) after `ttft_s`: what queued
-        requests see now, before they finish."""
-        if math.isfinite(ttft_s):
-            self._ttfts.append((self._clock(), max(0.0, ttft_s)))
-            self._trim()
+        """An admitted request got its first token `ttft_s` after its admission."""
+        self.limiter.first_token(ttft_s, self.in_flight)
+        self._wake()
 
-    def _trim(self) -> None:
-        horizon = self._clock() - self.window_s
-        while self._ttfts and self._ttfts[0][0] < horizon:
-            self._ttfts.popleft()
-        while len(self._ttfts) > 4096:
-            self._ttfts.popleft()
-
-    def expected_wait(self, pending: int) -> float:
-        """Estimated seconds to the first token of a request admitted with `pending`
-        others in flight (0 while the engine has free sequences or nothing is known)."""
-        self._trim()
-        if pending < self.capacity or self._service_s is None:
-            return 0.0
-        prefill = min((t for _, t in self._ttfts), default=0.0)
-        model = (pending - self.capacity + 1) * self._service_s / self.capacity + prefill
-        seen = sum(t for _, t in self._ttfts) / len(self._ttfts) if self._ttfts else 0.0
-        return max(model, seen)
-
-    def check(self, pending: int) -> ShedDecision | None:
-        """None to admit; a `ShedDecision` to refuse (expected wait over the budget)."""
-        if not self.enabled:
-            return None
-        wait = self.expected_wait(pending)
-        if wait <= self.budget_s:
-            return None
-        return ShedDecision(wait, max(1, min(60, math.ceil(wait - self.budget_s))))
+    def finished(self, latency_s: float) -> None:
+        """An admitted request ended `latency_s` after its admission."""
+        self.limiter.finished(latency_s)

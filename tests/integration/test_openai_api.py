@@ -202,37 +202,51 @@ async def test_overload_is_503_and_frees_its_slot(settings: Settings) -> None:
         await s.client.chat.completions.create(model="base", messages=USER)
 
 
-async def test_a_request_that_would_wait_past_the_budget_is_shed_with_retry_after(
+async def test_requests_over_the_concurrency_limit_are_shed_and_the_limit_follows_ttft(
     settings: Settings,
 ) -> None:
-    # One sequence at a time, each ~18 tokens * 20 ms: a request queued behind another
-    # would wait ~0.36 s for its first token; the budget is 0.1 s.
-    settings.engine.max_num_seqs = 1
+    # Every first token takes 0.2 s, twice the 0.1 s budget.
     settings.server.queue_budget_s = 0.1
-    async for s in serve(settings, FakeEngine(context_len=256, token_delay_s=0.02)):
-        # Nothing is known before a request has finished: the first two are admitted.
-        both = [
-            asyncio.create_task(s.client.chat.completions.create(model="base", messages=USER))
-            for _ in range(2)
-        ]
-        assert all(r.choices[0].message.content for r in await asyncio.gather(*both))
-        first = asyncio.create_task(s.client.chat.completions.create(model="base", messages=USER))
-        while not s.engine.in_flight:
+    async for s in serve(settings, FakeEngine(context_len=256, token_delay_s=0.2)):
+        text = (await s.http.get("/metrics")).text
+        assert metric_samples(text, "mergeserve_concurrency_limit") == {(): 4.0}
+
+        async def one(s: Served = s) -> str | None:
+            r = await s.client.chat.completions.create(model="base", messages=USER, max_tokens=3)
+            return r.choices[0].message.content
+
+        # A cold server admits 4 at once, not the burst; the fifth queues and, with no slot
+        # free within the budget, is refused.
+        four = [asyncio.create_task(one()) for _ in range(4)]
+        while len(s.engine.in_flight) < 4:
             await asyncio.sleep(0.005)
         raw = await s.http.post("/v1/chat/completions", json={"model": "base", "messages": USER})
         assert raw.status_code == 503
         assert raw.json()["error"]["type"] == "overloaded_error"
-        assert "budget 0.1 s" in raw.json()["error"]["message"]
+        assert "budget of 0.1 s" in raw.json()["error"]["message"]
         assert raw.headers["retry-after"] == "1"
-        assert (await first).choices[0].message.content == "[base] dlrow olleh"
-        # Free again: admitted at once, and the books balance.
-        await s.client.chat.completions.create(model="base", messages=USER)
+        assert await asyncio.gather(*four) == ["[ba"] * 4
+        # Their first tokens came after 0.2 s with 4 in flight: the limit is cut once
+        # (x0.7), to 2.
         text = (await s.http.get("/metrics")).text
-        assert metric_samples(text, "mergeserve_requests_shed_total") == {(): 1.0}
+        assert metric_samples(text, "mergeserve_concurrency_limit") == {(): 2.0}
+        two = [asyncio.create_task(one()) for _ in range(2)]
+        while len(s.engine.in_flight) < 2:
+            await asyncio.sleep(0.005)
+        with pytest.raises(openai.InternalServerError) as e:
+            await s.client.with_options(max_retries=0).chat.completions.create(
+                model="base", messages=USER
+            )
+        assert e.value.status_code == 503
+        assert await asyncio.gather(*two) == ["[ba"] * 2
+        # Free again: admitted at once, and the books balance.
+        assert await one() == "[ba"
+        text = (await s.http.get("/metrics")).text
+        assert metric_samples(text, "mergeserve_requests_shed_total") == {(): 2.0}
         assert metric_samples(text, "mergeserve_requests_in_flight") == {(): 0.0}
         req = metric_samples(text, "mergeserve_requests_total")
-        assert req[(("arm", "base"), ("status", "ok"))] == 4
-        assert req[(("arm", "base"), ("status", "server_error"))] == 1
+        assert req[(("arm", "base"), ("status", "ok"))] == 7
+        assert req[(("arm", "base"), ("status", "server_error"))] == 2
 
 
 def assert_aborted(engine: FakeEngine, base_url: str, within_s: float) -> None:

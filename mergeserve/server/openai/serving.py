@@ -58,7 +58,7 @@ from mergeserve.server.openai.protocol import (
     MergeInfo,
     UsageInfo,
 )
-from mergeserve.server.shedding import LoadShedder
+from mergeserve.server.shedding import Admission
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class _Accounting:
 
     arm: str
     started: float
+    admitted: float
+    """When it passed admission (after any wait in the admission queue)."""
     experiment: str | None = None
     binding: Binding | None = None
     first_token_at: float | None = None
@@ -168,24 +170,31 @@ class ChatService:
         hold: Callable[[ServedModel], Release | None] | None = None,
         experiments: Mapping[str, Experiment] | None = None,
         feedback: FeedbackBook | None = None,
-        shedder: LoadShedder | None = None,
+        admission: Admission | None = None,
     ):
         """`hold(model)` is called as a request for `model` is bound and returns what
         releases the model's files when the request ends (or None). `experiments` are
         model names that assign each request an arm; `feedback` remembers which arm
-        answered each response id; `shedder` refuses requests that would wait too long."""
+        answered each response id; `admission` admits, queues or refuses each request
+        (default: no limit but `settings.max_pending_requests`)."""
         self.engine = engine
         self.metrics = metrics
         self.settings = settings
-        self.shedder = shedder
+        self.admission = admission or Admission(settings.max_pending_requests, 0.0)
         self.hold = hold
         self.experiments: Mapping[str, Experiment] = experiments or {}
         self.feedback = feedback
-        self._pending = 0
+        self._sync_admission()
         # Chat templates and tokenizers run here, off the event loop, one at a time (a
         # fast tokenizer must not be used by two threads at once).
         self._tokenizer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.publish(catalog, dynamic)
+
+    def _sync_admission(self) -> None:
+        a, m = self.admission, self.metrics
+        m.in_flight.set(a.in_flight)
+        m.queued.set(a.queued)
+        m.concurrency_limit.set(a.limit)
 
     def close(self) -> None:
         self._tokenizer.shutdown(wait=False, cancel_futures=True)
@@ -370,30 +379,20 @@ class ChatService:
         info = self._routed_info(p.model.arm, r, expert, p.experiment)
         return Binding(expert.lora, info, hold=hold)
 
-    def _admit(self) -> None:
-        if self._pending >= self.settings.max_pending_requests:
-            raise EngineOverloadedError(
-                f"{self._pending} requests in flight (limit "
-                f"{self.settings.max_pending_requests}); retry shortly",
-                retry_after=1,
-            )
-        shed = self.shedder.check(self._pending) if self.shedder is not None else None
-        if shed is not None:
+    async def _admit(self) -> None:
+        try:
+            await self.admission.acquire()
+        except EngineOverloadedError:
             self.metrics.shed.inc()
-            raise EngineOverloadedError(
-                f"overloaded: a request now would wait about {shed.expected_wait_s:.1f} s "
-                f"for its first token (budget {self.settings.queue_budget_s:g} s); retry "
-                f"in {shed.retry_after_s} s",
-                retry_after=shed.retry_after_s,
-            )
-        self._pending += 1
-        self.metrics.in_flight.set(self._pending)
+            raise
+        finally:
+            self._sync_admission()
 
     def _unadmit(self) -> None:
         """Give back an admission slot (a request that ended, or was refused after its
         admission)."""
-        self._pending -= 1
-        self.metrics.in_flight.set(self._pending)
+        self.admission.release()
+        self._sync_admission()
 
     def _release(self, acct: _Accounting, status: StatusClass) -> None:
         """Free the admission slot and record the outcome; only the first call counts."""
@@ -412,8 +411,7 @@ class ChatService:
             m.latency.labels(acct.arm).observe(now - acct.started)
             if acct.first_token_at is not None:
                 m.ttft.labels(acct.arm).observe(acct.first_token_at - acct.started)
-                if self.shedder is not None:  # its TTFT was given at its first token
-                    self.shedder.observe(now - acct.first_token_at)
+            self.admission.finished(now - acct.admitted)
         if acct.experiment is not None:
             e, a = acct.experiment, acct.arm
             m.exp_requests.labels(e, a, status).inc()
@@ -433,7 +431,7 @@ class ChatService:
         started = time.perf_counter()
         model: ServedModel | None = None
         experiment = None
-        admitted = False
+        admitted: float | None = None
         try:
             model, experiment = self._resolve(req, headers or {})
             if model.build is not None:
@@ -446,14 +444,14 @@ class ChatService:
                 )
             # Admitted before the template and the tokenizer run (the work a flood of
             # large requests would make), and that work happens off the event loop.
-            self._admit()
-            admitted = True
+            await self._admit()
+            admitted = time.perf_counter()
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(
                 self._tokenizer, self._prepare, req, model, experiment
             )
         except MergeserveError as e:
-            if admitted:
+            if admitted is not None:
                 self._unadmit()
             # The arm is a served model's only when one was resolved: labels stay bounded.
             arm = model.arm if model is not None else "unknown"
@@ -463,10 +461,11 @@ class ChatService:
                 self.metrics.exp_requests.labels(req.model, arm, status).inc()
             raise
         except BaseException:  # a crash or a cancellation while preparing
-            if admitted:
+            if admitted is not None:
                 self._unadmit()
             raise
-        acct = _Accounting(prepared.model.arm, started, experiment)
+        assert admitted is not None
+        acct = _Accounting(prepared.model.arm, started, admitted, experiment)
         with self._settled(acct, release_on_success=False):
             acct.binding = await self._bind(prepared, req)
         if self.feedback is not None:
@@ -509,8 +508,9 @@ class ChatService:
         return self.engine.generate(p.prompt_token_ids, p.params, p.request_id, lora, mixture)
 
     def _saw(self, acct: _Accounting, delta: GenerationDelta) -> None:
-        if acct.saw(delta) and self.shedder is not None and acct.first_token_at is not None:
-            self.shedder.first_token(acct.first_token_at - acct.started)
+        if acct.saw(delta) and acct.first_token_at is not None:
+            self.admission.first_token(acct.first_token_at - acct.admitted)
+            self._sync_admission()
 
     async def complete(
         self, req: ChatCompletionRequest, headers: Mapping[str, str] | None = None
