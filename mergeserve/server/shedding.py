@@ -14,6 +14,13 @@ work is done for it (template, tokenizer, routing, engine):
   for the requests ahead of it to finish (the mean request time lately times their
   number, over the limit; 1 to 60 s). `max_in_flight` + as many queued is a hard cap.
 
+Those ahead of a refused request include the clients refused before it that have not
+come back yet: each was told a time, and counts until then. So under a crowd the
+refusals form a virtual line, Retry-After grows with it and spreads the retries over
+time at the rate slots free up, instead of every refused client coming back after 1 s
+to be refused again (a crowd of 200 on 2 cores did that ~150 times a second, and the
+503s alone took CPU the engine needed).
+
 The limit is measured, not configured, because what the engine can take depends on the
 hardware, the prompts and the adapters: vLLM's `max_num_seqs` is a batch bound, not a
 promise about latency (on 2 CPU cores 64 concurrent sequences give TTFTs of 4-6 s where
@@ -38,6 +45,7 @@ filter do the same for RPCs):
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import time
 from collections import deque
@@ -148,12 +156,23 @@ class Admission:
         max_in_flight: int,
         budget_s: float,
         limiter: ConcurrencyLimit | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.max_in_flight = max_in_flight
         self.budget_s = budget_s
-        self.limiter = limiter or ConcurrencyLimit(budget_s, max_in_flight)
+        self.limiter = limiter or ConcurrencyLimit(budget_s, max_in_flight, clock=clock)
         self.in_flight = 0
         self._queue: deque[asyncio.Future[None]] = deque()
+        self._clock = clock
+        self._told: list[float] = []  # a heap: when refused clients were told to retry
+
+    def _crowd(self) -> int:
+        """Refused clients whose Retry-After has not passed yet."""
+        now = self._clock()
+        while self._told and self._told[0] <= now:
+            heapq.heappop(self._told)
+        return len(self._told)
 
     @property
     def queued(self) -> int:
@@ -178,7 +197,7 @@ class Admission:
             self.in_flight += 1
             return
         ttft = self.limiter.ttft_s or 0.0
-        wait = self.limiter.queue_wait(len(self._queue) + 1)
+        wait = self.limiter.queue_wait(len(self._queue) + self._crowd() + 1)
         if wait is not None and wait + ttft > self.budget_s:
             raise self._overloaded(wait, ttft)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -203,13 +222,18 @@ class Admission:
     def _overloaded(
         self, wait: float | None, ttft: float, *, waited: bool = False
     ) -> EngineOverloadedError:
-        ahead = f"{self.in_flight} requests in flight (the limit now), {len(self._queue)} queued"
+        ahead = (
+            f"{self.in_flight} requests in flight (the limit now), {len(self._queue)} "
+            f"queued, {len(self._told)} refused lately and told to retry later"
+        )
         budget = f"its first-token budget of {self.budget_s:g} s"
         if waited:
             why = f"waited {self.budget_s - ttft:.1f} s in the queue without a slot; {budget}"
         else:
             why = f"a request now would wait about {(wait or 0.0) + ttft:.1f} s, over {budget}"
         retry = max(1, min(60, math.ceil(wait))) if wait is not None else 1
+        if len(self._told) < 100_000:
+            heapq.heappush(self._told, self._clock() + retry)
         return EngineOverloadedError(
             f"overloaded: {ahead}; {why}; retry in {retry} s", retry_after=retry
         )

@@ -252,3 +252,28 @@ async def test_the_hard_cap_counts_queued_requests_and_budget_zero_never_queues(
     b.release()
     await waiting[1]
     assert (b.in_flight, b.queued) == (1, 0)
+
+
+async def test_refused_clients_form_a_virtual_line_that_spreads_their_retries() -> None:
+    clock = Clock()
+    limiter = ConcurrencyLimit(1.0, max_limit=10, initial=2, clock=clock)
+    limiter.finished(3.0)  # 2 at a time, 3 s each: a slot every 1.5 s
+    a = Admission(10, 1.0, limiter, clock=clock)
+    await a.acquire()
+    await a.acquire()
+    retries = []
+    for _ in range(4):
+        with pytest.raises(EngineOverloadedError) as e:
+            await a.acquire()
+        assert e.value.retry_after is not None
+        retries.append(e.value.retry_after)
+    # Each refused client waits behind those refused before it: 1.5, 3, 4.5, 6 s.
+    assert retries == [2, 3, 5, 6]
+    clock.t += 2.5  # the first has come back (or not): the line is 3 long
+    with pytest.raises(EngineOverloadedError, match="3 refused lately") as e:
+        await a.acquire()
+    assert e.value.retry_after == 6  # 4 * 1.5
+    clock.t += 100
+    with pytest.raises(EngineOverloadedError) as e:
+        await a.acquire()
+    assert e.value.retry_after == 2
