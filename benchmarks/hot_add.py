@@ -181,7 +181,11 @@ def main() -> None:
         help="CPU threads of the engine (set explicitly: runs are compared)",
     )
     args = p.parse_args()
-    env = {"MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency))}
+    env = {
+        "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency)),
+        # The add under a steady load, not admission control (load.py measures that).
+        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
+    }
     with hot_add_server(args.expert, threads=args.threads, token=TOKEN, env=env) as s:
         result = asyncio.run(bench(s, args))
         result["server_startup_s"] = round(s.server.startup_s, 1)

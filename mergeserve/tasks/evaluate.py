@@ -165,8 +165,9 @@ async def _run(
     import openai
     from tqdm import tqdm
 
+    # A batch job: a server shedding load (503 + Retry-After) is waited for, patiently.
     client = openai.AsyncOpenAI(
-        base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, timeout=timeout, max_retries=2
+        base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, timeout=timeout, max_retries=8
     )
     sem = asyncio.Semaphore(concurrency)
     replies: dict[tuple[str, str], list[str | None]] = {}
