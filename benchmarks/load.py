@@ -37,7 +37,12 @@ request routed to it got its first token (behind the engine's queue).
 
     python benchmarks/load.py [--clients 200] [--duration 60] [--hot-add-at 30]
         [--max-tokens 16] [--max-num-seqs 64] [--threads 2]
-        [--out benchmarks/results/load.cpu-2core.json] [--vllm-bench N]
+        [--out benchmarks/results/load.cpu-2core.json] [--vllm-bench N] [--rounds R]
+    python benchmarks/load.py --combine ROUND.json ... --out OUT.json
+
+`--rounds R` runs the whole benchmark R times (a fresh server each) and writes every
+round plus a summary (median, min, max over rounds) of the figures with targets;
+`--combine` writes the same from per-round JSON files of earlier single runs.
 
 `--vllm-bench N` drives the same server (hot-add included) with vLLM's own client,
 `vllm bench serve` (openai-chat backend, `--max-concurrency` C, N prompts: the same mixed
@@ -66,6 +71,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -555,9 +561,83 @@ def main() -> None:
         metavar="N",
         help="drive the server with `vllm bench serve` (N prompts) instead of these clients",
     )
+    p.add_argument("--rounds", type=int, default=1, help="runs, each on a fresh server")
+    p.add_argument("--combine", type=Path, nargs="+", default=None, help="round JSON files")
     args = p.parse_args()
     name = "load.vllm-bench" if args.vllm_bench else "load"
     out_path = args.out or Path(__file__).parent / "results" / f"{name}.cpu-2core.json"
+    if args.combine or args.rounds > 1:
+        if args.combine:
+            rounds = [json.loads(f.read_text()) for f in args.combine]
+        else:
+            rounds = [one_round(args, name) for _ in range(args.rounds)]
+        result = combine(rounds)
+    else:
+        result = one_round(args, name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+SUMMARIZED = {
+    "ok": ("ok",),
+    "shed": ("shed",),
+    "failed": ("failed",),
+    "requests_per_s": ("requests_per_s",),
+    "completion_tokens_per_s": ("completion_tokens_per_s",),
+    "unloaded_ttft_p50_s": ("unloaded_ttft_p50_s",),
+    "accepted_ttft_p50_s": ("ttft_s", "p50"),
+    "accepted_ttft_p99_s": ("ttft_s", "p99"),
+    "accepted_ttft_p99_over_unloaded": ("accepted_ttft_p99_over_unloaded",),
+    "retry_after_p50_s": ("retry_after_s", "p50"),
+    "in_flight_max": ("server_gauges_max", "mergeserve_requests_in_flight"),
+    "in_flight_after": ("in_flight_after",),
+    "hot_add_first_routed_after_post_s": ("hot_add", "first_routed_after_post_s"),
+}
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of single runs (same settings) as one result: each round, and the median,
+    min and max over rounds of the figures in SUMMARIZED."""
+    if not rounds:
+        raise SystemExit("no rounds")
+    keys = ("clients", "duration_s", "max_tokens", "max_num_seqs", "queue_budget_s")
+    if len({tuple(r.get(k) for k in keys) for r in rounds}) > 1:
+        raise SystemExit(f"the rounds differ in their settings ({', '.join(keys)})")
+    summary = {}
+    for label, path in SUMMARIZED.items():
+        xs: list[float] = []
+        for r in rounds:
+            v: Any = r
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)):
+                xs.append(float(v))
+        if xs:
+            summary[label] = {
+                "median": round(statistics.median(xs), 3),
+                "min": round(min(xs), 3),
+                "max": round(max(xs), 3),
+            }
+    first = rounds[0]
+    bound = first["target"]["accepted_ttft_p99_over_unloaded"]
+    return {
+        **{k: first[k] for k in ("benchmark", "model", "served_model", *keys)},
+        "rounds_n": len(rounds),
+        "summary": summary,
+        "target": first["target"],
+        "met_in_every_round": all(
+            r["failed"] == 0
+            and r["in_flight_after"] == 0
+            and r["accepted_ttft_p99_over_unloaded"] <= bound
+            for r in rounds
+        ),
+        "machine": first["machine"],
+        "rounds": [{k: v for k, v in r.items() if k != "machine"} for r in rounds],
+    }
+
+
+def one_round(args: argparse.Namespace, name: str) -> dict[str, Any]:
     load_avg = [round(x, 2) for x in os.getloadavg()]
     env = {
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs),
@@ -596,9 +676,7 @@ def main() -> None:
             note="the load generator runs on the same cores as the server",
         ),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ from collections.abc import Callable
 
 from mergeserve.errors import EngineOverloadedError
 
+MAX_RETRY_AFTER_S = 60
+"""The longest Retry-After given (the openai SDK honours up to 60 s)."""
+
 
 class ConcurrencyLimit:
     """How many requests may be in flight for their first tokens to come within
@@ -231,7 +234,7 @@ class Admission:
             why = f"waited {self.budget_s - ttft:.1f} s in the queue without a slot; {budget}"
         else:
             why = f"a request now would wait about {(wait or 0.0) + ttft:.1f} s, over {budget}"
-        retry = max(1, min(60, math.ceil(wait))) if wait is not None else 1
+        retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait))) if wait is not None else 1
         if len(self._told) < 100_000:
             heapq.heappush(self._told, self._clock() + retry)
         return EngineOverloadedError(

@@ -41,7 +41,11 @@ async def serve(settings: Settings, engine: FakeEngine) -> AsyncIterator[Served]
 
 @pytest.fixture
 def settings(experts_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(model=None, experts_dir=experts_dir, cache=tmp_path / "cache")
+    s = Settings(model=None, experts_dir=experts_dir, cache=tmp_path / "cache")
+    # Bursts are sent on purpose here and every request must answer; admission control
+    # has its own tests (test_openai_api, tests/unit/test_shedding.py).
+    s.server.queue_budget_s = 0
+    return s
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from mergeserve.config import ServerSettings
 from mergeserve.errors import EngineOverloadedError
-from mergeserve.server.shedding import Admission, ConcurrencyLimit
+from mergeserve.server.shedding import MAX_RETRY_AFTER_S, Admission, ConcurrencyLimit
 
 
 class Clock:
@@ -277,3 +278,8 @@ async def test_refused_clients_form_a_virtual_line_that_spreads_their_retries() 
     with pytest.raises(EngineOverloadedError) as e:
         await a.acquire()
     assert e.value.retry_after == 2
+
+
+def test_idle_connections_outlive_the_longest_retry_after() -> None:
+    # A client that waits as told and reuses its keep-alive connection must find it open.
+    assert ServerSettings().keep_alive_s > MAX_RETRY_AFTER_S
