@@ -61,9 +61,11 @@ class ConcurrencyLimit:
     """How many requests may be in flight for their first tokens to come within
     `budget_s`, from the TTFTs of those admitted (see the module's docstring).
 
-    `check(in_flight)` before admitting a request; `first_token(ttft, in_flight)` as each
-    admitted request's first token comes (`ttft` from its admission); `finished(latency)`
-    when one ends. `budget_s` of 0 turns it off (no limit). Not thread-safe.
+    `limit` is read before admitting a request (`Admission` does); `first_token(ttft,
+    in_flight)` is called as each admitted request's first token comes (`ttft` from its
+    admission), `finished(latency)` when one ends; `queue_wait` and `ttft_s` estimate a
+    refused or queued request's wait. `budget_s` of 0 turns it off (no limit). Not
+    thread-safe.
     """
 
     def __init__(
@@ -116,10 +118,10 @@ class ConcurrencyLimit:
             return
         self._ttft = self._mean(self._ttft, ttft_s)
         if ttft_s > self.budget_s:
-            admitted_at = self._clock() - ttft_s
-            if in_flight > 1 and admitted_at > self._last_cut:
+            now = self._clock()
+            if in_flight > 1 and now - ttft_s > self._last_cut:  # admitted after the cut
                 self._limit = max(1.0, self._limit * self.backoff)
-                self._last_cut = self._clock()
+                self._last_cut = now
                 self._slow_start = False
         elif in_flight >= self._limit / 2:
             if ttft_s > self.budget_s / 2:
