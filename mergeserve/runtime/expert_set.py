@@ -251,7 +251,7 @@ def static_merge(
     rank = max(merged.ranks.values())
     if rank > max_rank:
         log.warning(
-            "static:%s has rank %d, above the engine's max_lora_rank %d: truncated to %d",
+            "static:%s has rank %d, above the engine's slot rank %d: truncated to %d",
             method,
             rank,
             max_rank,

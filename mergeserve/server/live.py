@@ -575,11 +575,14 @@ class LiveSet:
         self, experts: ExpertSet, method: str, context: MergeContext | None
     ) -> LoraAdapterInfo:
         """The `static:<method>` merge of `experts` (built, or read from the cache)."""
+        # Served at the rank it was built, up to the engine's slot size: with the mixture
+        # on the slots are rank 64 and the plugin costs an adapter its own rank, so cutting
+        # a rank-48 merge to max_lora_rank would only tilt static-vs-dynamic comparisons.
         return static_merge(
             experts,
             method,
             STATIC_DEFAULTS[method],
-            self.settings.engine.max_lora_rank,
+            self.settings.engine.slot_rank,
             self.settings.cache,
             context,
         )

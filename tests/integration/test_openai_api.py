@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -371,3 +372,20 @@ def test_a_non_streamed_request_is_aborted_when_its_client_goes_away(
                 timeout=httpx.Timeout(5.0, read=0.6),
             )
         assert_aborted(engine, base_url, within_s=3)  # before the reply would be done
+
+
+@pytest.mark.parametrize(("mixture", "want"), [(True, 12), (False, 8)])
+async def test_static_merges_are_served_at_their_built_rank_up_to_the_slot_rank(
+    settings: Settings, mixture: bool, want: int
+) -> None:
+    # alpha (rank 8) + beta (rank 4): static:linear is exactly rank 12. With the mixture on
+    # the slots are rank 64 whatever max_lora_rank says, so it is served whole; with the
+    # mixture off the slots are max_lora_rank (8) and it is cut to fit.
+    from mergeserve.adapters.peft_io import read_lora_dir
+
+    settings.engine.max_lora_rank = 8
+    settings.engine.mixture = mixture
+    settings.merge.background_builds = False
+    async for s in serve(settings, FakeEngine(context_len=256)):
+        cards = {m["id"]: m for m in (await s.http.get("/v1/models")).json()["data"]}
+        assert read_lora_dir(Path(cards["static:linear"]["root"])).rank == want

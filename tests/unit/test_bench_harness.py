@@ -1,0 +1,132 @@
+"""The benchmark harness (benchmarks/harness.py) on fake arms: its order is balanced, its
+warm-up is not counted, its statistics and paired ratios are what they claim."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from harness import (
+    Results,
+    Spread,
+    balanced_orders,
+    run_arms,
+    williams_block,
+)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_williams_block_puts_every_arm_in_every_position(n: int) -> None:
+    rows = williams_block(n)
+    assert len(rows) == n
+    assert len(williams_block(n, carryover=True)) == (n if n % 2 == 0 or n == 1 else 2 * n)
+    for row in rows:
+        assert sorted(row) == list(range(n))
+    per_position = [Counter(row[p] for row in rows) for p in range(n)]
+    assert all(set(c.values()) == {len(rows) // n} for c in per_position)
+
+
+@pytest.mark.parametrize("n", range(2, 9))
+def test_williams_block_balances_who_follows_whom(n: int) -> None:
+    rows = williams_block(n, carryover=True)
+    follows = Counter(pair for row in rows for pair in itertools.pairwise(row))
+    want = 1 if n % 2 == 0 else 2
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert set(follows.values()) == {want}
+
+
+def test_balanced_orders_are_whole_blocks_of_at_least_min_rounds() -> None:
+    names = ["a", "b", "c", "d", "e", "f"]
+    orders = balanced_orders(names, min_rounds=5)
+    assert len(orders) == 6  # one block of six reaches five rounds
+    assert len(balanced_orders(names, min_rounds=7)) == 12
+    assert len(balanced_orders(["x", "y"], min_rounds=5)) == 6
+    assert len(balanced_orders(["x", "y", "z"], min_rounds=5)) == 6  # two squares
+    assert len(balanced_orders(list("abcde"), min_rounds=5)) == 5
+    assert len(balanced_orders(list("abcde"), min_rounds=5, carryover=True)) == 10
+    with pytest.raises(ValueError, match="repeat"):
+        balanced_orders(["a", "a"])
+
+
+def test_run_arms_runs_warmup_first_then_balanced_rounds_and_counts_only_those() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def arm(name: str, value: float):  # type: ignore[no-untyped-def]
+        async def run(r: int) -> dict[str, float]:
+            calls.append((name, r))
+            # warm-up rounds are slow: they must not reach the statistics
+            return {"tps": value / 10 if r < 0 else value + r, "ttft": 1.0}
+
+        return run
+
+    lines: list[str] = []
+    res = asyncio.run(
+        run_arms(
+            {"a": arm("a", 100.0), "b": arm("b", 50.0)},
+            min_rounds=5,
+            warmup=2,
+            log=lines.append,
+            metric="tps",
+        )
+    )
+    assert lines[0] == "warm-up 0 a: tps=10.00"
+    assert len(lines) == 4 + 12
+    assert calls[:4] == [("a", -1), ("b", -1), ("a", -2), ("b", -2)]
+    assert len(res.orders) == 6
+    assert calls[4:] == [(a, r) for r, o in enumerate(res.orders) for a in o]
+    assert res.values("a", "tps") == [100.0 + r for r in range(6)]
+    assert res.warmup["a"] == [{"tps": 10.0, "ttft": 1.0}] * 2
+    s = res.spread("a", "tps")
+    assert (s.median, s.min, s.max, s.n) == (102.5, 100.0, 105.0, 6)
+    assert res.machine["cpus"]
+
+
+def _results(a: list[float], b: list[float]) -> Results:
+    return Results(
+        orders=[["a", "b"]] * len(a),
+        rounds={"a": [{"tps": x} for x in a], "b": [{"tps": x} for x in b]},
+        warmup={"a": [{"tps": 1.0}], "b": [{"tps": 2.0}]},
+        wall_s=1.0,
+    )
+
+
+def test_ratios_are_paired_by_round_not_medians_of_each_side() -> None:
+    # b is slow in the rounds where a is slow (the machine was busy): paired ratios see
+    # a constant 2x; the ratio of medians happens to agree here, the spread does not.
+    res = _results([200.0, 100.0, 300.0, 220.0, 180.0], [100.0, 50.0, 150.0, 110.0, 90.0])
+    r = res.ratio("a", "b", "tps")
+    assert (r.median, r.min, r.max) == (2.0, 2.0, 2.0)
+    # unpaired, the same numbers would claim a spread of 100/150 .. 300/50
+    assert res.ratio_of_medians("a", "b", "tps") == pytest.approx(2.0)
+    skew = _results([100.0, 100.0, 100.0, 100.0, 300.0], [100.0, 100.0, 100.0, 100.0, 100.0])
+    assert skew.ratio("a", "b", "tps").max == 3.0
+    assert skew.ratio("a", "b", "tps").median == 1.0
+
+
+def test_summary_reports_spread_ratios_warmup_and_first_round() -> None:
+    res = _results([90.0, 100.0, 100.0, 110.0, 120.0], [50.0, 50.0, 50.0, 50.0, 50.0])
+    out = res.summary("tps", {"a_over_b": ("a", "b")})
+    assert out["arms"]["a"]["tps"] == {"median": 100.0, "min": 90.0, "max": 120.0, "n": 5}
+    assert out["ratios"]["a_over_b"]["median"] == 2.0
+    assert out["ratios"]["a_over_b"]["min"] == 1.8
+    assert out["ratios"]["a_over_b"]["max"] == 2.4
+    assert out["first_round_over_median"] == {"a": 0.9, "b": 1.0}
+    assert out["warmup"] == {"a": [1.0], "b": [2.0]}
+    assert out["rounds"] == 5
+
+
+def test_spread_straddles() -> None:
+    s = Spread.of([0.93, 0.96, 0.97])
+    assert s.straddles(0.95)
+    assert not Spread.of([0.96, 0.99]).straddles(0.95)
+    assert s.median == statistics.median([0.93, 0.96, 0.97])
+    with pytest.raises(ValueError, match="no values"):
+        Spread.of([])
