@@ -40,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -181,7 +182,7 @@ def main() -> None:
             agree = await agreement(
                 cm, peers, tokenizer, sample, distinct_weights(len(sample), rng)
             )
-            print(f"agreement: {json.dumps(agree)}", flush=True)
+            print(f"agreement: {json.dumps(agree)}", file=sys.stderr, flush=True)
             routed = await top1_experts(cm, prompts)
             per_round: dict[int, list[dict[str, float]]] = {}
 

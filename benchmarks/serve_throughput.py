@@ -1,5 +1,6 @@
 """Serving throughput of `dynamic` by the in-engine mixture vs by materialized adapters vs
-one static LoRA vs `base` on an engine with LoRA off, side by side in one run.
+one static LoRA vs one expert vs `base` with LoRA off, side by side in one run
+(benchmarks/harness.py: balanced order, warm-up shown, ≥ 5 rounds, paired ratios).
 
 Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo experts:
 
@@ -7,26 +8,29 @@ Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo exp
 * server P: `mergeserve serve` with `engine.mixture=false` (every merge materialized);
 * server O: vLLM's own OpenAI server with LoRA off.
 
-Both mergeserve servers have rank-64 slots, so no merge is truncated. Then runs rounds of
-C concurrent streaming clients (mixed test-split prompts, `ignore_eos`, exactly max_tokens
-each), arms in rotating order:
+Both mergeserve servers have rank-64 slots, so no merge is truncated. Arms (C concurrent
+streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens each):
 
 * `dynamic:mixture`       M, `dynamic:exact` with pinned `merge_weights`: a different
                           weighting of all six experts for every request (rank 48);
-* `dynamic:materialized`  P, the same requests: each one's merge is built and loaded;
 * `dynamic:routed`        M, `dynamic` routed by the MiniLM router (the production path);
 * `static`                M, `static:linear`: one static LoRA of the same rank (48);
-* `expert`                M, `expert:add`: one rank-8 LoRA;
+* `expert`                M, `expert:add` alone: one rank-8 LoRA for every request;
+* `materialized:distinct` P, the mixture arm's requests: each weighting built and loaded
+                          (the worst case: no two requests share a merge);
+* `materialized:routed`   P, routed `dynamic`: cache hits as routed traffic gives them;
 * `base:lora-off`         O.
 
-Prints one JSON object: tokens/s per arm (median over rounds) and the ratios
+Prints one JSON object: tokens/s per arm (median, min, max), the paired ratios
 
-* `mixture_over_static`   ≥ 0.95 wanted: a per-request mixture costs what one LoRA costs;
-* `mixture_over_materialized`  ≥ 3 wanted;
-* `*_over_lora_off`       the price of LoRA on this engine.
+* `mixture_over_static`    ≥ 0.95 wanted: a per-request mixture costs what one LoRA costs;
+* `routed_over_expert`     ≥ 0.95 wanted: routing and merging cost what one expert costs;
+* `mixture_over_materialized_*`  the mixture against materializing, worst case and routed;
 
-    python benchmarks/serve_throughput.py [--concurrency 16] [--requests 48]
-        [--max-tokens 64] [--rounds 2] [--threads 2]
+and each materializing arm's merge-cache hit rate (from the server's metrics).
+
+    python benchmarks/serve_throughput.py [--concurrency 16] [--requests 32]
+        [--max-tokens 32] [--rounds 5] [--profile deployed|make-serve]
 """
 
 from __future__ import annotations
@@ -34,21 +38,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+from harness import run_arms
 from prometheus_client.parser import text_string_to_metric_families
-from stream_clients import machine_facts, mixed_prompts, run_round
+from stream_clients import mixed_prompts, run_round
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
+from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.testing import server_process, vllm_server_process
+
+PROFILES: dict[str, dict[str, str]] = {
+    "deployed": {"MERGESERVE_ENGINE__COMPILE": "true"},  # the deploy files' setting
+    "make-serve": {},  # what `make serve` runs
+}
 
 EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
 
@@ -81,49 +92,62 @@ def scrape(base_url: str) -> dict[str, float]:
     return out
 
 
-async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+ARMS: dict[str, tuple[str, str, bool]] = {  # arm: (server, model, pinned weights)
+    "dynamic:mixture": ("M", "dynamic:exact", True),
+    "dynamic:routed": ("M", "dynamic", False),
+    "static": ("M", "static:linear", False),
+    "expert": ("M", "expert:add", False),
+    "materialized:distinct": ("P", "dynamic:exact", True),
+    "materialized:routed": ("P", "dynamic", False),
+    "base:lora-off": ("O", "base", False),
+}
+RATIOS = {
+    "mixture_over_static": ("dynamic:mixture", "static"),
+    "routed_over_expert": ("dynamic:routed", "expert"),
+    "routed_over_static": ("dynamic:routed", "static"),
+    "mixture_over_materialized_distinct": ("dynamic:mixture", "materialized:distinct"),
+    "routed_over_materialized_routed": ("dynamic:routed", "materialized:routed"),
+    "mixture_over_lora_off": ("dynamic:mixture", "base:lora-off"),
+    "expert_over_lora_off": ("expert", "base:lora-off"),
+}
+
+
+async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     clients = {
         k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
         for k, u in urls.items()
     }
     prompts = mixed_prompts(args.requests)
     rng = random.Random(0)
-    arms: dict[str, tuple[str, str, bool]] = {  # arm: (server, model, pinned weights)
-        "dynamic:mixture": ("M", "dynamic:exact", True),
-        "dynamic:materialized": ("P", "dynamic:exact", True),
-        "dynamic:routed": ("M", "dynamic", False),
-        "static": ("M", "static:linear", False),
-        "expert": ("M", f"expert:{args.expert}", False),
-        "base:lora-off": ("O", "base", False),
-    }
-    for server, model, pinned in arms.values():  # warm up: loads, first batches
-        w = [{"merge_weights": x} for x in distinct_weights(2, rng)] if pinned else None
-        await run_round(clients[server], model, prompts[:2], 2, 4, w)
-    before = {k: scrape(urls[k]) for k in ("M", "P")}
-    names = list(arms)
-    rounds: dict[str, list[dict[str, float]]] = {a: [] for a in names}
-    for r in range(args.rounds):
-        # Every round: fresh weightings, the same ones for the mixture and materialized
-        # arms (each server sees each weighting once).
-        weights = distinct_weights(len(prompts), rng)
-        k = r % len(names)
-        for arm in names[k:] + names[:k]:
-            server, model, pinned = arms[arm]
-            bodies = [{"merge_weights": w} for w in weights] if pinned else None
-            res = await run_round(
+    per_round: dict[int, list[dict[str, float]]] = {}
+
+    def weights(r: int) -> list[dict[str, float]]:
+        # fresh weightings every round, the same for the mixture and materialized arms
+        if r not in per_round:
+            per_round[r] = distinct_weights(len(prompts), rng)
+        return per_round[r]
+
+    hits: dict[str, list[float]] = {}
+
+    def arm(name: str, server: str, model: str, pinned: bool) -> Any:
+        async def run(r: int) -> dict[str, float]:
+            bodies = [{"merge_weights": w} for w in weights(r)] if pinned else None
+            before = scrape(urls[server]) if server != "O" else {}
+            got = await run_round(
                 clients[server], model, prompts, args.concurrency, args.max_tokens, bodies
             )
-            rounds[arm].append(res)
-            print(f"round {r} {arm}: {res['tokens_per_s']:.1f} tok/s", flush=True)
-    after = {k: scrape(urls[k]) for k in ("M", "P")}
-    tps = {a: statistics.median(x["tokens_per_s"] for x in v) for a, v in rounds.items()}
-    off = tps["base:lora-off"]
+            if server != "O":
+                after = scrape(urls[server])
+                d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                n = d.get("merge_hit", 0.0) + d.get("merge_miss", 0.0)
+                if n and r >= 0:
+                    hits.setdefault(name, []).append(d.get("merge_hit", 0.0) / n)
+            return got
 
-    def hits(server: str) -> float | None:
-        d = {k: after[server].get(k, 0.0) - before[server].get(k, 0.0) for k in after[server]}
-        n = d.get("merge_hit", 0.0) + d.get("merge_miss", 0.0)
-        return round(d.get("merge_hit", 0.0) / n, 3) if n else None
+        return run
 
+    arms = {a: arm(a, *spec) for a, spec in ARMS.items()}
+    res = await run_arms(arms, min_rounds=args.rounds, metric="tokens_per_s")
     return {
         "benchmark": "serve_throughput",
         "model": "SmolLM2-135M-Instruct (fp32)",
@@ -132,37 +156,19 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, obj
         "concurrency": args.concurrency,
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
-        "rounds": args.rounds,
-        "tokens_per_s": {a: round(v, 2) for a, v in tps.items()},
-        "mixture_over_static": round(tps["dynamic:mixture"] / tps["static"], 3),
-        "mixture_over_materialized": round(tps["dynamic:mixture"] / tps["dynamic:materialized"], 3),
-        "routed_over_static": round(tps["dynamic:routed"] / tps["static"], 3),
-        "over_lora_off": {a: round(v / off, 3) for a, v in tps.items() if a != "base:lora-off"},
-        "cache_hit_rate": {"mixture_server": hits("M"), "materializing_server": hits("P")},
-        "materialized_adapters_after": {
-            k: int(after[k].get("mergeserve_materialized_adapters", 0.0)) for k in ("M", "P")
-        },
-        "ttft_p50_s": {
-            a: round(statistics.median(x["ttft_p50_s"] for x in v), 3) for a, v in rounds.items()
-        },
-        "per_round": rounds,
+        "cache_hit_rate": {a: round(statistics.median(v), 3) for a, v in hits.items()},
+        **res.summary("tokens_per_s", RATIOS),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=48, help="requests per round and arm")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--expert", default="add", help="the single-LoRA arm (expert:<name>)")
+    p.add_argument("--requests", type=int, default=32, help="requests per round and arm")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="CPU threads of each engine (set explicitly: runs are compared)",
-    )
+    p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
     args = p.parse_args()
 
     experts = default_experts_dir()
@@ -171,8 +177,7 @@ def main() -> None:
     model = ensure_embedded_model(Settings().cache)
     seqs = str(max(16, args.concurrency))
     env = {
-        "MERGESERVE_ENGINE__CPU_THREADS": str(args.threads),
-        "MERGESERVE_ENGINE__COMPILE": "true",  # the plugin's fast path, as deployed
+        **PROFILES[args.profile],
         # Throughput at a fixed concurrency: admission control would cap it (load.py
         # measures that).
         "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
@@ -187,6 +192,8 @@ def main() -> None:
     }
     off_args = ["--dtype", "float32", "--max-model-len", "2048", "--served-model-name", "base"]
     off_args += ["--max-num-seqs", seqs]
+    # vLLM's own server: the thread binding mergeserve's engine uses by default
+    bind = {CPU_BIND_ENV: b} if (b := cpu_binding(None)) else {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         t = Path(tmp)
         serve = ["--experts-dir", str(experts)]
@@ -201,12 +208,15 @@ def main() -> None:
                 model,
                 t / "lora-off.log",
                 off_args,
-                {"OMP_NUM_THREADS": str(args.threads), "MERGESERVE_MIXTURE_PLUGIN": "0"},
+                {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"},
                 timeout_s=900,
             )
         )
         result = asyncio.run(bench({"M": m.base_url, "P": pm.base_url, "O": o.base_url}, args))
-    result["machine"] = machine_facts(args.threads)
+    result["profile"] = args.profile
+    result["command"] = "python benchmarks/serve_throughput.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+    )
     print(json.dumps(result, indent=2))
 
 
