@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/ab/: the A/B report of dynamic against the best static merge of
-# docs/results.md, static:regmean_pp (experiment regmean-pp-vs-dynamic of
-# examples/experiments.toml; RegMean++ reads the base model and examples/dev.jsonl), served
+# docs/results.md, static:regmean_pp (examples/experiments.regmean_pp.toml; RegMean++
+# reads the base model and examples/dev.jsonl), served
 # at the rank it was built (slots of rank 64), then `mergeserve ab-report`:
 #  - offline: both arms answer the same N test prompts per task (paired bootstrap CIs);
 #    replies are shared with docs/results (keyed by content digest, so a reply already
@@ -20,9 +20,9 @@ mkdir -p "$out"
 rm -f "$out/feedback.jsonl"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
-MERGESERVE_ENGINE__MAX_LORA_RANK=64 MERGESERVE_MERGE__STATIC_METHODS='["ties", "regmean_pp"]' \
+MERGESERVE_ENGINE__MAX_LORA_RANK=64 MERGESERVE_MERGE__STATIC_METHODS='["regmean_pp"]' \
   MERGESERVE_MERGE__DEV_FILE=examples/dev.jsonl MERGESERVE_MERGE__BACKGROUND_BUILDS=false \
-  MERGESERVE_EXPERIMENTS__FILE=examples/experiments.toml \
+  MERGESERVE_SERVER__QUEUE_BUDGET_S=0 MERGESERVE_EXPERIMENTS__FILE=examples/experiments.regmean_pp.toml \
   MERGESERVE_EXPERIMENTS__FEEDBACK_LOG="$out/feedback.jsonl" \
   $ms serve --experts-dir examples/experts --port "$PORT" > "$work/server.log" 2>&1 &
 server=$!
@@ -35,5 +35,5 @@ $ms ab-report --experiment regmean-pp-vs-dynamic --base-url "http://127.0.0.1:$P
   --n "$N" --online "$ONLINE" --feedback "$out/feedback.jsonl" \
   --reply-cache docs/results/replies.jsonl --concurrency 16 --max-tokens 32 --out "$out"
 kill "$server"; wait "$server" || true
-printf '\nReproduce: `scripts/demo_ab.sh %s %s` (serves examples/experiments.toml at slot rank 64, then `mergeserve ab-report --experiment regmean-pp-vs-dynamic --n %s --online %s --feedback docs/ab/feedback.jsonl`). Online prompts come from the dev split, offline ones from the test split.\n' \
+printf '\nReproduce: `scripts/demo_ab.sh %s %s` (serves examples/experiments.regmean_pp.toml at slot rank 64, then `mergeserve ab-report --experiment regmean-pp-vs-dynamic --n %s --online %s --feedback docs/ab/feedback.jsonl`). Online prompts come from the dev split, offline ones from the test split.\n' \
   "$N" "$ONLINE" "$N" "$ONLINE" >> "$out/ab-report.md"

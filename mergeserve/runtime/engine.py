@@ -295,7 +295,7 @@ def cpu_binding(threads: int | None, cores: Sequence[int] | None = None) -> str 
 
     `auto` reserves one core for vLLM's scheduler process and binds the worker's threads
     to the rest, ignoring OMP_NUM_THREADS. On 2 cores that leaves the worker one thread:
-    binding it to both cores served 1.20x the tokens/s (1.16-1.33 over 8 rounds) at a
+    binding it to both cores served 1.33x the tokens/s (1.14-1.44 over 8 rounds) at a
     lower TTFT, while OMP_NUM_THREADS=2 changed nothing (benchmarks/threads.py, routed
     dynamic at concurrency 16; docs/benchmarks.md). So: `threads` set, the first `threads`
     of the cores this process may use (`engine.cpu_threads` is then really the worker's

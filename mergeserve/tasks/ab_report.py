@@ -183,7 +183,7 @@ def online_feedback(
 
     async def run() -> int:
         client = openai.AsyncOpenAI(
-            base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=2, timeout=600
+            base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, max_retries=8, timeout=600
         )
         sem = asyncio.Semaphore(concurrency)
         sent = 0
