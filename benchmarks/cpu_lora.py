@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from harness import run_arms
+from harness import add_workload_args, command_line, run_arms
 from stream_clients import mixed_prompts, run_round
 
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
@@ -132,10 +132,7 @@ async def bench(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=16, help="requests per round and arm")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    add_workload_args(p, requests=16)
     p.add_argument("--no-stock", action="store_true", help="skip the stock LoRA servers")
     args = p.parse_args()
 
@@ -179,11 +176,7 @@ def main() -> None:
             )
             urls[name] = s.base_url
         result = asyncio.run(bench(urls, bundle, args))
-    result["command"] = (
-        "python benchmarks/cpu_lora.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_stock")
-        + (" --no-stock" if args.no_stock else "")
-    )
+    result["command"] = command_line("cpu_lora.py", args)
     print(json.dumps(result, indent=2))
 
 

@@ -25,6 +25,7 @@ JSON files hold.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -205,6 +206,29 @@ async def run_arms(
             rounds[a].append(got)
             log(f"round {r} {a}: {_show(got, metric)}")
     return Results(orders, rounds, warm, time.perf_counter() - t0, machine_facts())
+
+
+def add_workload_args(p: argparse.ArgumentParser, requests: int = 32) -> None:
+    """The closed-loop workload every serving benchmark here shares: C concurrent streaming
+    clients, `--requests` per round and arm, `--max-tokens` each, `--rounds` at least."""
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=requests, help="requests per round and arm")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS, help="measured rounds, at least")
+
+
+def command_line(script: str, args: argparse.Namespace, skip: Sequence[str] = ()) -> str:
+    """The command that reproduces this run, for the result JSON."""
+    flags = []
+    for k, v in vars(args).items():
+        if k in skip:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags += [flag] if v else []
+        else:
+            flags += [flag, str(v)]
+    return " ".join(["python", f"benchmarks/{script}", *flags])
 
 
 def _stderr(line: str) -> None:

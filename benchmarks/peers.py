@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from harness import run_arms
+from harness import add_workload_args, command_line, run_arms
 from llamacpp_peer import LlamaCppPeer, available, chat_ids, prepare_assets, serial_round
 from serve_throughput import EXPERTS, distinct_weights
 from stream_clients import mixed_prompts, run_round
@@ -119,10 +119,7 @@ async def agreement(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    add_workload_args(p)
     p.add_argument("--agreement", type=int, default=24, help="prompts compared greedily")
     p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
     p.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1)
@@ -254,8 +251,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "llama_threads": args.llama_threads,
         **result,
-        "command": "python benchmarks/peers.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "cache"),
+        "command": command_line("peers.py", args, skip=("cache",)),
     }
     print(json.dumps(out, indent=2))
 

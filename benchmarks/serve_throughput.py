@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 import openai
-from harness import run_arms
+from harness import add_workload_args, command_line, run_arms
 from prometheus_client.parser import text_string_to_metric_families
 from stream_clients import mixed_prompts, run_round
 
@@ -163,10 +163,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=32, help="requests per round and arm")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    add_workload_args(p)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
     args = p.parse_args()
@@ -214,9 +211,7 @@ def main() -> None:
         )
         result = asyncio.run(bench({"M": m.base_url, "P": pm.base_url, "O": o.base_url}, args))
     result["profile"] = args.profile
-    result["command"] = "python benchmarks/serve_throughput.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-    )
+    result["command"] = command_line("serve_throughput.py", args)
     print(json.dumps(result, indent=2))
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from harness import run_arms
+from harness import add_workload_args, command_line, run_arms
 from stream_clients import mixed_prompts, run_round
 
 from mergeserve.config import default_experts_dir
@@ -76,10 +76,7 @@ def tree_cpu_s(pid: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    add_workload_args(p)
     p.add_argument("--idle-s", type=float, default=20.0)
     p.add_argument("--arms", default=",".join(ARMS))
     args = p.parse_args()
@@ -139,8 +136,7 @@ def main() -> None:
         "binding_log": bindings,
         "idle_cores_busy": idle,
         **res.summary("tokens_per_s", {f"default_over_{n}": ("default", n) for n in names[1:]}),
-        "command": "python benchmarks/threads.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": command_line("threads.py", args),
     }
     print(json.dumps(out, indent=2))
 

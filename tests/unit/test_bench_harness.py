@@ -3,6 +3,7 @@ warm-up is not counted, its statistics and paired ratios are what they claim."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import statistics
@@ -17,7 +18,9 @@ sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from harness import (
     Results,
     Spread,
+    add_workload_args,
     balanced_orders,
+    command_line,
     run_arms,
     williams_block,
 )
@@ -130,3 +133,18 @@ def test_spread_straddles() -> None:
     assert s.median == statistics.median([0.93, 0.96, 0.97])
     with pytest.raises(ValueError, match="no values"):
         Spread.of([])
+
+
+def test_command_line_reproduces_the_arguments() -> None:
+    p = argparse.ArgumentParser()
+    add_workload_args(p, requests=16)
+    p.add_argument("--no-stock", action="store_true")
+    p.add_argument("--cache", default="/tmp/x")
+    args = p.parse_args(["--rounds", "7", "--no-stock"])
+    line = command_line("cpu_lora.py", args, skip=("cache",))
+    assert line == (
+        "python benchmarks/cpu_lora.py --concurrency 16 --requests 16 --max-tokens 32 "
+        "--rounds 7 --no-stock"
+    )
+    again = p.parse_args(line.split()[2:])
+    assert vars(again) == vars(args)
