@@ -40,6 +40,15 @@ DESCRIPTIONS: dict[str, str] = {
         "every LoRA model eagerly, so stock has no compiled arm; the plugin compiled and "
         "eager), 16 concurrent clients."
     ),
+    "serve_throughput": (
+        "What a dynamic request costs on mergeserve (`benchmarks/serve_throughput.py`): the "
+        "in-engine mixture (a distinct weighting of all six experts per request) against one "
+        "static LoRA of the same rank (48), one rank-8 expert alone, materializing a merge per "
+        "request (worst case: no two requests share one), routed `dynamic` on the mixture and "
+        "on the materializing server, and LoRA off. The routed arms send the same prompts "
+        "every round, so routed materializing hits its cache on every request after the "
+        "warm-up: its best case (`cache_hit_rate` in the JSON)."
+    ),
     "threads": (
         "The engine's threads (`benchmarks/threads.py`): `make serve`'s default against "
         "vLLM's own CPU binding (one core kept for its scheduler), that binding with "
