@@ -47,9 +47,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import openai
 from harness import add_workload_args, command_line, run_arms
-from stream_clients import mixed_prompts, run_round
+from stream_clients import bench_client, mixed_prompts, run_round
 
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
@@ -94,10 +93,7 @@ RATIOS = {
 async def bench(
     urls: dict[str, str], bundle: MixtureBundle, args: argparse.Namespace
 ) -> dict[str, Any]:
-    clients = {
-        k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
-        for k, u in urls.items()
-    }
+    clients = {k: bench_client(u) for k, u in urls.items()}
     prompts = mixed_prompts(args.requests)
     rng = random.Random(0)
 

@@ -50,7 +50,7 @@ import openai
 from harness import add_workload_args, command_line, run_arms
 from llamacpp_peer import LlamaCppPeer, available, chat_ids, prepare_assets, serial_round
 from serve_throughput import EXPERTS, distinct_weights
-from stream_clients import mixed_prompts, run_round
+from stream_clients import bench_client, mixed_prompts, run_round
 
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model, find_embedded_gguf
@@ -167,12 +167,7 @@ def main() -> None:
             )
         )
 
-        def client(url: str) -> openai.AsyncOpenAI:
-            return openai.AsyncOpenAI(
-                base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=1800
-            )
-
-        cm, cs = client(m.base_url), client(s.base_url)
+        cm, cs = bench_client(m.base_url), bench_client(s.base_url)
 
         async def bench() -> dict[str, Any]:
             sample = mixed_prompts(args.agreement)

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 from harness import add_workload_args, command_line, run_arms
 from prometheus_client.parser import text_string_to_metric_families
-from stream_clients import mixed_prompts, run_round
+from stream_clients import bench_client, mixed_prompts, run_round
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
@@ -113,10 +112,7 @@ RATIOS = {
 
 
 async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    clients = {
-        k: openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="-", max_retries=0, timeout=1800)
-        for k, u in urls.items()
-    }
+    clients = {k: bench_client(u) for k, u in urls.items()}
     prompts = mixed_prompts(args.requests)
     rng = random.Random(0)
     per_round: dict[int, list[dict[str, float]]] = {}

@@ -16,6 +16,11 @@ import openai
 from mergeserve.tasks import TASKS, generate
 
 
+def bench_client(url: str) -> openai.AsyncOpenAI:
+    """The client every benchmark here measures with: no retries, a long timeout."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=1800)
+
+
 def mixed_prompts(n: int) -> list[str]:
     """n test-split prompts, the six tasks interleaved (a fixed, reproducible mix)."""
     per_task = [[s.prompt for s in generate(t, "test", n // len(TASKS) + 1)] for t in TASKS]

@@ -37,9 +37,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import openai
 from harness import add_workload_args, command_line, run_arms
-from stream_clients import mixed_prompts, run_round
+from stream_clients import bench_client, mixed_prompts, run_round
 
 from mergeserve.config import default_experts_dir
 from mergeserve.testing import server_process
@@ -104,12 +103,7 @@ def main() -> None:
         for n, s in servers.items():
             idle[n] = round((tree_cpu_s(s.pid) - before[n]) / args.idle_s, 3)
         print(f"idle CPU (cores busy): {idle}", flush=True)
-        clients = {
-            n: openai.AsyncOpenAI(
-                base_url=f"{s.base_url}/v1", api_key="-", max_retries=0, timeout=1800
-            )
-            for n, s in servers.items()
-        }
+        clients = {n: bench_client(s.base_url) for n, s in servers.items()}
 
         def arm(n: str) -> Any:
             async def run(_r: int) -> dict[str, float]:
