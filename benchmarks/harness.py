@@ -221,7 +221,7 @@ def command_line(script: str, args: argparse.Namespace, skip: Sequence[str] = ()
     """The command that reproduces this run, for the result JSON."""
     flags = []
     for k, v in vars(args).items():
-        if k in skip:
+        if k in skip or v is None:
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):

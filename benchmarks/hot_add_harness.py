@@ -59,18 +59,19 @@ class HotAddServer:
 
 @contextmanager
 def hot_add_server(
-    expert: str, *, threads: int, token: str, env: Mapping[str, str] | None = None
+    expert: str, *, threads: int | None, token: str, env: Mapping[str, str] | None = None
 ) -> Iterator[HotAddServer]:
     """`mergeserve serve` (real vLLM, the embedded SmolLM2-135M-Instruct) with the demo
     experts but `expert`, the admin API on (bearer `token`) over a scratch registry, no
-    static merges (saves start-up), `threads` engine threads; `env` adds settings."""
+    static merges (saves start-up), `threads` engine threads (None: the engine's default,
+    as `make serve` runs); `env` adds settings."""
     experts = default_experts_dir()
     if experts is None:
         raise SystemExit("run from a checkout: the demo experts are in examples/experts")
     with tempfile.TemporaryDirectory() as tmp:
         served = demo_experts_without(expert, Path(tmp) / "experts")
         full_env = {
-            "MERGESERVE_ENGINE__CPU_THREADS": str(threads),
+            **({} if threads is None else {"MERGESERVE_ENGINE__CPU_THREADS": str(threads)}),
             "MERGESERVE_MERGE__STATIC_METHODS": "[]",
             "MERGESERVE_ADMIN__TOKEN": token,
             "MERGESERVE_ADMIN__REGISTRY_DIR": str(Path(tmp) / "registry"),
@@ -133,7 +134,7 @@ async def probe_until_routed(
     return results
 
 
-def machine(threads: int, **extra: object) -> dict[str, object]:
+def machine(threads: int | None, **extra: object) -> dict[str, object]:
     return {
         "cpus": os.cpu_count(),
         "engine_threads": threads,

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import command_line
 from hot_add_harness import (
     HotAddServer,
     hot_add_server,
@@ -91,6 +92,7 @@ from hot_add_harness import (
     upload_expert,
 )
 
+from mergeserve.config import ServerSettings
 from mergeserve.tasks import TASKS, generate
 
 TOKEN = "load-benchmark"
@@ -479,8 +481,19 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
     in_load = [s for s in result.samples if s.weights and expert in s.weights and s.routed_at]
     first_in_load = min((s.routed_at or 0.0 for s in in_load), default=None)
     tokens = [s.started + s.ttft for s in routed if s.ttft is not None]
-    after = [s for s in result.samples if s.task == expert and s.started > post_at + post_s]
+    # accepted requests only: a shed request is never routed, whatever its task
+    after = [
+        s for s in result.samples if s.task == expert and s.started > post_at + post_s and s.ok
+    ]
     during = [s for s in everything if post_at <= s.started <= post_at + post_s]
+    # The accepted TTFT p99 of requests sent more than 10 s before the POST or after it
+    # returned: the overload alone, without the hot-add's own CPU work.
+    outside = [
+        s.ttft
+        for s in result.samples
+        if s.ttft is not None and not (post_at - 10 <= s.started <= post_at + post_s + 10)
+    ]
+    out["ttft_p99_outside_hot_add_s"] = pct(outside, 0.99)
 
     def since_post(t: float | None) -> float | None:
         return round(t - post_at, 3) if t is not None else None
@@ -497,7 +510,8 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
         "first_routed_in_load_after_post_s": since_post(first_in_load),
         "first_routed_token_after_post_s": since_post(min(tokens, default=None)),
         "probes": len(probes),
-        "probes_failed": sum(1 for s in probes if not s.ok),
+        "probes_shed": sum(1 for s in probes if s.shed),
+        "probes_failed": sum(1 for s in probes if not s.ok and not s.shed),
         "requests_started_during_post": len(during),
         "failed_started_during_post": sum(1 for s in during if not s.ok),
         "new_task_routed_after": round(
@@ -519,6 +533,7 @@ async def bench(server: HotAddServer, args: argparse.Namespace, tmp: Path) -> di
             "failed": sum(1 for x in xs if not x.ok and not x.shed),
             "shed": sum(1 for x in xs if x.shed),
             "ttft_p50_s": pct([x.ttft for x in xs if x.ttft is not None], 0.5),
+            "ttft_max_s": pct([x.ttft for x in xs if x.ttft is not None], 1.0),
         }
         for w, xs in sorted(windows.items())
     ]
@@ -546,7 +561,12 @@ def main() -> None:
     p.add_argument("--expert", default="to_json", choices=sorted(TASKS), help="the one added")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's batch bound")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the engine (default: the engine's, as make serve runs)",
+    )
     p.add_argument(
         "--queue-budget",
         type=float,
@@ -574,6 +594,8 @@ def main() -> None:
         result = combine(rounds)
     else:
         result = one_round(args, name)
+    if not args.combine:
+        result["command"] = command_line("load.py", args, skip=("out", "combine"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -588,11 +610,13 @@ SUMMARIZED = {
     "unloaded_ttft_p50_s": ("unloaded_ttft_p50_s",),
     "accepted_ttft_p50_s": ("ttft_s", "p50"),
     "accepted_ttft_p99_s": ("ttft_s", "p99"),
+    "accepted_ttft_p99_outside_hot_add_s": ("ttft_p99_outside_hot_add_s",),
     "accepted_ttft_p99_over_unloaded": ("accepted_ttft_p99_over_unloaded",),
     "retry_after_p50_s": ("retry_after_s", "p50"),
     "in_flight_max": ("server_gauges_max", "mergeserve_requests_in_flight"),
     "in_flight_after": ("in_flight_after",),
     "hot_add_first_routed_after_post_s": ("hot_add", "first_routed_after_post_s"),
+    "hot_add_first_token_after_post_s": ("hot_add", "first_routed_token_after_post_s"),
 }
 
 
@@ -639,16 +663,12 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def one_round(args: argparse.Namespace, name: str) -> dict[str, Any]:
     load_avg = [round(x, 2) for x in os.getloadavg()]
-    env = {
-        "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs),
-        # The hard cap out of the way (every client and the probes fit): what refuses
-        # requests here is load shedding, by the expected wait.
-        "MERGESERVE_SERVER__MAX_PENDING_REQUESTS": str(max(256, args.clients + 64)),
-    }
+    # Admission as a user gets it: the server's max_pending_requests and, unless
+    # --queue-budget says otherwise, its first-token budget; both refusals are 503 +
+    # Retry-After and are counted as shed, never hidden by raising the limits.
+    env = {"MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs)}
     budget = args.queue_budget
     if budget is None:
-        from mergeserve.config import ServerSettings
-
         budget = ServerSettings().queue_budget_s
     env["MERGESERVE_SERVER__QUEUE_BUDGET_S"] = str(budget)
     with (
@@ -666,7 +686,7 @@ def one_round(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "vllm_bench_prompts": args.vllm_bench or None,
         "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,
-        "max_pending_requests": int(env["MERGESERVE_SERVER__MAX_PENDING_REQUESTS"]),
+        "max_pending_requests": ServerSettings().max_pending_requests,
         "queue_budget_s": budget,
         **out,
         "target": {"failed": 0, "in_flight_after": 0, "accepted_ttft_p99_over_unloaded": 10},

@@ -49,7 +49,7 @@ from typing import Any
 import openai
 from harness import add_workload_args, command_line, run_arms
 from llamacpp_peer import LlamaCppPeer, available, chat_ids, prepare_assets, serial_round
-from serve_throughput import EXPERTS, distinct_weights
+from serve_throughput import EXPERTS, RoundWeights, distinct_weights
 from stream_clients import bench_client, mixed_prompts, run_round
 
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
@@ -176,13 +176,7 @@ def main() -> None:
             )
             print(f"agreement: {json.dumps(agree)}", file=sys.stderr, flush=True)
             routed = await top1_experts(cm, prompts)
-            per_round: dict[int, list[dict[str, float]]] = {}
-
-            def weights(r: int) -> list[dict[str, float]]:
-                # fresh distinct weightings every round, the same for every mixing arm
-                if r not in per_round:
-                    per_round[r] = distinct_weights(len(prompts), rng)
-                return per_round[r]
+            weights = RoundWeights(len(prompts), rng)
 
             async def mixture(r: int) -> dict[str, float]:
                 bodies = [{"merge_weights": w} for w in weights(r)]

@@ -18,6 +18,13 @@ TARGETS: dict[str, dict[str, float]] = {
     "cpu_lora": {"plugin_rank8_over_lora_off": 0.75, "plugin_rank8_over_best_stock": 2.0},
     "peers": {"mixture_over_llama_cpp_f32": 2.0, "mixture_over_llama_cpp_q4_1": 2.0},
     "serve_throughput": {"mixture_over_static": 0.95, "routed_over_expert": 0.95},
+    # the merge-math targets of the earlier issues, judged on work that yields an adapter
+    "merge_math": {
+        "materialized_over_dense_7b": 1000.0,
+        "materialized_over_dense_smollm2": 100.0,
+        "concat_truncate_over_peft_svd_smollm2": 1000.0,
+        "qr_truncate_over_dense_svd_7b": 50.0,
+    },
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -48,6 +55,38 @@ DESCRIPTIONS: dict[str, str] = {
         "on the materializing server, and LoRA off. The routed arms send the same prompts "
         "every round, so routed materializing hits its cache on every request after the "
         "warm-up: its best case (`cache_hit_rate` in the JSON)."
+    ),
+    "merge_math": (
+        "What building one request's merge costs (`benchmarks/merge_math.py`): shared + "
+        "Σ wᵢ·exclusiveᵢ over six random rank-8 experts on all seven projections, in ms "
+        "(lower is faster; ratios are the slower arm over the faster one). `materialized` "
+        "is the exact rank-56 adapter mergeserve writes when it hands a merge to an engine "
+        "(over the terms concatenated once per expert set); `dense` sums the seven B@A "
+        "products, as a runtime merging dense weights does; `concat` concatenates from "
+        "scratch; `peft_svd` is PEFT's `add_weighted_adapter(svd, rank 8)` against "
+        "`concat_truncate`, the same rank-8 adapter; `dense_svd` / `qr_truncate` truncate "
+        "the rank-56 merge to rank 8. The targets are judged on those, which yield a "
+        "servable adapter. `view` is a lazy view that builds no adapter at all: its rows "
+        "(`view_over_*`) are not comparable work and meet no target. The in-engine mixture "
+        "builds nothing per request (it passes the weights to the engine). On 7B shapes "
+        "the dense SVD is timed on one layer per distinct shape and scaled "
+        "(`dense_svd_scaled_from` in the JSON)."
+    ),
+    "hot_add": (
+        "Hot-add under load (`benchmarks/hot_add.py`): one server (the engine settings "
+        "`make serve` uses), 8 clients streaming `dynamic` requests of all six tasks the "
+        "whole run; each round uploads the sixth demo expert, keeps the load on, removes "
+        "it again. `first_token_s`: from the POST to the first token of a request routed "
+        "to the new expert (a probe of its task every 0.1 s); totals and the other "
+        "figures (routing alone, POST and DELETE latency, share of the new task routed "
+        "to it) in the JSON."
+    ),
+    "load": (
+        "Overload (`benchmarks/load.py`): 200 closed-loop clients stream `dynamic` requests "
+        "for 60 s against one server with admission as a user gets it (first-token budget "
+        "1 s, max_pending_requests 256: a refusal is 503 + Retry-After, counted as `shed`), "
+        "the sixth demo expert hot-added 30 s in. Each round on a fresh server; the accepted "
+        "TTFT p99 is also given for the requests sent more than 10 s away from the hot-add."
     ),
     "threads": (
         "The engine's threads (`benchmarks/threads.py`): `make serve`'s default against "
@@ -95,7 +134,7 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
     bench = data.get("benchmark", stem)
     metric = data["metric"]
     lines = [f"## {stem}", ""]
-    doc = data.get("summary")
+    doc = DESCRIPTIONS.get(bench)
     if doc:
         lines += [doc, ""]
     lines += [f"| arm | {metric} median | min – max | rounds |", "|---|---|---|---|"]
@@ -126,6 +165,15 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
             "holds the weights vLLM computes with; Q4_1 holds the same values but its matrix "
             "products quantize the activations to 8 bits.",
         ]
+    totals = data.get("totals")
+    if totals:
+        lines += [
+            "",
+            f"Over the whole run: {totals['requests']} requests, {totals['failed']} failed.",
+        ]
+    checks = [absolute_target(data, k, v) for k, v in data.get("target", {}).items()]
+    if checks:
+        lines += ["", "Targets: " + "; ".join(checks) + "."]
     first = data.get("first_round_over_median", {})
     if first:
         worst = max(first.items(), key=lambda kv: abs(kv[1] - 1))
@@ -160,6 +208,58 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
     return [*lines, ""]
 
 
+OURS = ("mergeserve", "plugin", "dynamic", "default", "hot_add")
+OURS_ROWS = ("materialized", "concat", "view", "concat_truncate", "qr_truncate")
+
+
+def is_ours(arm: str) -> bool:
+    """Arms that are mergeserve (blue in the plots), the others are baselines (grey)."""
+    return arm.startswith(OURS) or arm.rsplit("/", 1)[-1] in OURS_ROWS
+
+
+def absolute_target(data: dict[str, Any], key: str, want: Any) -> str:
+    """`key` against a target that is a bound, not a ratio (`"< 2"` on every arm's median
+    of a metric, or a count the run's `totals` must equal)."""
+    if isinstance(want, str) and want.startswith("<"):
+        bound = float(want[1:])
+        meds = []
+        for v in data["arms"].values():
+            m = v.get(key)
+            meds.append(m["median"] if isinstance(m, dict) else m)
+        ok = all(m is not None and m < bound for m in meds)
+        got = ", ".join(fmt(m) for m in meds if m is not None)
+        return f"{key} {want} (median {got}): {'met' if ok else '**not met**'}"
+    got = data.get("totals", {}).get(key)
+    if got is None:
+        return f"{key} = {want}: not measured"
+    return f"{key} = {want} (got {got}): {'met' if got == want else '**not met**'}"
+
+
+def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
+    """A benchmark whose rounds each run on a fresh server (benchmarks/load.py): one arm,
+    so no order to balance; the spread of each figure over the rounds."""
+    lines = [f"## {stem}", ""]
+    doc = DESCRIPTIONS.get(data.get("benchmark", stem))
+    if doc:
+        lines += [doc, ""]
+    lines += ["| figure | median | min – max |", "|---|---|---|"]
+    for k, v in data["summary"].items():
+        lines.append(f"| {k} | **{fmt(v['median'])}** | {fmt(v['min'])} – {fmt(v['max'])} |")
+    target = data.get("target")
+    if target:
+        met = data.get("met_in_every_round")
+        lines += [
+            "",
+            "Targets: "
+            + ", ".join(f"{k} ≤ {v}" for k, v in target.items())
+            + f" — {'met in every round' if met else '**not met in every round**'} "
+            f"({data['rounds_n']} rounds, each on a fresh server).",
+        ]
+    if data.get("command"):
+        lines += ["", f"Command: `{data['command']}`"]
+    return [*lines, ""]
+
+
 def plot(stem: str, data: dict[str, Any], plots: Path) -> Path | None:
     try:
         import matplotlib
@@ -174,9 +274,10 @@ def plot(stem: str, data: dict[str, Any], plots: Path) -> Path | None:
     lo = [m - data["arms"][a][metric]["min"] for a, m in zip(arms, med, strict=True)]
     hi = [data["arms"][a][metric]["max"] - m for a, m in zip(arms, med, strict=True)]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.2))
-    ours = ("mergeserve", "plugin", "dynamic", "default")
-    colors = ["#4c72b0" if a.startswith(ours) else "#999999" for a in arms]
+    colors = ["#4c72b0" if is_ours(a) else "#999999" for a in arms]
     ax.barh(arms, med, xerr=[lo, hi], color=colors, capsize=3)
+    if min(med) > 0 and max(med) / min(med) > 100:
+        ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (median, min–max over {data['rounds']} rounds)")
     ax.set_title(stem)
@@ -200,6 +301,8 @@ def main() -> None:
         data = json.loads(f.read_text())
         if "arms" in data and "metric" in data:
             lines += section(f.stem, data, plots, args.out)
+        elif "rounds_n" in data and isinstance(data.get("summary"), dict):
+            lines += fresh_rounds_section(f.stem, data)
         elif f.name.startswith(QUALITY):
             quality.append(f.name)
         else:

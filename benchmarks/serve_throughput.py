@@ -76,6 +76,20 @@ def distinct_weights(n: int, rng: random.Random) -> list[dict[str, float]]:
     return out
 
 
+class RoundWeights:
+    """Fresh distinct weightings for each round (made on first use), the same for every
+    arm of that round, so the arms compared in a round serve the same mixtures."""
+
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.n, self.rng = n, rng
+        self.per_round: dict[int, list[dict[str, float]]] = {}
+
+    def __call__(self, r: int) -> list[dict[str, float]]:
+        if r not in self.per_round:
+            self.per_round[r] = distinct_weights(self.n, self.rng)
+        return self.per_round[r]
+
+
 def scrape(base_url: str) -> dict[str, float]:
     """mergeserve metrics this benchmark reads, summed over their labels."""
     want = {"mergeserve_materialized_adapters"}
@@ -114,14 +128,7 @@ RATIOS = {
 async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     clients = {k: bench_client(u) for k, u in urls.items()}
     prompts = mixed_prompts(args.requests)
-    rng = random.Random(0)
-    per_round: dict[int, list[dict[str, float]]] = {}
-
-    def weights(r: int) -> list[dict[str, float]]:
-        # fresh weightings every round, the same for the mixture and materialized arms
-        if r not in per_round:
-            per_round[r] = distinct_weights(len(prompts), rng)
-        return per_round[r]
+    weights = RoundWeights(len(prompts), random.Random(0))
 
     hits: dict[str, list[float]] = {}
 

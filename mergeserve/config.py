@@ -80,10 +80,11 @@ class EngineSettings(BaseModel):
     """Sequences the scheduler runs in one batch."""
 
     max_lora_rank: int = 16
-    """Largest LoRA rank a slot holds; one of vLLM's allowed ranks. vLLM's CPU path computes
-    every adapter at this rank (it gathers [tokens, out, max_lora_rank] weights per layer),
-    so it sets the speed of every LoRA request: measured on the demo set, rank 64 serves
-    about 6x fewer requests per second than 16. 16 holds every expert and the default
+    """Largest LoRA rank a slot holds; one of vLLM's allowed ranks. Stock vLLM's CPU path
+    computes every adapter at this rank (it gathers [tokens, out, max_lora_rank] weights per
+    layer), so without mergeserve's plugin it sets the speed of every LoRA request (stock
+    slot rank 64 serves a rank-8 adapter ~5x slower than slot rank 8: benchmarks/cpu_lora.py);
+    the plugin computes each adapter at its own rank. 16 holds every expert and the default
     dynamic:exact merge (top-2 of rank-8 experts) exactly; materialized Twin merges above
     it are truncated to it (thin QR-SVD). Static merges are served at the rank they were
     built, up to `slot_rank` (64 while the mixture is on: rank 48 for six rank-8 experts

@@ -2,18 +2,21 @@
 # Regenerate the benchmark results on the harness (benchmarks/harness.py) and
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
 # run nothing else). Durations measured on the 2-core machine, first start compiled:
-#   threads.py ~15 min, peers.py ~25 min, cpu_lora.py ~30 min, serve_throughput.py ~40 min,
-#   plus ~7 min to build llama.cpp the first time.
+#   threads ~15 min, peers ~25 min, cpu_lora ~30 min, serve_throughput ~40 min,
+#   merge_math ~15 min, hot_add ~5 min, load ~15 min (5 fresh servers);
+#   plus ~7 min to build llama.cpp the first time: about 2.5 h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bench_deps.sh
 out=benchmarks/results
 mkdir -p "$out"
-all=(threads peers cpu_lora serve_throughput)
+all=(threads peers cpu_lora serve_throughput merge_math hot_add load)
+declare -A extra=([load]="--rounds 5")
 for b in "${@:-${all[@]}}"; do
     echo "bench: $b ($(date +%T))" >&2
-    .venv/bin/python "benchmarks/$b.py" > "$out/$b.cpu-2core.json.part"
+    # shellcheck disable=SC2086  # extra flags split on purpose
+    .venv/bin/python "benchmarks/$b.py" ${extra[$b]:-} > "$out/$b.cpu-2core.json.part"
     mv "$out/$b.cpu-2core.json.part" "$out/$b.cpu-2core.json"
 done
 .venv/bin/python benchmarks/report.py

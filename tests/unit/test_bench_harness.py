@@ -140,6 +140,7 @@ def test_command_line_reproduces_the_arguments() -> None:
     add_workload_args(p, requests=16)
     p.add_argument("--no-stock", action="store_true")
     p.add_argument("--cache", default="/tmp/x")
+    p.add_argument("--threads", type=int, default=None)  # unset: left out, parses back to None
     args = p.parse_args(["--rounds", "7", "--no-stock"])
     line = command_line("cpu_lora.py", args, skip=("cache",))
     assert line == (

@@ -1,0 +1,124 @@
+"""docs/benchmarks.md's generator (benchmarks/report.py) and the merge-math benchmark's
+bookkeeping: targets are judged on the spread as the page says, every kind of result file
+lands where it belongs, and the 7B dense-SVD arm scales to exactly every layer and kind."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import report
+from harness import Results
+
+
+def harness_file(metric: str, a: list[float], b: list[float]) -> dict[str, Any]:
+    res = Results(
+        orders=[["a", "b"] if i % 2 == 0 else ["b", "a"] for i in range(len(a))],
+        rounds={"a": [{metric: x} for x in a], "b": [{metric: x} for x in b]},
+        warmup={"a": [{metric: a[0]}], "b": [{metric: b[0]}]},
+        wall_s=1.0,
+    )
+    return {
+        "benchmark": "serve_throughput",
+        **res.summary(metric, {"mixture_over_static": ("a", "b")}),
+    }
+
+
+@pytest.mark.parametrize(
+    ("a", "want"),
+    [
+        ([96.0, 97.0, 98.0, 99.0, 100.0], "met (every round)"),
+        ([90.0, 96.0, 97.0, 98.0, 99.0], "met by the median; the spread straddles it"),
+        ([90.0, 91.0, 92.0, 96.0, 97.0], "**not met**"),
+    ],
+)
+def test_verdict_reads_the_paired_spread(a: list[float], want: str) -> None:
+    data = harness_file("tokens_per_s", a, [100.0] * 5)
+    r = data["ratios"]["mixture_over_static"]
+    assert report.verdict("mixture_over_static", "serve_throughput", r) == f"≥ 0.95: {want}"
+    assert report.verdict("unlisted", "serve_throughput", r) == ""
+
+
+def test_report_places_harness_fresh_round_quality_and_older_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "serve_throughput.cpu-2core.json").write_text(
+        json.dumps(harness_file("tokens_per_s", [96.0, 97, 98, 99, 100], [100.0] * 5))
+    )
+    (results / "load.cpu-2core.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "load",
+                "rounds_n": 5,
+                "summary": {"failed": {"median": 0.0, "min": 0.0, "max": 1.0}},
+                "target": {"failed": 0},
+                "met_in_every_round": False,
+                "command": "python benchmarks/load.py --rounds 5",
+            }
+        )
+    )
+    (results / "routing.cpu-2core.json").write_text("{}")
+    (results / "mystery.cpu-2core.json").write_text("{}")
+    out = tmp_path / "docs" / "benchmarks.md"
+    out.parent.mkdir()
+    monkeypatch.setattr(sys, "argv", ["report.py", "--results", str(results), "--out", str(out)])
+    report.main()
+    page = out.read_text()
+    assert "## serve_throughput.cpu-2core" in page
+    assert "| mixture_over_static (`a` / `b`) | **0.98** |" in page
+    assert "## load.cpu-2core" in page
+    assert report.DESCRIPTIONS["load"] in page
+    assert report.DESCRIPTIONS["serve_throughput"] in page
+    assert "**not met in every round** (5 rounds, each on a fresh server)" in page
+    assert "Command: `python benchmarks/load.py --rounds 5`" in page
+    quality, older = (
+        page.split("## Accuracy and behaviour results")[1],
+        page.split("## Timings not yet")[1],
+    )
+    assert "routing.cpu-2core.json" in quality
+    assert "mystery.cpu-2core.json" in older.split("## Accuracy")[0]
+
+
+def test_ours_is_mergeserve_rows_and_arms_only() -> None:
+    assert report.is_ours("7b/materialized")
+    assert report.is_ours("dynamic:routed")
+    assert not report.is_ours("7b/dense")
+    assert not report.is_ours("stock8:rank8")
+    assert not report.is_ours("smollm2/peft_svd")
+
+
+def test_merge_math_dense_svd_plan_stands_for_every_layer_of_every_kind() -> None:
+    import merge_math
+
+    for shapes in (merge_math.SMOLLM2, merge_math.LLAMA_7B):
+        for all_layers in (True, False):
+            plan, how = merge_math.svd_plan(shapes, all_layers)
+            assert sum(n for _, _, n in plan) == len(shapes.kinds) * shapes.layers, how
+    plan, _ = merge_math.svd_plan(merge_math.LLAMA_7B, False)
+    # q/k/v/o share 4096x4096, gate/up 11008x4096, down 4096x11008: three SVDs per round
+    assert [(k, n) for k, _, n in plan] == [
+        ("self_attn.q_proj", 128),
+        ("mlp.gate_proj", 64),
+        ("mlp.down_proj", 32),
+    ]
+
+
+def test_absolute_targets_read_each_arms_median_and_the_run_totals() -> None:
+    data = {
+        "arms": {"hot_add": {"first_token_s": {"median": 3.8}, "first_routed_s": 1.9}},
+        "totals": {"failed": 0},
+    }
+    assert report.absolute_target(data, "first_token_s", "< 2").endswith("**not met**")
+    assert report.absolute_target(data, "first_routed_s", "< 2").endswith(": met")
+    assert report.absolute_target(data, "failed", 0) == "failed = 0 (got 0): met"
+    data["totals"] = {"failed": 3}
+    assert report.absolute_target(data, "failed", 0).endswith("**not met**")
+    assert report.absolute_target(data, "hung", 0).endswith("not measured")
