@@ -88,6 +88,13 @@ DESCRIPTIONS: dict[str, str] = {
         "the sixth demo expert hot-added 30 s in. Each round on a fresh server; the accepted "
         "TTFT p99 is also given for the requests sent more than 10 s away from the hot-add."
     ),
+    "startup": (
+        "Start-up (`benchmarks/startup.py`): seconds from spawning `mergeserve serve` (the "
+        "demo experts, default settings) to `/health`, to the first answered chat on `base` "
+        "and on `dynamic`, and to every static arm built; `first` on empty caches (a new "
+        "machine), `second` on the same caches (a restart); compiled and eager alternate "
+        "in order by round."
+    ),
     "threads": (
         "The engine's threads (`benchmarks/threads.py`): `make serve`'s default against "
         "vLLM's own CPU binding (one core kept for its scheduler), that binding with "
@@ -260,6 +267,40 @@ def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def startup_section(stem: str, data: dict[str, Any]) -> list[str]:
+    """benchmarks/startup.py: every start is a fresh process, two arms alternating in
+    order by round; seconds per arm and phase to each milestone."""
+    lines = [f"## {stem}", ""]
+    doc = DESCRIPTIONS.get("startup")
+    if doc:
+        lines += [doc, ""]
+    figures = data["figures"]
+    metrics = list(next(iter(figures.values())))
+    lines += ["| start | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, fig in figures.items():
+        cells = [
+            f"**{fmt(fig[m]['median'])}** ({fmt(fig[m]['min'])} – {fmt(fig[m]['max'])})"
+            for m in metrics
+        ]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    rounds = max((s["round"] for s in data["starts"]), default=-1) + 1
+    lines += ["", f"Seconds, median (min – max) over {rounds} rounds."]
+    if data.get("targets"):
+        lines += [
+            "",
+            "Targets (seconds to the first answered chat): "
+            + ", ".join(f"{k} ≤ {v}" for k, v in data["targets"].items())
+            + "; met: "
+            + ", ".join(
+                f"{arm} {phase} {'yes' if ok else '**no**'}"
+                for arm, m in data.get("meets", {}).items()
+                for phase, ok in m.items()
+            )
+            + ".",
+        ]
+    return [*lines, ""]
+
+
 def plot(stem: str, data: dict[str, Any], plots: Path) -> Path | None:
     try:
         import matplotlib
@@ -303,6 +344,8 @@ def main() -> None:
             lines += section(f.stem, data, plots, args.out)
         elif "rounds_n" in data and isinstance(data.get("summary"), dict):
             lines += fresh_rounds_section(f.stem, data)
+        elif isinstance(data.get("figures"), dict) and isinstance(data.get("starts"), list):
+            lines += startup_section(f.stem, data)
         elif f.name.startswith(QUALITY):
             quality.append(f.name)
         else:

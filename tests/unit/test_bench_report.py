@@ -65,6 +65,16 @@ def test_report_places_harness_fresh_round_quality_and_older_files(
             }
         )
     )
+    (results / "startup.cpu-2core.json").write_text(
+        json.dumps(
+            {
+                "figures": {"eager.first": {"first_chat_s": {"median": 85, "min": 82, "max": 93}}},
+                "starts": [{"round": 0}, {"round": 4}],
+                "targets": {"first_first_chat_s": 120},
+                "meets": {"eager": {"first": True}},
+            }
+        )
+    )
     (results / "routing.cpu-2core.json").write_text("{}")
     (results / "mystery.cpu-2core.json").write_text("{}")
     out = tmp_path / "docs" / "benchmarks.md"
@@ -75,6 +85,9 @@ def test_report_places_harness_fresh_round_quality_and_older_files(
     assert "## serve_throughput.cpu-2core" in page
     assert "| mixture_over_static (`a` / `b`) | **0.98** |" in page
     assert "## load.cpu-2core" in page
+    assert "| `eager.first` | **85** (82 – 93) |" in page
+    assert "over 5 rounds" in page
+    assert "eager first yes" in page
     assert report.DESCRIPTIONS["load"] in page
     assert report.DESCRIPTIONS["serve_throughput"] in page
     assert "**not met in every round** (5 rounds, each on a fresh server)" in page
