@@ -118,13 +118,17 @@ async def bench(server: HotAddServer, args: argparse.Namespace) -> dict[str, Any
     def routed(d: Done) -> bool:
         return bool(d.weights and args.expert in d.weights)
 
+    def served_new(d: Done) -> bool:
+        """Routed to the new expert and generated a token under it."""
+        return routed(d) and d.first_token is not None
+
     async def cycle(_round: int) -> Mapping[str, float]:
         t_round = time.perf_counter()
         probing = asyncio.Event()
         probe_task = asyncio.create_task(
             probe_until_routed(
                 lambda p: one(client, args.expert, p, 1),
-                lambda d: routed(d) and d.first_token is not None,
+                served_new,
                 probe_prompts,
                 probing,
             )
@@ -147,7 +151,7 @@ async def bench(server: HotAddServer, args: argparse.Namespace) -> dict[str, Any
             raise RuntimeError(f"the removal failed: HTTP {r.status_code} {r.text}")
         await asyncio.sleep(args.settle_s)
         first = min(
-            (d for d in probes if routed(d) and d.first_token is not None),
+            filter(served_new, probes),
             key=lambda d: d.first_token or 0.0,
             default=None,
         )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -132,12 +130,3 @@ async def probe_until_routed(
         await asyncio.sleep(every_s)
     await asyncio.gather(*pending)
     return results
-
-
-def machine(threads: int | None, **extra: object) -> dict[str, object]:
-    return {
-        "cpus": os.cpu_count(),
-        "engine_threads": threads,
-        **extra,
-        "processor": platform.processor() or platform.machine(),
-    }

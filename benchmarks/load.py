@@ -81,12 +81,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import command_line
+from harness import command_line, machine_facts
 from hot_add_harness import (
     HotAddServer,
     hot_add_server,
     interleaved,
-    machine,
     probe_until_routed,
     task_test_prompts,
     upload_expert,
@@ -667,9 +666,8 @@ def one_round(args: argparse.Namespace, name: str) -> dict[str, Any]:
     # --queue-budget says otherwise, its first-token budget; both refusals are 503 +
     # Retry-After and are counted as shed, never hidden by raising the limits.
     env = {"MERGESERVE_ENGINE__MAX_NUM_SEQS": str(args.max_num_seqs)}
-    budget = args.queue_budget
-    if budget is None:
-        budget = ServerSettings().queue_budget_s
+    defaults = ServerSettings()
+    budget = defaults.queue_budget_s if args.queue_budget is None else args.queue_budget
     env["MERGESERVE_SERVER__QUEUE_BUDGET_S"] = str(budget)
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -686,12 +684,12 @@ def one_round(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "vllm_bench_prompts": args.vllm_bench or None,
         "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,
-        "max_pending_requests": ServerSettings().max_pending_requests,
+        "max_pending_requests": defaults.max_pending_requests,
         "queue_budget_s": budget,
         **out,
         "target": {"failed": 0, "in_flight_after": 0, "accepted_ttft_p99_over_unloaded": 10},
-        "machine": machine(
-            args.threads,
+        "machine": machine_facts(
+            engine_threads=args.threads,
             load_avg_at_start=load_avg,
             note="the load generator runs on the same cores as the server",
         ),

@@ -179,9 +179,9 @@ def truncation_check(merged: AdapterFactors, plan: list[tuple[str, int, int]]) -
     (fp32; fp64 recomputes both sides where fp32 differs by more than the tolerance)."""
     diff32: dict[str, float] = {}
     diff64: dict[str, float] = {}
+    truncated = {kind: truncate(merged.groups[kind], rank=TRUNC_RANK) for kind, _, _ in plan}
     for kind, i, _ in plan:
-        lr = merged.groups[kind]
-        t = truncate(lr, rank=TRUNC_RANK)
+        lr, t = merged.groups[kind], truncated[kind]
         diff32[f"{kind}[{i}]"] = rel_diff(
             t.B[i] @ t.A[i], dense_svd_rank(lr.B[i] @ lr.A[i], TRUNC_RANK)
         )

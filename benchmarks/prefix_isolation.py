@@ -53,9 +53,10 @@ from typing import Any
 
 import httpx
 import openai
+from harness import machine_facts
 from prometheus_client.parser import text_string_to_metric_families
 from serve_throughput import distinct_weights
-from stream_clients import machine_facts, mixed_prompts
+from stream_clients import mixed_prompts
 
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
@@ -307,7 +308,7 @@ def main() -> None:
         if "mixture self-check" in before.log.read_text(errors="replace"):
             raise SystemExit("the `before` server runs this checkout's code, not --before's")
         result = asyncio.run(bench({"after": after.base_url, "before": before.base_url}, args))
-    result["machine"] = machine_facts(args.threads)
+    result["machine"] = machine_facts(engine_threads=args.threads)
     print(json.dumps(result, indent=2))
 
 

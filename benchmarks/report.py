@@ -126,6 +126,12 @@ def fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
+def heading(stem: str, data: dict[str, Any]) -> list[str]:
+    """A result file's section title and what its benchmark measures."""
+    doc = DESCRIPTIONS.get(data.get("benchmark", stem))
+    return [f"## {stem}", "", *([doc, ""] if doc else [])]
+
+
 def verdict(name: str, bench: str, r: dict[str, Any]) -> str:
     want = TARGETS.get(bench, {}).get(name)
     if want is None:
@@ -140,10 +146,7 @@ def verdict(name: str, bench: str, r: dict[str, Any]) -> str:
 def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[str]:
     bench = data.get("benchmark", stem)
     metric = data["metric"]
-    lines = [f"## {stem}", ""]
-    doc = DESCRIPTIONS.get(bench)
-    if doc:
-        lines += [doc, ""]
+    lines = heading(stem, data)
     lines += [f"| arm | {metric} median | min – max | rounds |", "|---|---|---|---|"]
     for arm, v in data["arms"].items():
         s = v[metric]
@@ -245,10 +248,7 @@ def absolute_target(data: dict[str, Any], key: str, want: Any) -> str:
 def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
     """A benchmark whose rounds each run on a fresh server (benchmarks/load.py): one arm,
     so no order to balance; the spread of each figure over the rounds."""
-    lines = [f"## {stem}", ""]
-    doc = DESCRIPTIONS.get(data.get("benchmark", stem))
-    if doc:
-        lines += [doc, ""]
+    lines = heading(stem, data)
     lines += ["| figure | median | min – max |", "|---|---|---|"]
     for k, v in data["summary"].items():
         lines.append(f"| {k} | **{fmt(v['median'])}** | {fmt(v['min'])} – {fmt(v['max'])} |")
@@ -270,10 +270,7 @@ def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
 def startup_section(stem: str, data: dict[str, Any]) -> list[str]:
     """benchmarks/startup.py: every start is a fresh process, two arms alternating in
     order by round; seconds per arm and phase to each milestone."""
-    lines = [f"## {stem}", ""]
-    doc = DESCRIPTIONS.get("startup")
-    if doc:
-        lines += [doc, ""]
+    lines = heading(stem, data)
     figures = data["figures"]
     metrics = list(next(iter(figures.values())))
     lines += ["| start | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from hot_add_harness import machine
+from harness import machine_facts
 
 from mergeserve.testing import free_port
 
@@ -160,7 +160,7 @@ def main() -> None:
             for arm in ARMS
         },
         "starts": starts,
-        "machine": machine(args.threads, load_avg_at_start=load_avg),
+        "machine": machine_facts(engine_threads=args.threads, load_avg_at_start=load_avg),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")

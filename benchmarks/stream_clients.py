@@ -4,8 +4,6 @@ cpu_lora.py): C workers drain a queue of prompts through the official openai cli
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -76,17 +74,4 @@ async def run_round(
         "wall_s": wall,
         "completion_tokens": tokens,
         "ttft_p50_s": statistics.median(ttfts),
-    }
-
-
-def machine_facts(threads: int) -> dict[str, object]:
-    """What every result JSON records of the machine it was measured on."""
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "engine_threads": threads,
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
     }
