@@ -261,6 +261,104 @@ def test_scale_rows_larger_than_the_buffer_are_refused() -> None:
         w.set_mixture_rows(torch.ones(65, 4))  # type: ignore[attr-defined]
 
 
+VOCAB, LOGITS_RANK = 40, 8
+
+
+def logits_stacked(slots_with_lora: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's LogitsProcessorWithLoRA buffers: zeros in a slot whose adapter has no
+    lm_head LoRA (reset_lora), its factors in one that has."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.zeros(MAX_LORAS, 1, LOGITS_RANK, IN)
+    B = torch.zeros(MAX_LORAS, 1, VOCAB, LOGITS_RANK)
+    for s in slots_with_lora:
+        A[s, 0] = torch.randn(LOGITS_RANK, IN, generator=g)
+        B[s, 0] = torch.randn(VOCAB, LOGITS_RANK, generator=g)
+    return A, B
+
+
+def logits_batch(w: object, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from vllm.lora.layers import LoRAMapping
+
+    ids = tuple(IDS[s] if s >= 0 else 0 for s in slots)
+    w.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(IDS), MAX_LORAS, VOCAB)  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(len(slots), IN, generator=g), torch.randn(len(slots), VOCAB, generator=g)
+
+
+@pytest.mark.parametrize("with_lora", [set(), {1}], ids=["no lm_head LoRA", "slot 1 has one"])
+def test_cpu_wrapper_runs_the_lm_head_lora_only_where_a_slot_has_one(
+    with_lora: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    expands: list[int] = []  # vLLM's per-token [vocab, r] gather: the cost being skipped
+    stock_expand = punica_cpu.bgmv_expand
+
+    def counted(*args: object, **kwargs: object) -> None:
+        expands.append(1)
+        stock_expand(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(punica_cpu, "bgmv_expand", counted)
+    slots = [0, 0, 1, -1, 2]
+    A, B = logits_stacked(with_lora)
+    ours = make_wrapper("MixturePunicaCPU", "cpu")
+    x, y = logits_batch(ours, slots)
+    stock = PunicaWrapperCPU(64, 8, "cpu")
+    logits_batch(stock, slots)
+    got, want = y.clone(), y.clone()
+    ours.add_lora_logits(got, x, A, B, 1.0)  # type: ignore[attr-defined]
+    assert len(expands) == (1 if with_lora else 0)
+    stock.add_lora_logits(want, x, A, B, 1.0)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got, y) == (not with_lora)
+
+
+def test_a_slot_written_again_is_looked_at_again_for_an_lm_head_lora() -> None:
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    x, y = logits_batch(w, [1, 1])
+    A, B = logits_stacked(set())
+    got = y.clone()
+    w.add_lora_logits(got, x, A, B, 1.0)  # type: ignore[attr-defined]
+    assert torch.equal(got, y)  # slot 1 holds no lm_head LoRA: nothing added
+    A2, B2 = logits_stacked({1})
+    A.copy_(A2)  # another adapter written into slot 1 (vLLM's set_lora) ...
+    B.copy_(B2)
+    w.set_slot_rank(1, SLOT_RANKS[1])  # type: ignore[attr-defined]  # ... and activated
+    w.add_lora_logits(got, x, A, B, 1.0)  # type: ignore[attr-defined]
+    torch.testing.assert_close(got - y, x @ A2[1, 0].t() @ B2[1, 0].t())
+
+
+def test_wrappers_keep_their_caches_while_an_adapter_stays_in_its_slot() -> None:
+    from types import SimpleNamespace
+
+    from mergeserve.vllm_plugin import note_activation
+
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    g = torch.Generator().manual_seed(5)
+    apply(w, [1, 1, 2], torch.randn(3, IN, generator=g), torch.randn(3, sum(SLICES)), None)
+    cached = dict(w._stacked_a)  # type: ignore[attr-defined]
+    assert {slot for _, slot, _ in cached} == {1, 2}
+    adapter = SimpleNamespace(loras={"q_proj": SimpleNamespace(lora_a=torch.zeros(12, IN))})
+    manager = SimpleNamespace(
+        lora_index_to_id=IDS, punica_wrapper_mapping={"": w}, _registered_adapters={20: adapter}
+    )
+    for _ in range(3):  # every step activates the adapters it uses; they stay put
+        note_activation(manager, 20, written=False)
+    assert w._stacked_a == cached  # type: ignore[attr-defined]
+    assert w._slot_ranks[1] == SLOT_RANKS[1]  # type: ignore[attr-defined]
+    note_activation(manager, 20, written=True)  # written into slot 1 again (rank 12 now)
+    assert w._slot_ranks[1] == 12  # type: ignore[attr-defined]
+    assert not w._stacked_a  # type: ignore[attr-defined]
+    fresh = make_wrapper("MixturePunicaCPU", "cpu")
+    fresh._slot_ranks.clear()  # type: ignore[attr-defined]  # a wrapper that never heard of slot 1
+    manager.punica_wrapper_mapping = {"": fresh}
+    note_activation(manager, 20, written=False)
+    assert fresh._slot_ranks == {1: 12}  # type: ignore[attr-defined]
+    note_activation(manager, 99, written=True)  # not in any slot: nothing to tell
+    assert fresh._slot_ranks == {1: 12}  # type: ignore[attr-defined]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("batch", ["mixed", "one slot"])
 def test_gpu_scale_and_grouped_path_match_the_dense_reference(batch: str) -> None:
