@@ -30,7 +30,8 @@ multiplicative decrease; Netflix's `concurrency-limits` and Envoy's adaptive con
 filter do the same for RPCs):
 
 - it starts small (`initial`), so a burst at a cold server is not admitted whole before
-  anything has been measured (the rest of the burst queues, bounded by the budget);
+  anything has been measured; until a request has finished, a request is assumed to take
+  the budget, so one round of the burst (the limit) queues and the rest is refused;
 - a first token within the budget, while the limit was in use (at least half of it in
   flight), raises it: by 1 ("slow start", doubling per round) until a TTFT passes half
   the budget (TTFT reports lag admissions by a round, so doubling up to the budget itself
@@ -202,8 +203,16 @@ class Admission:
             self.in_flight += 1
             return
         ttft = self.limiter.ttft_s or 0.0
-        wait = self.limiter.queue_wait(len(self._queue) + self._crowd() + 1)
-        if wait is not None and wait + ttft > self.budget_s:
+        position = len(self._queue) + self._crowd() + 1
+        wait = self.limiter.queue_wait(position)
+        if wait is None:
+            # Nothing has finished yet (a cold server, a crowd arriving at once): no
+            # request time measured. Take the budget as one, so one round (the limit)
+            # queues and the rest are refused at once, in the virtual line; letting the
+            # whole crowd queue put requests that waited out most of the budget into
+            # the batches of a limit still growing (accepted TTFTs of 3x the budget).
+            wait = position * self.budget_s / self.limit
+        if wait + ttft > self.budget_s:
             raise self._overloaded(wait, ttft)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(fut)

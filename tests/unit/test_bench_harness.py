@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import itertools
 import statistics
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ from harness import (
     add_workload_args,
     balanced_orders,
     command_line,
+    machine_facts,
     run_arms,
     williams_block,
 )
@@ -149,3 +151,21 @@ def test_command_line_reproduces_the_arguments() -> None:
     )
     again = p.parse_args(line.split()[2:])
     assert vars(again) == vars(args)
+
+
+def test_machine_facts_name_the_commit_measured_and_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[2]
+    facts = machine_facts(threads=2)
+    if (root / ".git").exists():
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert facts["commit"].removesuffix("+dirty") == head
+    assert facts["threads"] == 2
+    assert facts["cpus"] >= 1
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        assert facts["cpu_model"]

@@ -172,6 +172,7 @@ def test_under_overload_accepted_ttfts_stay_near_the_budget(budget_s: float) -> 
 
 async def test_admission_queues_first_come_first_served_and_hands_slots_over() -> None:
     limiter = ConcurrencyLimit(1.0, max_limit=10, initial=2)
+    limiter.finished(0.5)  # requests take 0.5 s: three queued wait ~0.75 s, within budget
     a = Admission(10, 1.0, limiter)
     await a.acquire()
     await a.acquire()
@@ -198,7 +199,9 @@ async def test_admission_queues_first_come_first_served_and_hands_slots_over() -
 
 
 async def test_a_queued_request_is_refused_after_the_budget_and_a_cancelled_one_leaves() -> None:
-    a = Admission(10, 0.2, ConcurrencyLimit(0.2, max_limit=10, initial=1))
+    limiter = ConcurrencyLimit(0.2, max_limit=10, initial=1)
+    limiter.finished(0.05)  # the estimate says a slot comes soon; this time it does not
+    a = Admission(10, 0.2, limiter)
     await a.acquire()
     t0 = time.perf_counter()
     with pytest.raises(EngineOverloadedError, match=r"waited 0\.2 s in the queue") as e:
@@ -231,6 +234,38 @@ async def test_over_the_expected_wait_the_refusal_is_at_once_with_retry_after() 
     assert (a.in_flight, a.queued) == (2, 0)
 
 
+async def test_a_cold_server_queues_one_round_of_a_crowd_and_refuses_the_rest() -> None:
+    clock = Clock()
+    limiter = ConcurrencyLimit(1.0, max_limit=256, initial=2, clock=clock)
+    a = Admission(256, 1.0, limiter, clock=clock)
+    await a.acquire()
+    await a.acquire()  # the limit (2) admitted
+    queued = [asyncio.create_task(a.acquire()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert (a.in_flight, a.queued) == (2, 2)  # one round queues (nothing measured yet) ...
+    retries = []
+    for _ in range(6):  # ... the rest of the crowd is refused at once, in a line
+        with pytest.raises(EngineOverloadedError, match="would wait") as e:
+            await a.acquire()
+        retries.append(e.value.retry_after)
+    assert (a.in_flight, a.queued) == (2, 2)
+    assert retries == sorted(retries)
+    assert retries[0] >= 2  # behind the two queued and the one in front: 1.5 s -> 2
+    assert retries[-1] > retries[0]  # later ones are told later, not all the same second
+    a.release()
+    a.release()
+    await asyncio.gather(*queued)
+    assert (a.in_flight, a.queued) == (2, 0)
+    a.finished(0.2)  # measured now: requests take 0.2 s, and that estimate takes over
+    clock.t += 60  # the refused clients' retry times have passed
+    more = [asyncio.create_task(a.acquire()) for _ in range(8)]
+    await asyncio.sleep(0.01)
+    assert a.queued == 8  # 8 * 0.2 s / 2 = 0.8 s of waiting: within the budget
+    for _ in range(10):
+        a.release()
+    await asyncio.gather(*more)
+
+
 async def test_the_hard_cap_counts_queued_requests_and_budget_zero_never_queues() -> None:
     a = Admission(2, 0.0)
     assert a.limit == 2
@@ -241,7 +276,9 @@ async def test_the_hard_cap_counts_queued_requests_and_budget_zero_never_queues(
     assert (a.in_flight, a.queued) == (2, 0)
     a.release()
     a.release()
-    b = Admission(3, 5.0, ConcurrencyLimit(5.0, max_limit=3, initial=1))
+    measured = ConcurrencyLimit(5.0, max_limit=3, initial=1)
+    measured.finished(1.0)  # requests take 1 s: two queued wait ~2 s, within the budget
+    b = Admission(3, 5.0, measured)
     await b.acquire()
     waiting = [asyncio.create_task(b.acquire()) for _ in range(2)]
     await asyncio.sleep(0.01)

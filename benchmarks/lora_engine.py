@@ -1,0 +1,190 @@
+"""The plugin's LoRA cost inside one vLLM engine, now and as it was, in one run
+(benchmarks/harness.py: balanced order, warm-up shown, ≥ 5 rounds, paired ratios).
+
+One in-process vLLM engine (`vllm.LLM`, LoRA on, slot rank 64, the plugin on, eager unless
+`--compile`, the worker bound to every core as `mergeserve serve` binds it) on the embedded
+SmolLM2-135M-Instruct; each round generates `--requests` test-split prompts at once,
+`--max-tokens` each (`ignore_eos`, greedy):
+
+* `base`     no adapter (what a request routed to none costs on a LoRA engine);
+* `expert`   `expert:add`, one rank-8 demo expert for every request;
+* `bundle`   the six demo experts concatenated (rank 48) as one static adapter;
+* `mixture`  the same bundle with a distinct weighting of its six blocks per request.
+
+Each also as `…:before`, the plugin as it was before it (1) skipped vLLM's lm_head LoRA
+for slots without one (vLLM's CPU path gathers a [vocab, rank] B per sampled token every
+step of every LoRA engine, whatever the slots hold) and (2) kept its per-slot factors
+while an adapter stays in its slot (it rebuilt them every step): both put back in this
+process between rounds, so the two versions run side by side on the same engine.
+
+    python benchmarks/lora_engine.py [--requests 16] [--max-tokens 32] [--rounds 5] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness import command_line, run_arms
+from stream_clients import mixed_prompts
+
+from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
+from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
+from mergeserve.runtime.base_model import ensure_embedded_model
+from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
+from mergeserve.runtime.mixture import MixtureBundle
+
+EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
+RATIOS = {
+    "expert_over_base": ("expert", "base"),
+    "mixture_over_base": ("mixture", "base"),
+    "mixture_over_expert": ("mixture", "expert"),
+    "mixture_over_bundle": ("mixture", "bundle"),
+    **{f"{a}_now_over_before": (a, f"{a}:before") for a in ("base", "expert", "bundle", "mixture")},
+}
+
+
+@contextlib.contextmanager
+def plugin_as_before() -> Iterator[None]:
+    """The two costs the plugin since removed, put back for the duration."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from mergeserve import vllm_plugin
+
+    cls: Any = vllm_plugin.MixturePunicaCPU
+    own, note = cls.__dict__["add_lora_logits"], vllm_plugin.note_activation
+    cls.add_lora_logits = PunicaWrapperCPU.add_lora_logits
+
+    def every_step(manager: Any, lora_id: int, *, written: bool) -> None:
+        note(manager, lora_id, written=True)  # as if each step wrote the slot anew
+
+    vllm_plugin.note_activation = every_step
+    try:
+        yield
+    finally:
+        cls.add_lora_logits = own
+        vllm_plugin.note_activation = note
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=16, help="prompts per round and arm")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="compile the model (as deployed)")
+    args = p.parse_args()
+
+    from mergeserve import vllm_plugin
+
+    os.environ[vllm_plugin.ENV_SWITCH] = "1"
+    os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if args.compile else "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    bind = cpu_binding(None)
+    if bind is not None:
+        os.environ.setdefault(CPU_BIND_ENV, bind)
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    vllm_plugin.register()  # as vLLM's entry point would (idempotent)
+    experts = default_experts_dir()
+    if experts is None:
+        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
+    model = ensure_embedded_model(Settings().cache)
+    tmp = Path(tempfile.mkdtemp(prefix="lora-engine-"))
+    bundle = MixtureBundle.build({n: load_lora_factors(experts / n) for n in EXPERTS})
+    save_lora_factors(bundle.factors, tmp / "bundle", str(model))
+    llm = LLM(
+        model=str(model),
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=64,
+        max_loras=2,
+        max_model_len=2048,
+        max_num_seqs=64,
+        lora_target_modules=list(LLAMA_PROJECTIONS),
+        enforce_eager=not args.compile,
+        seed=0,
+    )
+    tok = llm.get_tokenizer()
+    prompts = [
+        {
+            "prompt_token_ids": tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+            )
+        }
+        for q in mixed_prompts(args.requests)
+    ]
+    loras = {
+        "base": None,
+        "expert": LoRARequest("expert", 1, str(experts / "add")),
+        "bundle": LoRARequest("bundle", 2, str(tmp / "bundle")),
+    }
+    loras["mixture"] = loras["bundle"]
+    rng = random.Random(0)
+
+    def params(mix: bool) -> list[Any]:
+        out = []
+        for _ in prompts:
+            extra = None
+            if mix:
+                w = [round(rng.uniform(0.05, 1.0), 4) for _ in bundle.names]
+                extra = bundle.spec(dict(zip(bundle.names, w, strict=True))).extra_args()
+            out.append(
+                SamplingParams(
+                    max_tokens=args.max_tokens, ignore_eos=True, temperature=0, extra_args=extra
+                )
+            )
+        return out
+
+    def arm(kind: str, before: bool) -> Any:
+        async def run(_r: int) -> dict[str, float]:
+            sp = params(kind == "mixture")
+            lr = loras[kind]
+            ctx = plugin_as_before() if before else contextlib.nullcontext()
+            with ctx:
+                t0 = time.perf_counter()
+                outs = llm.generate(
+                    prompts, sp, lora_request=[lr] * len(prompts) if lr else None, use_tqdm=False
+                )
+                wall = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens}
+
+        return run
+
+    arms = {
+        f"{k}{':before' if b else ''}": arm(k, b)
+        for k in ("base", "expert", "bundle", "mixture")
+        for b in (False, True)
+    }
+    res = asyncio.run(run_arms(arms, min_rounds=args.rounds, metric="tokens_per_s"))
+    print(
+        json.dumps(
+            {
+                "benchmark": "lora_engine",
+                "model": "SmolLM2-135M-Instruct (fp32), one in-process vLLM engine",
+                "experts": "examples/experts (expert: add, rank 8; bundle: all six, rank 48)",
+                "requests_per_round": args.requests,
+                "max_tokens": args.max_tokens,
+                "compiled": args.compile,
+                **res.summary("tokens_per_s", RATIOS),
+                "command": command_line("benchmarks/lora_engine.py", args),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
