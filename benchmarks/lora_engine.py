@@ -40,7 +40,7 @@ from stream_clients import mixed_prompts
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
 from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
-from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
+from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding, render_chat
 from mergeserve.runtime.mixture import MixtureBundle
 
 EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
@@ -89,6 +89,7 @@ def main() -> None:
     os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if args.compile else "0"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout is the JSON alone
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     bind = cpu_binding(None)
     if bind is not None:
@@ -118,11 +119,7 @@ def main() -> None:
     )
     tok = llm.get_tokenizer()
     prompts = [
-        {
-            "prompt_token_ids": tok.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
-            )
-        }
+        {"prompt_token_ids": render_chat(tok, [{"role": "user", "content": q}])}
         for q in mixed_prompts(args.requests)
     ]
     loras = {
@@ -179,7 +176,7 @@ def main() -> None:
                 "max_tokens": args.max_tokens,
                 "compiled": args.compile,
                 **res.summary("tokens_per_s", RATIOS),
-                "command": command_line("benchmarks/lora_engine.py", args),
+                "command": command_line("lora_engine.py", args),
             },
             indent=1,
         )

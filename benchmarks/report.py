@@ -47,6 +47,13 @@ DESCRIPTIONS: dict[str, str] = {
         "every LoRA model eagerly, so stock has no compiled arm; the plugin compiled and "
         "eager), 16 concurrent clients."
     ),
+    "lora_engine": (
+        "The plugin's LoRA cost inside one in-process vLLM engine (`benchmarks/lora_engine.py`), "
+        "now and as it was (`:before`: vLLM's lm_head LoRA run for slots that have none, and "
+        "the per-slot factors rebuilt every step), both on the same engine in the same run: "
+        "no adapter, one rank-8 expert, the six experts' rank-48 bundle as one adapter, and "
+        "the bundle with a distinct weighting per request; 16 prompts at once, 32 tokens."
+    ),
     "serve_throughput": (
         "What a dynamic request costs on mergeserve (`benchmarks/serve_throughput.py`): the "
         "in-engine mixture (a distinct weighting of all six experts per request) against one "
