@@ -2,7 +2,9 @@
 (benchmarks/harness.py: balanced order, warm-up shown, ≥ 5 rounds, paired ratios).
 
 One in-process vLLM engine (`vllm.LLM`, LoRA on, slot rank 64, the plugin on, eager unless
-`--compile`, the worker bound to every core as `mergeserve serve` binds it) on the embedded
+`--compile`, the worker bound to every core as `mergeserve serve` binds it, LoRA layers on
+the seven projections as mergeserve's engine has them, or with `--vllm-default-targets`
+wherever vLLM puts them by default, lm_head included) on the embedded
 SmolLM2-135M-Instruct; each round generates `--requests` test-split prompts at once,
 `--max-tokens` each (`ignore_eos`, greedy):
 
@@ -11,13 +13,14 @@ SmolLM2-135M-Instruct; each round generates `--requests` test-split prompts at o
 * `bundle`   the six demo experts concatenated (rank 48) as one static adapter;
 * `mixture`  the same bundle with a distinct weighting of its six blocks per request.
 
-Each also as `…:before`, the plugin as it was before it (1) skipped vLLM's lm_head LoRA
-for slots without one (vLLM's CPU path gathers a [vocab, rank] B per sampled token every
-step of every LoRA engine, whatever the slots hold) and (2) kept its per-slot factors
-while an adapter stays in its slot (it rebuilt them every step): both put back in this
-process between rounds, so the two versions run side by side on the same engine.
+Each also as `…:before`, the plugin as it was before it (1) kept its per-slot factors
+while an adapter stays in its slot (it rebuilt them every step) and (2) skipped vLLM's
+lm_head LoRA for slots without one (where lm_head has a LoRA layer, vLLM's CPU path
+gathers a [vocab, rank] B per sampled token every step, whatever the slots hold): both put
+back in this process between rounds, so the two versions run side by side on one engine.
 
-    python benchmarks/lora_engine.py [--requests 16] [--max-tokens 32] [--rounds 5] [--compile]
+    python benchmarks/lora_engine.py [--requests 16] [--max-tokens 32] [--rounds 5]
+        [--compile] [--vllm-default-targets]
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="compile the model (as deployed)")
+    p.add_argument(
+        "--vllm-default-targets",
+        action="store_true",
+        help="LoRA layers where vLLM puts them by default (lm_head too), not the projections",
+    )
     args = p.parse_args()
 
     from mergeserve import vllm_plugin
@@ -113,7 +121,7 @@ def main() -> None:
         max_loras=2,
         max_model_len=2048,
         max_num_seqs=64,
-        lora_target_modules=list(LLAMA_PROJECTIONS),
+        lora_target_modules=None if args.vllm_default_targets else list(LLAMA_PROJECTIONS),
         enforce_eager=not args.compile,
         seed=0,
     )
@@ -175,6 +183,7 @@ def main() -> None:
                 "requests_per_round": args.requests,
                 "max_tokens": args.max_tokens,
                 "compiled": args.compile,
+                "lora_targets": "vLLM's default" if args.vllm_default_targets else "projections",
                 **res.summary("tokens_per_s", RATIOS),
                 "command": command_line("lora_engine.py", args),
             },

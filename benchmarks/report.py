@@ -49,8 +49,9 @@ DESCRIPTIONS: dict[str, str] = {
     ),
     "lora_engine": (
         "The plugin's LoRA cost inside one in-process vLLM engine (`benchmarks/lora_engine.py`), "
-        "now and as it was (`:before`: vLLM's lm_head LoRA run for slots that have none, and "
-        "the per-slot factors rebuilt every step), both on the same engine in the same run: "
+        "now and as it was (`:before`: the per-slot factors rebuilt every step, and vLLM's "
+        "lm_head LoRA run for slots that have none where lm_head is a LoRA target, which "
+        "mergeserve's engine leaves out by default), both on the same engine in the same run: "
         "no adapter, one rank-8 expert, the six experts' rank-48 bundle as one adapter, and "
         "the bundle with a distinct weighting per request; 16 prompts at once, 32 tokens."
     ),

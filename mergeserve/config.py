@@ -109,7 +109,9 @@ class EngineSettings(BaseModel):
     """Serve dynamic arms by the in-engine mixture (needs `plugin`): one bundle adapter per
     expert-set version in one pinned slot, each request's weights applied as a rank-space
     scale. Off: every distinct merge is materialized as its own adapter (the reference
-    path, and what a remote engine always does)."""
+    path). A remote engine (`kind=remote`) sends the weights to its vLLM server, which
+    applies them only if its vLLM loads mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1
+    there); the start-up self-check finds out, and without it dynamic arms materialize."""
 
     mixture_max_rank: int = 64
     """Largest bundle rank (Σ of the experts' ranks, plus S for twin) served by the

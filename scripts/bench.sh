@@ -19,5 +19,11 @@ for b in "${@:-${all[@]}}"; do
     # shellcheck disable=SC2086  # extra flags split on purpose
     .venv/bin/python "benchmarks/$b.py" ${extra[$b]:-} > "$out/$b.cpu-2core.json.part"
     mv "$out/$b.cpu-2core.json.part" "$out/$b.cpu-2core.json"
+    if [ "$b" = lora_engine ]; then  # again where vLLM puts LoRA layers (lm_head too)
+        .venv/bin/python benchmarks/lora_engine.py --vllm-default-targets \
+            > "$out/lora_engine.vllm-targets.cpu-2core.json.part"
+        mv "$out/lora_engine.vllm-targets.cpu-2core.json.part" \
+            "$out/lora_engine.vllm-targets.cpu-2core.json"
+    fi
 done
 .venv/bin/python benchmarks/report.py

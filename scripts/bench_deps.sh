@@ -19,5 +19,19 @@ if [[ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("l
     # --no-deps: its requirements other than these are already in .venv (numpy,
     # typing-extensions); a resolver must never touch torch here.
     .venv/bin/pip install diskcache jinja2
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip install --no-deps "$SDIST"
+    # Not -march=native: on a CPU that reports AMX, ggml's native build runs AMX tile
+    # instructions, and a VM that does not hand AMX state to the guest kills the process
+    # with SIGILL (seen on this project's machines). The vector extensions the CPU reports
+    # are switched on one by one instead; AMX stays off.
+    cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    cmake_args="-DGGML_NATIVE=OFF"
+    for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 \
+        avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+        if [[ "$cpu_flags" == *" ${pair%%:*} "* ]]; then
+            cmake_args+=" -DGGML_${pair#*:}=ON"
+        fi
+    done
+    echo "bench deps: CMAKE_ARGS=$cmake_args" >&2
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        .venv/bin/pip install --no-deps --no-cache-dir "$SDIST"
 fi

@@ -14,7 +14,17 @@ The contract with the server:
   means two contents, and unregisters the least recently used beyond `max_adapters`;
 * prompts go as token ids to ``/v1/completions`` (mergeserve renders the chat template with
   the base model's own tokenizer, checked at start-up against the server's ``/tokenize``),
-  streamed with per-chunk usage so token counts are exact.
+  streamed with per-chunk usage so token counts are exact;
+* a dynamic request served by the in-engine mixture goes to its bundle adapter with its
+  weights as ``vllm_xargs`` (``MixtureSpec.extra_args``) and its prefix-cache salt as
+  ``cache_salt``. Only a server whose vLLM loads mergeserve's plugin
+  (``MERGESERVE_MIXTURE_PLUGIN=1`` in its environment, mergeserve installed beside vLLM)
+  applies them; one without it ignores ``vllm_xargs``. Which one this is, the start-up
+  self-check finds out over HTTP as it does for the local engine
+  (``EngineClient.verify_mixture``: the bundle with a weighting must answer as that merge
+  materialized, and not as the bundle unscaled); if it fails, every dynamic request is
+  materialized instead and ``/v1/models`` says why. The bundle stays registered on the
+  server while pinned (never unloaded by the LRU below).
 
 Closing a generation early closes its HTTP stream; vLLM aborts the request on disconnect.
 """
@@ -162,8 +172,6 @@ class RemoteVllmEngine(EngineClient):
     ) -> AsyncGenerator[GenerationDelta, None]:
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
-        # A remote vLLM may not run the plugin: mixtures are never sent there
-        # (supports_mixture is false, so dynamic arms materialize).
         self._check_mixture(lora, mixture)
         model = self._model
         if lora is not None:
@@ -185,6 +193,11 @@ class RemoteVllmEngine(EngineClient):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if mixture is not None:
+            body["vllm_xargs"] = mixture.extra_args()
+            # The plugin salts the prefix cache itself; sent too, so that no vLLM ever
+            # hands KV computed under one weighting to another (equal salts share).
+            body["cache_salt"] = mixture.salt()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 r = await self._open(body, request_id, stack)
@@ -260,6 +273,24 @@ class RemoteVllmEngine(EngineClient):
         if not self._closed:
             self._closed = True
             await self._http.aclose()
+
+    @property
+    def supports_mixture(self) -> bool:
+        """Mixtures are sent; whether the server applies them is the start-up self-check's
+        to prove (module doc): a server without the plugin fails it, and the dynamic arms
+        materialize instead."""
+        return True
+
+    async def pin_adapter(self, lora: LoRATarget) -> None:
+        """Register `lora` (a bundle) now and keep it registered until `unpin_adapter`."""
+        if self._closed:
+            raise EngineUnavailableError("the engine is shut down")
+        await self._acquire(lora)
+
+    async def unpin_adapter(self, lora: LoRATarget) -> None:
+        if self._in_use.get(lora.int_id):
+            self._release(lora)
+            await self._evict()
 
     @property
     def registered(self) -> dict[int, str]:

@@ -2,7 +2,11 @@
 
 vLLM's own OpenAI server runs the tiny llama with runtime LoRA loading on; mergeserve
 serves the same model dir with `MERGESERVE_ENGINE__KIND=remote` and registers every adapter
-it serves (experts, static merges, per-request merges) on it by path.
+it serves (experts, static merges, per-request merges) on it by path. That server does not
+load mergeserve's plugin, so the dynamic arms materialize each merge; a second pair, whose
+vLLM loads the plugin (MERGESERVE_MIXTURE_PLUGIN=1), serves them by the mixture over the
+wire (one bundle adapter, each request's weights as `vllm_xargs`), and must answer as the
+first pair's materialized merges.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Stack:
     theirs: openai.OpenAI
     experts: Path
     merged: Path
+    base: Path
+    vllm_args: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +96,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 openai.OpenAI(base_url=f"{v.base_url}/v1", api_key="-", max_retries=0),
                 experts,
                 merged,
+                base,
+                vllm_args,
+            )
+
+
+@pytest.fixture(scope="module")
+def plugged(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The same model and experts behind a vLLM server that loads mergeserve's plugin."""
+    tmp = tmp_path_factory.mktemp("remote-plugin")
+    merged = tmp / "shared" / "merged"
+    on = {"MERGESERVE_LORA_COMPILE": "0", "MERGESERVE_MIXTURE_PLUGIN": "1"}
+    with vllm_server_process(stack.base, tmp / "vllm.log", stack.vllm_args, on) as v:
+        env = ENGINE_ENV | {
+            "MERGESERVE_ENGINE__KIND": "remote",
+            "MERGESERVE_ENGINE__REMOTE__URL": v.base_url,
+            "MERGESERVE_MERGE__CACHE_DIR": str(merged),
+            "MERGESERVE_CACHE": str(tmp / "cache"),
+        }
+        args = ["--model", str(stack.base), "--experts-dir", str(stack.experts)]
+        with server_process(args, tmp / "mergeserve.log", env) as m:
+            yield Stack(
+                v,
+                m,
+                openai.OpenAI(base_url=f"{m.base_url}/v1", api_key="-", max_retries=0),
+                openai.OpenAI(base_url=f"{v.base_url}/v1", api_key="-", max_retries=0),
+                stack.experts,
+                merged,
+                stack.base,
+                stack.vllm_args,
             )
 
 
@@ -145,6 +180,51 @@ def test_dynamic_merge_is_written_to_the_shared_dir_and_served(stack: Stack) -> 
     assert r.choices[0].message.content == alone
     routed = chat(stack.ours, "dynamic", "Add 12 and 7.")
     assert routed.model_extra["merge"]["routed"] is True
+
+
+def serving(s: Stack) -> tuple[bool, dict[str, Any]]:
+    """/ready's mixture flag and the `dynamic:exact` card of /v1/models."""
+    health = httpx.get(f"{s.mergeserve.base_url}/ready", timeout=10).json()
+    cards = httpx.get(f"{s.mergeserve.base_url}/v1/models", timeout=10).json()["data"]
+    return health["mixture"], next(c for c in cards if c["id"] == "dynamic:exact")
+
+
+def test_without_the_plugin_the_server_fails_the_self_check_and_merges_materialize(
+    stack: Stack,
+) -> None:
+    mixture, card = serving(stack)
+    assert mixture is False
+    assert card["serving"] == "materialized"
+    assert "unscaled bundle" in card["serving_note"] or "not live" in card["serving_note"]
+
+
+WEIGHTINGS = [{"rand": 0.6, "rand2": 0.9}, {"rand": 1.0, "rand2": 0.3}, {"rand2": 1.0}]
+
+
+def test_with_the_plugin_dynamic_requests_are_the_mixture_over_the_wire(
+    stack: Stack, plugged: Stack
+) -> None:
+    mixture, card = serving(plugged)
+    assert mixture is True, card
+    assert card["serving"] == "mixture"
+
+    def merged_registered(s: Stack) -> int:
+        return sum(Path(p).is_relative_to(s.merged) for p in registered(s).values())
+
+    before = merged_registered(plugged)
+    prompt = "Add 30 and 45."
+    texts = []
+    for w in WEIGHTINGS:
+        kw: dict[str, Any] = {"extra_body": {"merge_weights": w}}
+        mix = chat(plugged.ours, "dynamic:exact", prompt, **kw)
+        ref = chat(stack.ours, "dynamic:exact", prompt, **kw)  # each merge materialized
+        assert mix.model_extra["merge"]["weights"] == ref.model_extra["merge"]["weights"]
+        assert mix.choices[0].message.content == ref.choices[0].message.content, w
+        assert mix.usage.completion_tokens == ref.usage.completion_tokens
+        texts.append(mix.choices[0].message.content)
+    assert len(set(texts)) > 1  # the weightings reached the server: not one answer for all
+    # One bundle served all three weightings: no adapter was registered per merge.
+    assert merged_registered(plugged) == before
 
 
 def test_stream_equals_non_stream_with_usage(stack: Stack) -> None:

@@ -19,6 +19,7 @@ from mergeserve.errors import (
     InvalidRequestError,
 )
 from mergeserve.runtime.engine import GenerationParams, LoRATarget
+from mergeserve.runtime.mixture import MixtureSpec
 from mergeserve.runtime.remote import RemoteVllmEngine, remote_error
 
 
@@ -29,6 +30,7 @@ class Server:
         self.adapters: dict[str, str] = {}
         self.loads = 0
         self.readable = readable
+        self.completions: list[dict[str, object]] = []  # the bodies of /v1/completions
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content or b"{}")
@@ -45,6 +47,7 @@ class Server:
             del self.adapters[body["lora_name"]]
             return httpx.Response(200, text="Success")
         if request.url.path == "/v1/completions":
+            self.completions.append(body)
             if body["model"] not in {"m", *self.adapters}:
                 return httpx.Response(404, json={"error": {"message": "no such model"}})
             chunks = [
@@ -121,6 +124,47 @@ async def test_a_restarted_server_gets_the_adapter_registered_again() -> None:
     assert server.loads == 2
     assert list(server.adapters) == ["mergeserve-1-expert:e1"]
     assert e._in_use == {}  # nothing leaked by the retry
+
+
+async def test_a_mixture_goes_with_its_bundle_as_vllm_xargs_and_salts_the_cache() -> None:
+    server = Server()
+    e = engine(server)
+    assert e.supports_mixture  # sent; the start-up self-check proves the server applies it
+    bundle = target(7, "/shared/bundle")
+    spec = MixtureSpec((8, 8), (0.25, 0.75))
+    text = ""
+    async for d in e.generate([1, 2], GenerationParams(max_tokens=3), "r", bundle, spec):
+        text += d.text
+    assert text == "abc"
+    sent = server.completions[-1]
+    assert sent["model"] == "mergeserve-7-expert:e7"
+    assert sent["vllm_xargs"] == {
+        "mergeserve_mix_ranks": [8, 8],
+        "mergeserve_mix_weights": [0.25, 0.75],
+    }
+    assert sent["cache_salt"] == spec.salt()
+    assert await generate(e, target(1)) == ("abc", 3)  # a plain request carries neither
+    assert "vllm_xargs" not in server.completions[-1]
+    assert "cache_salt" not in server.completions[-1]
+    with pytest.raises(InvalidRequestError, match="bundle"):
+        async for _ in e.generate([1], GenerationParams(max_tokens=1), "r", None, spec):
+            pass
+
+
+async def test_a_pinned_bundle_stays_registered_past_the_lru_bound() -> None:
+    server = Server()
+    e = engine(server, max_adapters=1)
+    bundle = target(9, "/shared/bundle")
+    await e.pin_adapter(bundle)
+    assert list(server.adapters) == ["mergeserve-9-expert:e9"]
+    for i in (1, 2, 3):  # other adapters come and go around it
+        await generate(e, target(i))
+    assert "mergeserve-9-expert:e9" in server.adapters
+    assert sorted(server.adapters) == ["mergeserve-3-expert:e3", "mergeserve-9-expert:e9"]
+    await e.unpin_adapter(bundle)  # unpinned and idle: the LRU may take it now
+    assert list(server.adapters) == ["mergeserve-3-expert:e3"]
+    await e.unpin_adapter(bundle)  # twice is harmless
+    assert e._in_use == {}
 
 
 def test_refusals_map_to_openai_statuses() -> None:
