@@ -41,9 +41,9 @@ from harness import command_line, run_arms
 from stream_clients import mixed_prompts
 
 from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
-from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
+from mergeserve.config import LLAMA_PROJECTIONS, EngineSettings, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
-from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding, render_chat
+from mergeserve.runtime.engine import render_chat, set_engine_environment
 from mergeserve.runtime.mixture import MixtureBundle
 
 EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
@@ -91,19 +91,14 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from mergeserve import vllm_plugin
-
-    os.environ[vllm_plugin.ENV_SWITCH] = "1"
-    os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if args.compile else "0"
+    # As `mergeserve serve` sets it up (plugin on, worker bound to every core).
+    set_engine_environment(EngineSettings(compile=args.compile, kv_cache_gib=2))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout is the JSON alone
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    bind = cpu_binding(None)
-    if bind is not None:
-        os.environ.setdefault(CPU_BIND_ENV, bind)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
+
+    from mergeserve import vllm_plugin
 
     vllm_plugin.register()  # as vLLM's entry point would (idempotent)
     experts = default_experts_dir()

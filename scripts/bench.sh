@@ -14,16 +14,18 @@ out=benchmarks/results
 mkdir -p "$out"
 all=(threads peers cpu_lora lora_engine serve_throughput merge_math hot_add load startup)
 declare -A extra=([load]="--rounds 5" [startup]="--rounds 5")
+run() {  # run NAME RESULT [ARGS...]: benchmarks/NAME.py ARGS > results/RESULT.cpu-2core.json
+    local name=$1 result=$2
+    shift 2
+    .venv/bin/python "benchmarks/$name.py" "$@" > "$out/$result.cpu-2core.json.part"
+    mv "$out/$result.cpu-2core.json.part" "$out/$result.cpu-2core.json"
+}
 for b in "${@:-${all[@]}}"; do
     echo "bench: $b ($(date +%T))" >&2
     # shellcheck disable=SC2086  # extra flags split on purpose
-    .venv/bin/python "benchmarks/$b.py" ${extra[$b]:-} > "$out/$b.cpu-2core.json.part"
-    mv "$out/$b.cpu-2core.json.part" "$out/$b.cpu-2core.json"
+    run "$b" "$b" ${extra[$b]:-}
     if [ "$b" = lora_engine ]; then  # again where vLLM puts LoRA layers (lm_head too)
-        .venv/bin/python benchmarks/lora_engine.py --vllm-default-targets \
-            > "$out/lora_engine.vllm-targets.cpu-2core.json.part"
-        mv "$out/lora_engine.vllm-targets.cpu-2core.json.part" \
-            "$out/lora_engine.vllm-targets.cpu-2core.json"
+        run lora_engine lora_engine.vllm-targets --vllm-default-targets
     fi
 done
 .venv/bin/python benchmarks/report.py

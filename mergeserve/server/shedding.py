@@ -234,7 +234,7 @@ class Admission:
         return True
 
     def _overloaded(
-        self, wait: float | None, ttft: float, *, waited: bool = False
+        self, wait: float, ttft: float, *, waited: bool = False
     ) -> EngineOverloadedError:
         ahead = (
             f"{self.in_flight} requests in flight (the limit now), {len(self._queue)} "
@@ -244,8 +244,8 @@ class Admission:
         if waited:
             why = f"waited {self.budget_s - ttft:.1f} s in the queue without a slot; {budget}"
         else:
-            why = f"a request now would wait about {(wait or 0.0) + ttft:.1f} s, over {budget}"
-        retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait))) if wait is not None else 1
+            why = f"a request now would wait about {wait + ttft:.1f} s, over {budget}"
+        retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
         if len(self._told) < 100_000:
             heapq.heappush(self._told, self._clock() + retry)
         return EngineOverloadedError(
