@@ -737,6 +737,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: the remote engine's health checks would flood the
+    # log (its own warnings say when a server goes or comes back).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
     except MergeserveError as e:

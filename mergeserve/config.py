@@ -46,7 +46,9 @@ class RemoteSettings(BaseModel):
     """
 
     url: str | None = None
-    """Base URL of the server, e.g. ``http://vllm:8000`` (without ``/v1``)."""
+    """Base URL of the server, e.g. ``http://vllm:8000`` (without ``/v1``); several
+    servers (replicas of one model) comma-separated, ``http://vllm-0:8000,http://vllm-1:8000``:
+    requests are spread over them (`RemoteVllmEngine`)."""
     api_key: SecretStr | None = None
     """Sent as a bearer token (vLLM's ``--api-key``)."""
     model: str | None = None
@@ -60,6 +62,21 @@ class RemoteSettings(BaseModel):
     """How long start-up waits for the server to answer (it may still be loading)."""
     request_timeout_s: float = Field(600.0, gt=0)
     """Longest silence on one generation stream before it fails."""
+    discover: bool = False
+    """Resolve each URL's host name to all its addresses (a Kubernetes headless Service)
+    and use every address as a server, re-resolved every `discover_interval_s`."""
+    discover_interval_s: float = Field(10.0, gt=0)
+    health_interval_s: float = Field(2.0, gt=0)
+    """How often each server's ``/health`` is asked while it is up."""
+    max_backoff_s: float = Field(4.0, gt=0)
+    """A server that is down is asked again after 0.5 s, doubling up to this."""
+    affinity_slack: int = Field(4, ge=0)
+    """Requests of one adapter or weighting go to the same server (its prefix cache) while
+    it has at most this many more requests in flight than the least loaded one."""
+
+    def urls(self) -> list[str]:
+        """The servers' base URLs (`url` split at commas)."""
+        return [u.strip().rstrip("/") for u in (self.url or "").split(",") if u.strip()]
 
 
 class EngineSettings(BaseModel):

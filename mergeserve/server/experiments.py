@@ -30,13 +30,12 @@ import re
 import secrets
 import threading
 import time
+import tomllib
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from mergeserve.errors import (
     AuthenticationError,

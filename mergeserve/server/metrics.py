@@ -8,6 +8,7 @@ hash. The engine's own registry (vLLM's) is exported apart, on /metrics/engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from prometheus_client import (
@@ -19,6 +20,8 @@ from prometheus_client import (
     Summary,
     generate_latest,
 )
+
+from mergeserve.runtime.engine import EndpointState
 
 StatusClass = Literal["ok", "client_error", "server_error", "aborted"]
 
@@ -154,6 +157,19 @@ class Metrics:
             "self-check passed), 0 while each merge is materialized.",
             registry=r,
         )
+        # A remote engine's servers (bounded by its configuration or discovery).
+        self.endpoint_up = Gauge(
+            "mergeserve_engine_endpoint_up",
+            "1 while the remote engine's vLLM server is in service, 0 while it is out.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.endpoint_requests = Gauge(
+            "mergeserve_engine_endpoint_requests",
+            "Generations in flight on each of the remote engine's vLLM servers.",
+            ["endpoint"],
+            registry=r,
+        )
         # A/B experiments: the same per-arm figures, labelled by experiment (bounded by
         # the experiments file) so an experiment's arms are never mixed with direct use.
         self.exp_requests = Counter(
@@ -191,6 +207,14 @@ class Metrics:
             registry=r,
         )
         Info("mergeserve_build", "mergeserve version.", registry=r).info({"version": version})
+
+    def observe_endpoints(self, endpoints: Sequence[EndpointState]) -> None:
+        """The endpoint gauges, as `endpoints` are now (those gone are dropped)."""
+        self.endpoint_up.clear()
+        self.endpoint_requests.clear()
+        for e in endpoints:
+            self.endpoint_up.labels(e.url).set(int(e.up))
+            self.endpoint_requests.labels(e.url).set(e.outstanding)
 
     def render(self) -> bytes:
         """The text exposition of this registry (the engine's is served apart)."""

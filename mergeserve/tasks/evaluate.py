@@ -157,7 +157,7 @@ async def _run(
     concurrency: int,
     max_tokens: int,
     api_key: str,
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109 (the openai client's per-request timeout)
     cache: dict[ReplyKey, str],
     cache_file: Path | None,
     digests: dict[str, str | None],

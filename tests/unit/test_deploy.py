@@ -29,6 +29,11 @@ K8S = DEPLOY / "k8s"
 DOCKERFILES = [DEPLOY / "Dockerfile.cpu", DEPLOY / "Dockerfile.gpu"]
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_FLEET = DEPLOY / "compose.fleet.yaml"
+COMPOSE_FLEET_GPU = DEPLOY / "compose.fleet.gpu.yaml"
+K8S_DIRS = [K8S, DEPLOY / "k8s-gpu", DEPLOY / "k8s-fleet", DEPLOY / "k8s-fleet-gpu"]
+# Read by the vLLM plugin inside a vLLM server (mergeserve/vllm_plugin.py), not Settings.
+PLUGIN_VARIABLES = {"MERGESERVE_MIXTURE_PLUGIN", "MERGESERVE_LORA_COMPILE"}
 DASHBOARD = DEPLOY / "grafana" / "mergeserve-dashboard.json"
 PORT = 8000
 HEALTH = "/health"
@@ -109,10 +114,10 @@ def mergeserve_env_sources() -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
     for path in DOCKERFILES:
         found += [(path.name, k, v) for k, v in docker_env(path).items()]
-    for path in (COMPOSE, COMPOSE_GPU):
+    for path in (COMPOSE, COMPOSE_GPU, COMPOSE_FLEET, COMPOSE_FLEET_GPU):
         for name, svc in compose_services(path).items():
             found += [(f"{path.name}:{name}", k, v) for k, v in environment(svc).items()]
-    for path in [*K8S.glob("*.yaml"), *(DEPLOY / "k8s-gpu").glob("*.yaml")]:
+    for path in [p for d in K8S_DIRS for p in d.glob("*.yaml")]:
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc:
                 continue
@@ -122,7 +127,7 @@ def mergeserve_env_sources() -> list[tuple[str, str, str]]:
                 for c in doc["spec"]["template"]["spec"]["containers"]:
                     for e in c.get("env", []):
                         found.append((path.name, e["name"], str(e.get("value", "k8s-secret"))))
-    return [f for f in found if f[1].startswith("MERGESERVE_")]
+    return [f for f in found if f[1].startswith("MERGESERVE_") and f[1] not in PLUGIN_VARIABLES]
 
 
 def landed(got: object, raw: str) -> bool:
@@ -521,3 +526,140 @@ def test_promtool_accepts_the_prometheus_config() -> None:
         timeout=30,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ scale-out (remote engine)
+
+
+def test_plugin_variables_are_the_plugins() -> None:
+    source = (ROOT / "mergeserve" / "vllm_plugin.py").read_text()
+    assert all(f'"{v}"' in source for v in PLUGIN_VARIABLES)
+
+
+def vllm_flags(argv: list[str]) -> dict[str, list[str]]:
+    """`--name=value`, `--name value...` and bare `--flag` -> name: values."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            out[name] = [value] if eq else []
+        else:
+            assert name is not None, argv
+            out[name].append(a)
+    return out
+
+
+def check_fleet(
+    mergeserve_env: dict[str, str], servers: list[tuple[list[str], dict[str, str], set[str]]]
+) -> None:
+    """Each vLLM server (argv, env, mounted paths) takes every adapter `mergeserve_env`'s
+    mergeserve hands it, with its plugin on."""
+    from mergeserve.config import LLAMA_PROJECTIONS, EngineSettings
+
+    image = docker_env(DEPLOY / "Dockerfile.cpu")
+    env = image | mergeserve_env
+    assert env["MERGESERVE_ENGINE__KIND"] == "remote"
+    engine = EngineSettings(max_loras=int(env.get("MERGESERVE_ENGINE__MAX_LORAS", 8)))
+    handed = {
+        env["MERGESERVE_ADMIN__REGISTRY_DIR"],
+        env["MERGESERVE_CACHE"],
+        env["MERGESERVE_MERGE__CACHE_DIR"],
+    }
+    in_image = {env["MERGESERVE_EXPERTS_DIR"], env["MERGESERVE_MODEL"]}
+    assert all(p.startswith("/opt/mergeserve/") for p in in_image)
+    for argv, server_env, mounts in servers:
+        flags = vllm_flags(argv)
+        assert "enable-lora" in flags
+        assert int(flags["max-lora-rank"][0]) >= engine.slot_rank
+        assert int(flags["max-loras"][0]) >= engine.max_loras
+        assert flags["lora-target-modules"] == list(LLAMA_PROJECTIONS)
+        assert flags["model"] == [env["MERGESERVE_MODEL"]]
+        assert int(flags["max-model-len"][0]) >= engine.max_model_len
+        assert server_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        assert server_env["MERGESERVE_MIXTURE_PLUGIN"] == "1"
+        for path in handed:  # on a volume mounted at the same path (or below one)
+            assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), (
+                path,
+                mounts,
+            )
+        # vLLM's own cache must not point into a read-only mount
+        assert not server_env.get("VLLM_CACHE_ROOT", image["VLLM_CACHE_ROOT"]).startswith(
+            tuple(mounts)
+        )
+
+
+def test_compose_fleet_servers_take_what_mergeserve_hands_them() -> None:
+    base, fleet = compose_services(), compose_services(COMPOSE_FLEET)
+    ms = environment(base["mergeserve"]) | environment(fleet["mergeserve"])
+    urls = ms["MERGESERVE_ENGINE__REMOTE__URL"].split(",")
+    names = [n for n in fleet if n.startswith("vllm-")]
+    assert urls == [f"http://{n}:{PORT}" for n in names]
+    assert len(names) >= 2
+    assert set(fleet["mergeserve"]["depends_on"]) == set(names)
+    volumes = {v["target"]: v for v in base["mergeserve"]["volumes"]}
+    volumes |= {v["target"]: v for v in fleet["mergeserve"]["volumes"]}
+    servers = []
+    for n in names:
+        svc = fleet[n]
+        assert svc["entrypoint"][-2:] == ["-m", "vllm.entrypoints.openai.api_server"]
+        assert svc["image"] == base["mergeserve"]["image"]  # mergeserve beside vLLM
+        for v in svc["volumes"]:  # the same named volumes, read-only
+            assert v["read_only"] is True
+            assert volumes[v["target"]]["source"] == v["source"]
+        mounts = {v["target"] for v in svc["volumes"]}
+        servers.append((svc["command"], environment(svc), mounts))
+    check_fleet(ms, servers)
+    gpu = compose_services(COMPOSE_FLEET_GPU)
+    assert set(gpu) <= set(fleet)
+    for n in gpu:
+        assert "bfloat16" in " ".join(gpu[n]["command"])
+        assert vllm_flags(gpu[n]["command"]).keys() == vllm_flags(fleet[n]["command"]).keys()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("overlay", ["k8s-fleet", "k8s-fleet-gpu"])
+def test_k8s_fleet_servers_take_what_mergeserve_hands_them(overlay: str) -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout) if d}
+    config = docs[("ConfigMap", "mergeserve-config")]["data"]
+    svc = docs[("Service", "vllm")]["spec"]
+    assert svc["clusterIP"] == "None"  # headless: one DNS answer per pod
+    assert config["MERGESERVE_ENGINE__REMOTE__URL"] == f"http://vllm:{svc['ports'][0]['port']}"
+    assert config["MERGESERVE_ENGINE__REMOTE__DISCOVER"] == "true"
+    vllm = docs[("Deployment", "vllm")]["spec"]
+    assert vllm["replicas"] >= 2
+    assert vllm["selector"]["matchLabels"] == svc["selector"]
+    pod = vllm["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == ("mergeserve:gpu" if overlay.endswith("gpu") else "mergeserve:cpu")
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    ms_pod = docs[("Deployment", "mergeserve")]["spec"]["template"]["spec"]
+    ms_claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in ms_pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (ms,) = ms_pod["containers"]
+    ms_mounts = {m["mountPath"]: ms_claims.get(m["name"]) for m in ms["volumeMounts"]}
+    mounts = set()
+    for m in c["volumeMounts"]:
+        if m["name"] in claims:  # the claim mergeserve mounts at the same path, read-only
+            assert ms_mounts[m["mountPath"]] == claims[m["name"]]
+            assert m["readOnly"] is True
+            mounts.add(m["mountPath"])
+    for claim in set(claims.values()):
+        pvc = docs[("PersistentVolumeClaim", claim)]
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    check_fleet(config, [(c["args"], env, mounts)])
+    if overlay.endswith("gpu"):
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert "--dtype=bfloat16" in c["args"]

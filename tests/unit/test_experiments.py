@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from mergeserve.errors import AuthenticationError, ConfigurationError, InvalidRequestError
 from mergeserve.server.experiments import (

@@ -1,0 +1,162 @@
+"""The mixture over the wire: dynamic requests on remote vLLM servers (RemoteVllmEngine)
+against the same requests materialized on a remote server and against the local mixture,
+side by side in one run (benchmarks/harness.py: balanced order, warm-up shown, ≥ 5
+rounds, paired ratios). Issue 27's figures.
+
+Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo experts:
+
+* V1, V2: vLLM's own OpenAI server with mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1),
+  runtime LoRA loading, rank-64 slots, the same thread binding as mergeserve's engine;
+* L:  `mergeserve serve` with its in-process engine, mixture on (the single-node path);
+* R1: `mergeserve serve` remote, in front of V1, mixture on;
+* RP: `mergeserve serve` remote, in front of V1, mixture off (every merge materialized,
+      written to the shared dir and registered on V1: what remote serving did before);
+* R2: `mergeserve serve` remote, in front of V1 and V2, mixture on.
+
+Every arm serves the same requests: C concurrent streaming clients, mixed test-split
+prompts, `dynamic:exact` with a different weighting of all six experts for every request
+(rank-48 bundle; no two requests share a merge), `ignore_eos`, exactly max_tokens each.
+Prints one JSON object: tokens/s per arm (median, min, max) and the paired ratios
+
+* `remote_mixture_over_remote_materialized`  ≥ 3 wanted;
+* `remote_mixture_over_local_mixture`        ≥ 0.8 wanted (the HTTP hop is the price);
+* `two_endpoints_over_one`                   ≥ 1 wanted; this machine's cores are shared
+  by both servers (on separate machines or GPUs each brings its own).
+
+    python benchmarks/remote_fleet.py [--concurrency 16] [--requests 32] [--max-tokens 32]
+        [--rounds 5] [--profile make-serve|deployed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from harness import add_workload_args, command_line, run_arms
+from serve_throughput import RoundWeights
+from stream_clients import bench_client, mixed_prompts, run_round
+
+from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
+from mergeserve.runtime.base_model import ensure_embedded_model
+from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
+from mergeserve.testing import server_process, vllm_server_process
+
+# Compiled or eager on both sides alike: mergeserve's engine setting and the plugin's
+# switch in the vLLM servers.
+PROFILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "make-serve": ({"MERGESERVE_ENGINE__COMPILE": "false"}, {"MERGESERVE_LORA_COMPILE": "0"}),
+    "deployed": ({"MERGESERVE_ENGINE__COMPILE": "true"}, {"MERGESERVE_LORA_COMPILE": "1"}),
+}
+ARMS = {"local:mixture": "L", "remote:mixture": "R1", "remote:materialized": "RP"}
+ARMS["remote2:mixture"] = "R2"
+RATIOS = {
+    "remote_mixture_over_remote_materialized": ("remote:mixture", "remote:materialized"),
+    "remote_mixture_over_local_mixture": ("remote:mixture", "local:mixture"),
+    "two_endpoints_over_one": ("remote2:mixture", "remote:mixture"),
+    "local_mixture_over_remote_materialized": ("local:mixture", "remote:materialized"),
+}
+
+
+async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    clients = {k: bench_client(u) for k, u in urls.items()}
+    prompts = mixed_prompts(args.requests)
+    weights = RoundWeights(len(prompts), random.Random(0))
+
+    def arm(server: str) -> Any:
+        async def run(r: int) -> dict[str, float]:
+            bodies = [{"merge_weights": w} for w in weights(r)]
+            return await run_round(
+                clients[server], "dynamic:exact", prompts, args.concurrency, args.max_tokens, bodies
+            )
+
+        return run
+
+    res = await run_arms(
+        {a: arm(s) for a, s in ARMS.items()}, min_rounds=args.rounds, metric="tokens_per_s"
+    )
+    return {
+        "benchmark": "remote_fleet",
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
+        "workload": "dynamic:exact, a distinct weighting of the six experts per request",
+        "concurrency": args.concurrency,
+        "requests_per_round": args.requests,
+        "max_tokens": args.max_tokens,
+        **res.summary("tokens_per_s", RATIOS),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(p)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="make-serve")
+    args = p.parse_args()
+
+    experts = default_experts_dir()
+    if experts is None:
+        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
+    model = ensure_embedded_model(Settings().cache)
+    seqs = str(max(16, args.concurrency))
+    ours, theirs = PROFILES[args.profile]
+    env = {
+        **ours,
+        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",  # a fixed concurrency, not admission
+        "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
+        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
+        "MERGESERVE_ENGINE__MAX_LORAS": "8",
+        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
+        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
+        "MERGESERVE_ROUTER__GRID": "0.001",
+        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
+    }
+    vllm_args = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", seqs]
+    vllm_args += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", "8"]
+    vllm_args += ["--lora-target-modules", *LLAMA_PROJECTIONS]
+    bind = {CPU_BIND_ENV: b} if (b := cpu_binding(None)) else {}
+    plugin = {**bind, **theirs, "MERGESERVE_MIXTURE_PLUGIN": "1"}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        t = Path(tmp)
+        v1, v2 = (
+            stack.enter_context(
+                vllm_server_process(model, t / f"v{i}.log", vllm_args, plugin, timeout_s=900)
+            )
+            for i in (1, 2)
+        )
+
+        def serve(name: str, extra: dict[str, str]) -> str:
+            e = {**env, **extra, "MERGESERVE_MERGE__CACHE_DIR": str(t / name / "merged")}
+            e["MERGESERVE_CACHE"] = str(t / name / "cache")
+            log = t / f"{name}.log"
+            cmd = ["--model", str(model), "--experts-dir", str(experts)]
+            return stack.enter_context(server_process(cmd, log, e, timeout_s=900)).base_url
+
+        remote = {"MERGESERVE_ENGINE__KIND": "remote"}
+        urls = {
+            "L": serve("local", {}),
+            "R1": serve("r1", {**remote, "MERGESERVE_ENGINE__REMOTE__URL": v1.base_url}),
+            "RP": serve(
+                "rp",
+                {
+                    **remote,
+                    "MERGESERVE_ENGINE__REMOTE__URL": v1.base_url,
+                    "MERGESERVE_ENGINE__MIXTURE": "false",
+                },
+            ),
+            "R2": serve(
+                "r2", {**remote, "MERGESERVE_ENGINE__REMOTE__URL": f"{v1.base_url},{v2.base_url}"}
+            ),
+        }
+        result = asyncio.run(bench(urls, args))
+    result["profile"] = args.profile
+    result["command"] = command_line("remote_fleet.py", args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
