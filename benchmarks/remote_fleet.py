@@ -5,13 +5,19 @@ rounds, paired ratios). Issue 27's figures.
 
 Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo experts:
 
-* V1, V2: vLLM's own OpenAI server with mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1),
-  runtime LoRA loading, rank-64 slots, the same thread binding as mergeserve's engine;
+* V1: vLLM's own OpenAI server with mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1),
+  runtime LoRA loading, rank-64 slots, the same thread binding as mergeserve's engine
+  (every core);
+* H1, H2: two more such servers, each bound to its own half of the cores: two replicas
+  splitting the machine, as two machines would not have to (two servers both bound to
+  every core served half of what one does in a first run: their spinning OpenMP threads
+  fight over the same cores);
 * L:  `mergeserve serve` with its in-process engine, mixture on (the single-node path);
 * R1: `mergeserve serve` remote, in front of V1, mixture on;
 * RP: `mergeserve serve` remote, in front of V1, mixture off (every merge materialized,
       written to the shared dir and registered on V1: what remote serving did before);
-* R2: `mergeserve serve` remote, in front of V1 and V2, mixture on.
+* R2: `mergeserve serve` remote, in front of H1 and H2, mixture on;
+* RH: `mergeserve serve` remote, in front of H1 alone, mixture on.
 
 Every arm serves the same requests: C concurrent streaming clients, mixed test-split
 prompts, `dynamic:exact` with a different weighting of all six experts for every request
@@ -20,8 +26,10 @@ Prints one JSON object: tokens/s per arm (median, min, max) and the paired ratio
 
 * `remote_mixture_over_remote_materialized`  ≥ 3 wanted;
 * `remote_mixture_over_local_mixture`        ≥ 0.8 wanted (the HTTP hop is the price);
-* `two_endpoints_over_one`                   ≥ 1 wanted; this machine's cores are shared
-  by both servers (on separate machines or GPUs each brings its own).
+* `two_endpoints_over_one`                   ≥ 1 wanted: two half-machine replicas
+  against one whole-machine server (on separate machines or GPUs each brings its own);
+* `two_halves_over_one_half`                 what adding the second half-machine replica
+  to the first gives (2 if the spreading cost nothing and the halves did not compete).
 
     python benchmarks/remote_fleet.py [--concurrency 16] [--requests 32] [--max-tokens 32]
         [--rounds 5] [--profile make-serve|deployed]
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 from contextlib import ExitStack
@@ -54,11 +63,12 @@ PROFILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "deployed": ({"MERGESERVE_ENGINE__COMPILE": "true"}, {"MERGESERVE_LORA_COMPILE": "1"}),
 }
 ARMS = {"local:mixture": "L", "remote:mixture": "R1", "remote:materialized": "RP"}
-ARMS["remote2:mixture"] = "R2"
+ARMS |= {"remote2:mixture": "R2", "remote-half:mixture": "RH"}
 RATIOS = {
     "remote_mixture_over_remote_materialized": ("remote:mixture", "remote:materialized"),
     "remote_mixture_over_local_mixture": ("remote:mixture", "local:mixture"),
     "two_endpoints_over_one": ("remote2:mixture", "remote:mixture"),
+    "two_halves_over_one_half": ("remote2:mixture", "remote-half:mixture"),
     "local_mixture_over_remote_materialized": ("local:mixture", "remote:materialized"),
 }
 
@@ -82,6 +92,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
     )
     return {
         "benchmark": "remote_fleet",
+        "two_endpoints": "two servers, each bound to its own half of the cores",
         "model": "SmolLM2-135M-Instruct (fp32)",
         "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
         "workload": "dynamic:exact, a distinct weighting of the six experts per request",
@@ -118,15 +129,21 @@ def main() -> None:
     vllm_args = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", seqs]
     vllm_args += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", "8"]
     vllm_args += ["--lora-target-modules", *LLAMA_PROJECTIONS]
-    bind = {CPU_BIND_ENV: b} if (b := cpu_binding(None)) else {}
-    plugin = {**bind, **theirs, "MERGESERVE_MIXTURE_PLUGIN": "1"}
+    cores = sorted(os.sched_getaffinity(0))
+    halves = [cores[: max(1, len(cores) // 2)], cores[max(1, len(cores) // 2) :] or cores]
+    plugin = {**theirs, "MERGESERVE_MIXTURE_PLUGIN": "1"}
+
+    def bound(c: list[int] | None) -> dict[str, str]:
+        b = cpu_binding(None, c) if c is None else ",".join(map(str, c))
+        return {**plugin, CPU_BIND_ENV: b} if b else plugin
+
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         t = Path(tmp)
-        v1, v2 = (
+        v1, h1, h2 = (
             stack.enter_context(
-                vllm_server_process(model, t / f"v{i}.log", vllm_args, plugin, timeout_s=900)
+                vllm_server_process(model, t / f"{n}.log", vllm_args, bound(c), timeout_s=900)
             )
-            for i in (1, 2)
+            for n, c in (("v1", None), ("h1", halves[0]), ("h2", halves[1]))
         )
 
         def serve(name: str, extra: dict[str, str]) -> str:
@@ -149,8 +166,9 @@ def main() -> None:
                 },
             ),
             "R2": serve(
-                "r2", {**remote, "MERGESERVE_ENGINE__REMOTE__URL": f"{v1.base_url},{v2.base_url}"}
+                "r2", {**remote, "MERGESERVE_ENGINE__REMOTE__URL": f"{h1.base_url},{h2.base_url}"}
             ),
+            "RH": serve("rh", {**remote, "MERGESERVE_ENGINE__REMOTE__URL": h1.base_url}),
         }
         result = asyncio.run(bench(urls, args))
     result["profile"] = args.profile

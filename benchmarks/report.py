@@ -18,6 +18,12 @@ TARGETS: dict[str, dict[str, float]] = {
     "cpu_lora": {"plugin_rank8_over_lora_off": 0.75, "plugin_rank8_over_best_stock": 2.0},
     "peers": {"mixture_over_llama_cpp_f32": 2.0, "mixture_over_llama_cpp_q4_1": 2.0},
     "serve_throughput": {"mixture_over_static": 0.95, "routed_over_expert": 0.95},
+    # issue 27
+    "remote_fleet": {
+        "remote_mixture_over_remote_materialized": 3.0,
+        "remote_mixture_over_local_mixture": 0.8,
+        "two_endpoints_over_one": 1.0,
+    },
     # the merge-math targets of the earlier issues, judged on work that yields an adapter
     "merge_math": {
         "materialized_over_dense_7b": 1000.0,
@@ -63,6 +69,16 @@ DESCRIPTIONS: dict[str, str] = {
         "on the materializing server, and LoRA off. The routed arms send the same prompts "
         "every round, so routed materializing hits its cache on every request after the "
         "warm-up: its best case (`cache_hit_rate` in the JSON)."
+    ),
+    "remote_fleet": (
+        "The mixture over the wire (`benchmarks/remote_fleet.py`): mergeserve with the remote "
+        "engine in front of vLLM's own OpenAI server with mergeserve's plugin, against the "
+        "same server materializing every merge (mixture off: each weighting built, written "
+        "and registered) and against mergeserve's local in-process mixture; and in front of "
+        "two such servers. Every arm serves the same requests: a distinct weighting of all "
+        "six demo experts per request, 16 concurrent streaming clients, 32 tokens each. Both "
+        "servers share this machine's two cores, so `two_endpoints_over_one` measures the "
+        "balancing's overhead here, not what a second machine adds."
     ),
     "merge_math": (
         "What building one request's merge costs (`benchmarks/merge_math.py`): shared + "

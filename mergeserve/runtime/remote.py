@@ -25,8 +25,10 @@ server:
   self-check finds out over HTTP as it does for the local engine
   (``EngineClient.verify_mixture``, run on every server: the bundle with a weighting must
   answer as that merge materialized, and not as the bundle unscaled); if it fails on one,
-  every dynamic request is materialized instead and ``/v1/models`` says why. Bundles are
-  registered on every server and stay registered while pinned.
+  every dynamic request is materialized instead and ``/v1/models`` says why. A server
+  taken in later (back from an outage, or discovered) must show the plugin (its front end
+  refuses a mixture without an adapter) or is kept out. Bundles are registered on every
+  server and stay registered while pinned.
 
 Several servers (`_Endpoint` each, with its own adapter table and connections):
 
@@ -310,6 +312,8 @@ class RemoteVllmEngine(EngineClient):
             if down and url in down:
                 ep.up, ep.reason, ep.next_check = False, down[url], 0.0
         self._pins: dict[int, LoRATarget] = {}
+        self._mixtures = False
+        """The self-check passed: servers taken in later must have the plugin too."""
         self._turn = 0
         self._closed = False
         self._monitor: asyncio.Task[None] | None = None
@@ -548,7 +552,21 @@ class RemoteVllmEngine(EngineClient):
                 reason = await super().verify_mixture(bundle, spec, reference)
             if reason is not None:
                 return f"{url}: {reason}"
+        self._mixtures = True
         return None
+
+    async def _has_plugin(self, ep: _Endpoint) -> bool:
+        """Whether `ep`'s vLLM loads mergeserve's plugin: its front end refuses a mixture
+        that names no adapter (400, "mergeserve mixture refused"), where a vLLM without it
+        ignores `vllm_xargs` and answers. For a server taken in after the self-check."""
+        body = {
+            "model": self._model,
+            "prompt": [0],
+            "max_tokens": 1,
+            "vllm_xargs": MixtureSpec((1,), (1.0,)).extra_args(),
+        }
+        r = await ep.http.post("/v1/completions", json=body, timeout=30)
+        return r.status_code == 400 and "mergeserve mixture refused" in r.text
 
     # ------------------------------------------------------------------- health
 
@@ -620,6 +638,12 @@ class RemoteVllmEngine(EngineClient):
         r = await ep.http.post("/tokenize", json=body, timeout=10)
         if r.status_code != 200 or r.json().get("tokens") != self._probe_tokens():
             raise _NotYet("it does not tokenize like mergeserve's base model")
+        if self._mixtures and not await self._has_plugin(ep):
+            # Dynamic requests would be served by the bundle unscaled: wrong answers.
+            raise _NotYet(
+                "it does not load mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1 with "
+                "mergeserve installed beside vLLM), and the mixture is served"
+            )
         ep.up = True  # for the registrations below (guarded), undone if one fails
         try:
             for lora in list(self._pins.values()):

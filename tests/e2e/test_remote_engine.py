@@ -255,6 +255,23 @@ def test_the_servers_context_window_bounds_requests(stack: Stack) -> None:
     assert ok.usage.completion_tokens == 4
 
 
+async def test_the_plugin_probe_tells_the_two_servers_apart(stack: Stack, plugged: Stack) -> None:
+    """What a server taken in after the self-check must pass (RemoteVllmEngine._has_plugin):
+    vLLM's front end with the plugin refuses a mixture without an adapter; without it, the
+    `vllm_xargs` are ignored and the request answered."""
+    from mergeserve.config import RemoteSettings
+    from mergeserve.runtime.remote import RemoteVllmEngine
+
+    found = {}
+    for name, s in (("plain", stack), ("plugged", plugged)):
+        settings = RemoteSettings(url=s.vllm.base_url)
+        e = RemoteVllmEngine.start(s.base, settings)
+        (ep,) = e._endpoints.values()
+        found[name] = await e._has_plugin(ep)
+        await e.shutdown()
+    assert found == {"plain": False, "plugged": True}
+
+
 def test_a_stopped_server_is_503_not_a_hang(stack: Stack) -> None:
     """Last in the module: stops vLLM, then mergeserve must say it is unavailable."""
     os.kill(stack.vllm.pid, signal.SIGINT)

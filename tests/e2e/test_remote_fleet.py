@@ -1,7 +1,8 @@
 """One mergeserve in front of two real vLLM OpenAI servers (RemoteVllmEngine with two URLs),
 all on loopback; both servers load mergeserve's plugin, so dynamic requests are the mixture
 over the wire. A second mergeserve, the mixture off, in front of the same two servers
-materializes every merge: the reference the mixture must equal token for token.
+materializes every merge, and a third serves the mixture on its own in-process engine:
+the references the mixture over the wire must equal token for token.
 
 The last tests kill one server (its whole process group, SIGKILL: a crash) in the middle of
 a load, then start it again on the same port.
@@ -64,6 +65,7 @@ class Fleet:
     vllm: list[ServerProcess | None]
     mixture: ServerProcess
     materialized: ServerProcess
+    local: ServerProcess
     stack: Any = field(repr=False)
 
     @property
@@ -92,18 +94,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         ]
         urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)
 
-        def mergeserve(name: str, mixture: bool) -> ServerProcess:
+        def mergeserve(name: str, mixture: bool, remote: bool = True) -> ServerProcess:
             env = ENGINE_ENV | {
-                "MERGESERVE_ENGINE__KIND": "remote",
-                "MERGESERVE_ENGINE__REMOTE__URL": urls,
-                "MERGESERVE_ENGINE__REMOTE__HEALTH_INTERVAL_S": "0.5",
-                "MERGESERVE_ENGINE__REMOTE__MAX_BACKOFF_S": "2",
                 "MERGESERVE_ENGINE__MIXTURE": str(mixture).lower(),
                 # Three slots: one bundle is pinned (kept registered on every server).
                 "MERGESERVE_ENGINE__MAX_LORAS": "3",
                 "MERGESERVE_MERGE__CACHE_DIR": str(tmp / name / "merged"),
                 "MERGESERVE_CACHE": str(tmp / name / "cache"),
             }
+            if remote:
+                env |= {
+                    "MERGESERVE_ENGINE__KIND": "remote",
+                    "MERGESERVE_ENGINE__REMOTE__URL": urls,
+                    "MERGESERVE_ENGINE__REMOTE__HEALTH_INTERVAL_S": "0.5",
+                    "MERGESERVE_ENGINE__REMOTE__MAX_BACKOFF_S": "2",
+                }
             args = ["--model", str(base), "--experts-dir", str(experts)]
             return stack.enter_context(server_process(args, tmp / f"{name}.log", env))
 
@@ -114,6 +119,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             vllm,
             mergeserve("mixture", True),
             mergeserve("materialized", False),
+            mergeserve("local", True, remote=False),  # the in-process engine's mixture
             stack,
         )
 
@@ -166,15 +172,21 @@ def test_both_servers_pass_the_self_check_and_hold_the_pinned_bundle(fleet: Flee
     assert roots[0] == roots[1]
 
 
-def test_the_mixture_over_two_servers_equals_each_materialized_merge(fleet: Fleet) -> None:
+def test_the_mixture_over_two_servers_equals_the_local_mixture_and_the_merge(
+    fleet: Fleet,
+) -> None:
+    assert httpx.get(f"{fleet.local.base_url}/ready", timeout=10).json()["mixture"] is True
     prompt = "Add 30 and 45."
     texts = []
     for w in WEIGHTINGS:
         mix = chat(fleet.mixture, prompt, merge_weights=w).json()
         ref = chat(fleet.materialized, prompt, merge_weights=w).json()
-        assert mix["merge"]["weights"] == ref["merge"]["weights"]
-        assert mix["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
-        assert mix["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+        local = chat(fleet.local, prompt, merge_weights=w).json()
+        for other in (ref, local):
+            assert mix["merge"]["weights"] == other["merge"]["weights"]
+            text = other["choices"][0]["message"]["content"]
+            assert mix["choices"][0]["message"]["content"] == text, w
+            assert mix["usage"]["completion_tokens"] == other["usage"]["completion_tokens"]
         texts.append(mix["choices"][0]["message"]["content"])
     assert len(set(texts)) > 1
 

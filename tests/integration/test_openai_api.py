@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from mergeserve.config import Settings
-from mergeserve.runtime.engine import FakeEngine
+from mergeserve.runtime.engine import EndpointState, FakeEngine
 from mergeserve.server.app import create_app
 from tests.integration.conftest import Served, metric_samples, serve, uvicorn_in_thread
 
@@ -389,3 +389,55 @@ async def test_static_merges_are_served_at_their_built_rank_up_to_the_slot_rank(
     async for s in serve(settings, FakeEngine(context_len=256)):
         cards = {m["id"]: m for m in (await s.http.get("/v1/models")).json()["data"]}
         assert read_lora_dir(Path(cards["static:linear"]["root"])).rank == want
+
+
+class FleetEngine(FakeEngine):
+    """A FakeEngine that reports servers, as the remote engine does."""
+
+    fleet: list[EndpointState] = []  # noqa: RUF012 (set per test on the instance)
+
+    def endpoints(self) -> list[EndpointState]:
+        return list(self.fleet)
+
+
+async def test_ready_and_metrics_list_the_remote_servers(settings: Settings) -> None:
+    engine = FleetEngine(context_len=256)
+    engine.fleet = [
+        EndpointState("http://vllm-0:8000", True, 2, 3),
+        EndpointState("http://vllm-1:8000", False, 0, 0, "unreachable: ConnectError()"),
+    ]
+    async for s in serve(settings, engine):
+        ready = (await s.http.get("/ready")).json()
+        assert ready["endpoints"] == [
+            {
+                "url": "http://vllm-0:8000",
+                "up": True,
+                "outstanding": 2,
+                "adapters": 3,
+                "reason": None,
+            },
+            {
+                "url": "http://vllm-1:8000",
+                "up": False,
+                "outstanding": 0,
+                "adapters": 0,
+                "reason": "unreachable: ConnectError()",
+            },
+        ]
+        text = (await s.http.get("/metrics")).text
+        up = metric_samples(text, "mergeserve_engine_endpoint_up")
+        assert up == {
+            (("endpoint", "http://vllm-0:8000"),): 1.0,
+            (("endpoint", "http://vllm-1:8000"),): 0.0,
+        }
+        busy = metric_samples(text, "mergeserve_engine_endpoint_requests")
+        assert busy[(("endpoint", "http://vllm-0:8000"),)] == 2.0
+        engine.fleet = engine.fleet[:1]  # vllm-1 no longer discovered: its series go
+        text = (await s.http.get("/metrics")).text
+        assert list(metric_samples(text, "mergeserve_engine_endpoint_up")) == [
+            (("endpoint", "http://vllm-0:8000"),)
+        ]
+    # An in-process engine has no servers: /ready says nothing of them.
+    async for s in serve(settings, FakeEngine(context_len=256)):
+        assert "endpoints" not in (await s.http.get("/ready")).json()
+        assert "mergeserve_engine_endpoint_up{" not in (await s.http.get("/metrics")).text

@@ -74,6 +74,9 @@ class Server:
             return httpx.Response(200, text="Success")
         if request.url.path == "/v1/completions":
             self.completions.append(body)
+            if self.plugin and "vllm_xargs" in body and body["model"] == "m":
+                message = "mergeserve mixture refused: it scales a LoRA adapter (the bundle)"
+                return httpx.Response(400, json={"error": {"message": message}})
             if body["model"] not in {"m", *self.adapters}:
                 return httpx.Response(404, json={"error": {"message": "no such model"}})
             # A weighting the plugin applies answers as its materialized merge (`ref`).
@@ -443,3 +446,19 @@ async def test_names_are_per_mergeserve_process_and_survive_a_blip() -> None:
     assert server.completions[-1]["model"] == e1.adapter_name(target(1))
     for e in (e1, e2):
         await e.shutdown()
+
+
+async def test_after_the_self_check_a_server_without_the_plugin_is_kept_out() -> None:
+    a, _, e = two()
+    bundle, ref = target(7, "/shared/bundle"), target(8, "/shared/ref")
+    assert await e.verify_mixture(bundle, MixtureSpec((8, 8), (0.5, 0.0)), ref) is None
+    a.up = False
+    await e.check_health()
+    await wait_for(lambda: not state(e)["a"][0])
+    a.up, a.plugin = True, False  # back, from an image without mergeserve's plugin
+    await asyncio.sleep(0.8)
+    assert state(e)["a"][0] is False
+    assert "plugin" in str(next(s.reason for s in e.endpoints() if not s.up))
+    a.plugin = True
+    await wait_for(lambda: state(e)["a"][0])
+    await e.shutdown()
