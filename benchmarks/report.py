@@ -76,9 +76,12 @@ DESCRIPTIONS: dict[str, str] = {
         "same server materializing every merge (mixture off: each weighting built, written "
         "and registered) and against mergeserve's local in-process mixture; and in front of "
         "two such servers. Every arm serves the same requests: a distinct weighting of all "
-        "six demo experts per request, 16 concurrent streaming clients, 32 tokens each. Both "
-        "servers share this machine's two cores, so `two_endpoints_over_one` measures the "
-        "balancing's overhead here, not what a second machine adds."
+        "six demo experts per request, 16 concurrent streaming clients, 32 tokens each. "
+        "`remote2` is mergeserve in front of two servers, each bound to its own half of the "
+        "cores, `remote-half` in front of one of them alone: on one machine two replicas "
+        "split its cores (and their batches), so these ratios show what balancing costs "
+        "here, not what a second machine adds. The `shared-cores` file is the first run "
+        "(the script at the commit its JSON names), with both servers bound to every core."
     ),
     "merge_math": (
         "What building one request's merge costs (`benchmarks/merge_math.py`): shared + "

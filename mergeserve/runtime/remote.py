@@ -27,8 +27,8 @@ server:
   answer as that merge materialized, and not as the bundle unscaled); if it fails on one,
   every dynamic request is materialized instead and ``/v1/models`` says why. A server
   taken in later (back from an outage, or discovered) must show the plugin (its front end
-  refuses a mixture without an adapter) or is kept out. Bundles are registered on every
-  server and stay registered while pinned.
+  refuses a mixture without an adapter, which a vLLM without it serves) or is kept out.
+  Bundles are registered on every server and stay registered while pinned.
 
 Several servers (`_Endpoint` each, with its own adapter table and connections):
 
@@ -125,13 +125,27 @@ class _Endpoint:
         self.url = url
         self.prefix = prefix
         self._settings = settings
+        # Idle connections are dropped before the server's keep-alive ends (uvicorn's, in
+        # vLLM, is 5 s), so a request is seldom sent on one the server is closing.
         self.http = httpx.AsyncClient(
             base_url=url,
             headers=_auth(settings),
             timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0
+            ),
             transport=transport,
         )
+        self.probe = httpx.AsyncClient(
+            base_url=url,
+            headers=_auth(settings),
+            timeout=10.0,
+            limits=httpx.Limits(max_keepalive_connections=1, keepalive_expiry=4.0),
+            transport=transport,
+        )
+        """Health and admission checks; a failed one is asked again on a new connection
+        (`confirm`), so that a stale kept-alive one never passes for a dead server."""
+        self._transport = transport
         self.loaded: OrderedDict[int, str] = OrderedDict()
         """Engine id -> the name it is registered under on the server, LRU first."""
         self.loading: dict[int, asyncio.Future[str]] = {}
@@ -145,6 +159,24 @@ class _Endpoint:
         self.gone = False
         """No longer among the discovered addresses: closed once idle."""
         self._guards: set[asyncio.Timeout] = set()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.probe.aclose()
+
+    async def confirm(self, method: str, route: str, **kw: Any) -> httpx.Response:
+        """`route` asked on `probe`, and once more on a new connection if that fails at
+        the transport."""
+        try:
+            return await self.probe.request(method, route, **kw)
+        except httpx.TransportError:
+            async with httpx.AsyncClient(
+                base_url=self.url,
+                headers=_auth(self._settings),
+                timeout=10.0,
+                transport=self._transport,
+            ) as fresh:
+                return await fresh.request(method, route, **kw)
 
     def state(self) -> EndpointState:
         return EndpointState(self.url, self.up, self.outstanding, len(self.loaded), self.reason)
@@ -411,6 +443,7 @@ class RemoteVllmEngine(EngineClient):
         if key is None and lora is not None:
             key = f"adapter-{lora.int_id}"
         tried: set[str] = set()
+        again: set[str] = set()  # servers that passed a health check after an error
         while True:
             ep = self._pick(key, tried)
             tried.add(ep.url)
@@ -425,12 +458,18 @@ class RemoteVllmEngine(EngineClient):
                 return
             except (_Down, httpx.TransportError) as e:
                 if isinstance(e, httpx.TransportError):
-                    ep.take_out(f"unreachable: {e!r}")
+                    await self._failed(ep, e)
                 if started or isinstance(e, httpx.TimeoutException):
                     raise EngineUnavailableError(
-                        f"the vLLM server {ep.url} failed during the request ({ep.reason})"
+                        f"the vLLM server {ep.url} failed during the request "
+                        f"({ep.reason or repr(e)})"
                     ) from e
-                log.info("request %s moves off %s (%s)", request_id, ep.url, ep.reason)
+                if ep.up and ep.url not in again:
+                    # It answers its health check: the connection was stale (closed by
+                    # the server as we sent). Once more, on any server, this one included.
+                    again.add(ep.url)
+                    tried.discard(ep.url)
+                log.info("request %s moves off %s (%s)", request_id, ep.url, ep.reason or e)
             finally:
                 ep.outstanding -= 1
 
@@ -518,6 +557,11 @@ class RemoteVllmEngine(EngineClient):
             return forced
         live = [e for e in self._endpoints.values() if e.up and not e.gone and e.url not in tried]
         if not live:
+            if any(e.up and not e.gone for e in self._endpoints.values()):
+                raise EngineUnavailableError(
+                    f"the vLLM servers failed this request: {', '.join(sorted(tried))} "
+                    "broke the connection, and answer their health checks"
+                )
             raise EngineUnavailableError(
                 "no vLLM server is up: "
                 + "; ".join(f"{e.url} {e.reason or 'failed'}" for e in self._endpoints.values())
@@ -556,17 +600,18 @@ class RemoteVllmEngine(EngineClient):
         return None
 
     async def _has_plugin(self, ep: _Endpoint) -> bool:
-        """Whether `ep`'s vLLM loads mergeserve's plugin: its front end refuses a mixture
-        that names no adapter (400, "mergeserve mixture refused"), where a vLLM without it
-        ignores `vllm_xargs` and answers. For a server taken in after the self-check."""
-        body = {
-            "model": self._model,
-            "prompt": [0],
-            "max_tokens": 1,
-            "vllm_xargs": MixtureSpec((1,), (1.0,)).extra_args(),
-        }
-        r = await ep.http.post("/v1/completions", json=body, timeout=30)
-        return r.status_code == 400 and "mergeserve mixture refused" in r.text
+        """Whether `ep`'s vLLM loads mergeserve's plugin, for a server taken in after the
+        self-check: its front end refuses a mixture that names no adapter, where a vLLM
+        without the plugin ignores `vllm_xargs` and answers as it answers the same request
+        without them (asked first: it must answer). vLLM 0.32's completions route gives
+        the refusal as a 500 with an empty message, so any refusal counts."""
+        body: dict[str, Any] = {"model": self._model, "prompt": [0], "max_tokens": 1}
+        control = await ep.confirm("POST", "/v1/completions", json=body, timeout=30)
+        if control.status_code != 200:
+            raise _NotYet(f"/v1/completions answered {control.status_code}")
+        body["vllm_xargs"] = MixtureSpec((1,), (1.0,)).extra_args()
+        r = await ep.confirm("POST", "/v1/completions", json=body, timeout=30)
+        return r.status_code != 200
 
     # ------------------------------------------------------------------- health
 
@@ -604,13 +649,21 @@ class RemoteVllmEngine(EngineClient):
         due = [e for e in self._endpoints.values() if now >= e.next_check and not e.gone]
         await asyncio.gather(*(self._check(e) for e in due))
         for url in [u for u, e in self._endpoints.items() if e.gone and not e.outstanding]:
-            await self._endpoints.pop(url).http.aclose()
+            await self._endpoints.pop(url).close()
+
+    async def _failed(self, ep: _Endpoint, e: httpx.TransportError) -> None:
+        """A request on `ep` failed at the transport: a refused connection takes it out;
+        anything else (a broken or stale connection, a timeout) is checked at once."""
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            ep.take_out(f"unreachable: {e!r}")
+        elif ep.up:
+            await self._check(ep)
 
     async def _check(self, ep: _Endpoint) -> None:
         """One health check of `ep`; one out of service is taken back if it passes the
         start-up checks again and its pinned bundles are registered on it."""
         try:
-            r = await ep.http.get("/health", timeout=5)
+            r = await ep.confirm("GET", "/health", timeout=5)
             if r.status_code != 200:
                 raise _NotYet(f"/health answered {r.status_code}")
             if ep.up:
@@ -625,7 +678,7 @@ class RemoteVllmEngine(EngineClient):
                 ep.backoff(why)
 
     async def _admit(self, ep: _Endpoint) -> None:
-        r = await ep.http.get("/v1/models", timeout=10)
+        r = await ep.confirm("GET", "/v1/models", timeout=10)
         if r.status_code != 200:
             raise _NotYet(f"/v1/models answered {r.status_code}")
         models = {m["id"]: m for m in r.json().get("data", [])}
@@ -635,7 +688,7 @@ class RemoteVllmEngine(EngineClient):
         if int(card.get("max_model_len") or 0) < self._max_model_len:
             raise _NotYet(f"its max_model_len is below {self._max_model_len}")
         body = {"model": self._model, "prompt": _PROBE, "add_special_tokens": False}
-        r = await ep.http.post("/tokenize", json=body, timeout=10)
+        r = await ep.confirm("POST", "/tokenize", json=body, timeout=10)
         if r.status_code != 200 or r.json().get("tokens") != self._probe_tokens():
             raise _NotYet("it does not tokenize like mergeserve's base model")
         if self._mixtures and not await self._has_plugin(ep):
@@ -692,7 +745,7 @@ class RemoteVllmEngine(EngineClient):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._monitor
             for ep in self._endpoints.values():
-                await ep.http.aclose()
+                await ep.close()
 
     # ------------------------------------------------------------------ adapters
 
@@ -714,7 +767,7 @@ class RemoteVllmEngine(EngineClient):
             try:
                 await ep.acquire(lora, self.remote_path(lora.path))
             except httpx.TransportError as e:
-                ep.take_out(f"unreachable: {e!r}")
+                await self._failed(ep, e)
                 continue
             ep.release(lora)
             ep.pinned.add(lora.int_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from mergeserve.config import Settings
+from mergeserve.config import LLAMA_PROJECTIONS, Settings
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.testing import ServerProcess, make_random_lora, make_tiny_llama, server_process
 
@@ -51,6 +51,26 @@ def write_examples(expert_dir: Path, prompts: list[str]) -> None:
     (expert_dir / "examples.jsonl").write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
     )
+
+
+def tiny_llama_and_two_experts(tmp: Path) -> tuple[Path, Path]:
+    """A tiny llama and an experts dir with `rand` (rank 8) and `rand2` (rank 4), each with
+    its examples: the model the remote-engine tests serve."""
+    base = make_tiny_llama(tmp / "tiny-llama")
+    experts = tmp / "experts"
+    make_random_lora(base, experts / "rand", rank=8)
+    make_random_lora(base, experts / "rand2", rank=4, seed=2)
+    for name in ("rand", "rand2"):
+        write_examples(experts / name, EXAMPLES[name])
+    return base, experts
+
+
+def vllm_lora_args(served_name: str, max_loras: int) -> list[str]:
+    """`vllm serve` arguments for the tiny llama with runtime LoRA at mergeserve's limits."""
+    args = ["--served-model-name", served_name, "--dtype", "float32"]
+    args += ["--max-model-len", "512", "--max-num-seqs", "16", "--enable-lora"]
+    args += ["--max-lora-rank", "64", "--max-loras", str(max_loras)]
+    return [*args, "--lora-target-modules", *LLAMA_PROJECTIONS]
 
 
 def mergeserve_cli(*args: str) -> str:

@@ -23,15 +23,12 @@ import httpx
 import openai
 import pytest
 
-from mergeserve.config import LLAMA_PROJECTIONS
 from mergeserve.testing import (
     ServerProcess,
-    make_random_lora,
-    make_tiny_llama,
     server_process,
     vllm_server_process,
 )
-from tests.e2e.conftest import ENGINE_ENV, EXAMPLES, write_examples
+from tests.e2e.conftest import ENGINE_ENV, tiny_llama_and_two_experts, vllm_lora_args
 
 pytestmark = pytest.mark.vllm
 
@@ -53,29 +50,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("remote")
-    base = make_tiny_llama(tmp / "tiny-llama")
-    experts = tmp / "experts"
-    make_random_lora(base, experts / "rand", rank=8)
-    make_random_lora(base, experts / "rand2", rank=4, seed=2)
-    for name in ("rand", "rand2"):
-        write_examples(experts / name, EXAMPLES[name])
-    vllm_args = [
-        "--served-model-name",
-        VLLM_NAME,
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",  # mergeserve's own setting says 1024: the server's window must win
-        "--max-num-seqs",
-        "16",
-        "--enable-lora",
-        "--max-lora-rank",
-        "64",
-        "--max-loras",
-        "2",
-        "--lora-target-modules",
-        *LLAMA_PROJECTIONS,
-    ]
+    base, experts = tiny_llama_and_two_experts(tmp)
+    # The server's window (512) is below mergeserve's own setting (1024): it must win.
+    vllm_args = vllm_lora_args(VLLM_NAME, max_loras=2)
     merged = tmp / "shared" / "merged"
     # A plain vLLM server in this environment loads the mergeserve plugin too; eager, as
     # the other e2e servers (see ENGINE_ENV).

@@ -11,6 +11,7 @@ a load, then start it again on the same port.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -22,37 +23,18 @@ from typing import Any
 import httpx
 import pytest
 
-from mergeserve.config import LLAMA_PROJECTIONS
 from mergeserve.testing import (
     ServerProcess,
     free_port,
     kill_process_group,
-    make_random_lora,
-    make_tiny_llama,
     server_process,
     vllm_server_process,
 )
-from tests.e2e.conftest import ENGINE_ENV, EXAMPLES, write_examples
+from tests.e2e.conftest import ENGINE_ENV, tiny_llama_and_two_experts, vllm_lora_args
 
 pytestmark = pytest.mark.vllm
 
-VLLM_ARGS = [
-    "--served-model-name",
-    "tiny-fleet",
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "512",
-    "--max-num-seqs",
-    "16",
-    "--enable-lora",
-    "--max-lora-rank",
-    "64",
-    "--max-loras",
-    "3",
-    "--lora-target-modules",
-    *LLAMA_PROJECTIONS,
-]
+VLLM_ARGS = vllm_lora_args("tiny-fleet", max_loras=3)
 PLUGIN = {"MERGESERVE_LORA_COMPILE": "0", "MERGESERVE_MIXTURE_PLUGIN": "1"}
 WEIGHTINGS = [{"rand": 0.6, "rand2": 0.9}, {"rand": 1.0, "rand2": 0.3}, {"rand2": 1.0}]
 
@@ -75,15 +57,8 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    import contextlib
-
     tmp = tmp_path_factory.mktemp("fleet")
-    base = make_tiny_llama(tmp / "tiny-llama")
-    experts = tmp / "experts"
-    make_random_lora(base, experts / "rand", rank=8)
-    make_random_lora(base, experts / "rand2", rank=4, seed=2)
-    for name in ("rand", "rand2"):
-        write_examples(experts / name, EXAMPLES[name])
+    base, experts = tiny_llama_and_two_experts(tmp)
     ports = [free_port(), free_port()]
     with contextlib.ExitStack() as stack:
         vllm: list[ServerProcess | None] = [
@@ -225,8 +200,8 @@ def stream(server: ServerProcess, content: str, started: threading.Event) -> tup
             event = json.loads(line[6:])
             if "error" in event:
                 outcome = event["error"]["message"]
-            elif event.get("choices"):
-                started.set()
+            elif any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                started.set()  # a token (the first event carries only the role)
     return outcome, time.monotonic()
 
 

@@ -49,6 +49,7 @@ class Server:
         self.hang: asyncio.Event | None = None
         self.completions: list[dict[str, object]] = []  # the bodies of /v1/completions
         self.streaming = 0
+        self.stale = 0  # requests to drop as a server closing a kept-alive connection does
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
@@ -73,10 +74,15 @@ class Server:
             del self.adapters[body["lora_name"]]
             return httpx.Response(200, text="Success")
         if request.url.path == "/v1/completions":
+            if self.stale:
+                self.stale -= 1
+                raise httpx.RemoteProtocolError(
+                    "Server disconnected without sending a response.", request=request
+                )
             self.completions.append(body)
             if self.plugin and "vllm_xargs" in body and body["model"] == "m":
-                message = "mergeserve mixture refused: it scales a LoRA adapter (the bundle)"
-                return httpx.Response(400, json={"error": {"message": message}})
+                # vLLM 0.32's completions route: the plugin's refusal is a bare 500
+                return httpx.Response(500, json={"error": {"message": ""}})
             if body["model"] not in {"m", *self.adapters}:
                 return httpx.Response(404, json={"error": {"message": "no such model"}})
             # A weighting the plugin applies answers as its materialized merge (`ref`).
@@ -462,3 +468,24 @@ async def test_after_the_self_check_a_server_without_the_plugin_is_kept_out() ->
     a.plugin = True
     await wait_for(lambda: state(e)["a"][0])
     await e.shutdown()
+
+
+async def test_a_stale_connection_is_not_a_dead_server() -> None:
+    """The server closed a kept-alive connection as we sent on it: the request is sent
+    again (the server answers its health check) and the server stays in service."""
+    server = Server()
+    e = engine(server)  # one server: "another one" is not there to take the request
+    server.stale = 1
+    assert await generate(e, target(1)) == ("abc", 3)
+    assert [s.up for s in e.endpoints()] == [True]
+    server.stale = 2  # twice in a row on the only server: the request fails, cleanly
+    with pytest.raises(EngineUnavailableError, match="failed this request"):
+        await generate(e, None)
+    assert [s.up for s in e.endpoints()] == [True]  # /health still answers: still in
+    assert await generate(e, None) == ("abc", 3)
+    a, b, e2 = two()
+    a.stale = b.stale = 1
+    assert await asyncio.gather(*(generate(e2, None) for _ in range(4))) == [("abc", 3)] * 4
+    assert state(e2) == {"a": (True, 0), "b": (True, 0)}
+    for x in (e, e2):
+        await x.shutdown()
