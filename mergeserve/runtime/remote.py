@@ -36,10 +36,13 @@ Several servers (`_Endpoint` each, with its own adapter table and connections):
   of one adapter or weighting prefer one server (rendezvous hashing of the adapter id or
   mixture salt), for its prefix cache, while that server has at most `affinity_slack` more
   in flight than the least loaded;
-* a server that refuses the connection or breaks a stream is taken out at once, and so is
-  one whose ``/health`` fails (asked every `health_interval_s`); the requests streaming
-  from it fail with EngineUnavailableError at once (never left waiting on a dead socket),
-  and one that had not produced a token yet is sent to another server instead. A server
+* a server that refuses the connection is taken out at once; one that breaks a
+  connection is asked its ``/health`` at once and taken out if that fails (a kept-alive
+  connection the server was closing as we sent is not a dead server), and every server's
+  ``/health`` is asked every `health_interval_s`; the requests streaming from a server
+  taken out fail with EngineUnavailableError at once (never left waiting on a dead
+  socket), and one that had not produced a token yet is sent again (to another server,
+  or once more to the same one if it answers its health check). A server
   out is asked again with backoff (0.5 s doubling to `max_backoff_s`) and taken back once
   it is healthy, serves the base model and tokenizes alike, with the pinned bundles
   registered on it again;
