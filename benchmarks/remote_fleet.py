@@ -134,7 +134,7 @@ def main() -> None:
     plugin = {**theirs, "MERGESERVE_MIXTURE_PLUGIN": "1"}
 
     def bound(c: list[int] | None) -> dict[str, str]:
-        b = cpu_binding(None, c) if c is None else ",".join(map(str, c))
+        b = cpu_binding(None if c is None else len(c), c)  # c: exactly these cores
         return {**plugin, CPU_BIND_ENV: b} if b else plugin
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:

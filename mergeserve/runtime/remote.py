@@ -128,27 +128,20 @@ class _Endpoint:
         self.url = url
         self.prefix = prefix
         self._settings = settings
+        self._transport = transport
         # Idle connections are dropped before the server's keep-alive ends (uvicorn's, in
         # vLLM, is 5 s), so a request is seldom sent on one the server is closing.
-        self.http = httpx.AsyncClient(
-            base_url=url,
-            headers=_auth(settings),
+        self.http = self._client(
             timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
             limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0
             ),
-            transport=transport,
         )
-        self.probe = httpx.AsyncClient(
-            base_url=url,
-            headers=_auth(settings),
-            timeout=10.0,
-            limits=httpx.Limits(max_keepalive_connections=1, keepalive_expiry=4.0),
-            transport=transport,
+        self.probe = self._client(
+            limits=httpx.Limits(max_keepalive_connections=1, keepalive_expiry=4.0)
         )
         """Health and admission checks; a failed one is asked again on a new connection
         (`confirm`), so that a stale kept-alive one never passes for a dead server."""
-        self._transport = transport
         self.loaded: OrderedDict[int, str] = OrderedDict()
         """Engine id -> the name it is registered under on the server, LRU first."""
         self.loading: dict[int, asyncio.Future[str]] = {}
@@ -163,6 +156,12 @@ class _Endpoint:
         """No longer among the discovered addresses: closed once idle."""
         self._guards: set[asyncio.Timeout] = set()
 
+    def _client(self, **kw: Any) -> httpx.AsyncClient:
+        """A client of this server (timeout 10 s unless `kw` says otherwise)."""
+        kw.setdefault("timeout", 10.0)
+        kw.setdefault("transport", self._transport)
+        return httpx.AsyncClient(base_url=self.url, headers=_auth(self._settings), **kw)
+
     async def close(self) -> None:
         await self.http.aclose()
         await self.probe.aclose()
@@ -173,12 +172,7 @@ class _Endpoint:
         try:
             return await self.probe.request(method, route, **kw)
         except httpx.TransportError:
-            async with httpx.AsyncClient(
-                base_url=self.url,
-                headers=_auth(self._settings),
-                timeout=10.0,
-                transport=self._transport,
-            ) as fresh:
+            async with self._client() as fresh:
                 return await fresh.request(method, route, **kw)
 
     def state(self) -> EndpointState:
@@ -231,7 +225,7 @@ class _Endpoint:
         self.up, self.reason, self.failures = True, None, 0
         self.next_check = time.monotonic() + self._settings.health_interval_s
 
-    async def acquire(self, lora: LoRATarget, remote_path: str) -> str:
+    async def acquire(self, lora: LoRATarget) -> str:
         """The server's name of `lora`, registered first if needed (single-flight), and
         marked in use (never unloaded) until `release`."""
         loaded_now = False
@@ -250,10 +244,11 @@ class _Endpoint:
             fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             self.loading[lora.int_id] = fut
             try:
-                name = f"{self.prefix}-{lora.int_id}-{lora.name}"
+                name = _adapter_name(self.prefix, lora)
+                path = _remote_path(self._settings, lora.path)
                 await self.post_adapter(
                     "/v1/load_lora_adapter",
-                    {"lora_name": name, "lora_path": remote_path},
+                    {"lora_name": name, "lora_path": path},
                     f"{self.url} could not load adapter {lora.name} ({lora.path})",
                 )
                 self.loaded[lora.int_id] = name
@@ -265,6 +260,12 @@ class _Endpoint:
                 raise
             finally:
                 del self.loading[lora.int_id]
+
+    async def pin(self, lora: LoRATarget) -> None:
+        """Register `lora` and keep it registered (never evicted) until unpinned."""
+        await self.acquire(lora)
+        self.release(lora)
+        self.pinned.add(lora.int_id)
 
     def release(self, lora: LoRATarget) -> None:
         self.in_use[lora.int_id] -= 1
@@ -437,14 +438,12 @@ class RemoteVllmEngine(EngineClient):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        key = f"adapter-{lora.int_id}" if lora is not None else None  # affinity
         if mixture is not None:
             body["vllm_xargs"] = mixture.extra_args()
             # The plugin salts the prefix cache itself; sent too, so that no vLLM ever
             # hands KV computed under one weighting to another (equal salts share).
-            body["cache_salt"] = mixture.salt()
-        key = mixture.salt() if mixture is not None else None
-        if key is None and lora is not None:
-            key = f"adapter-{lora.int_id}"
+            body["cache_salt"] = key = mixture.salt()
         tried: set[str] = set()
         again: set[str] = set()  # servers that passed a health check after an error
         while True:
@@ -481,7 +480,7 @@ class RemoteVllmEngine(EngineClient):
     ) -> AsyncGenerator[GenerationDelta, None]:
         """`generate` on one endpoint: `_Down` or httpx.TransportError if it fails."""
         if lora is not None:
-            body["model"] = await ep.acquire(lora, self.remote_path(lora.path))
+            body["model"] = await ep.acquire(lora)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 async with ep.guard():
@@ -492,7 +491,7 @@ class RemoteVllmEngine(EngineClient):
                         await r.aread()
                     await stack.aclose()
                     ep.loaded.pop(lora.int_id, None)
-                    body["model"] = await ep.acquire(lora, self.remote_path(lora.path))
+                    body["model"] = await ep.acquire(lora)
                     ep.release(lora)  # acquired twice now: once is this request's
                     async with ep.guard():
                         r = await self._open(ep, body, request_id, stack)
@@ -565,10 +564,7 @@ class RemoteVllmEngine(EngineClient):
                     f"the vLLM servers failed this request: {', '.join(sorted(tried))} "
                     "broke the connection, and answer their health checks"
                 )
-            raise EngineUnavailableError(
-                "no vLLM server is up: "
-                + "; ".join(f"{e.url} {e.reason or 'failed'}" for e in self._endpoints.values())
-            )
+            raise self._none_up()
         least = min(e.outstanding for e in live)
         if key is not None:
             best = max(live, key=lambda e: _score(key, e.url))
@@ -623,13 +619,16 @@ class RemoteVllmEngine(EngineClient):
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
         self._watch()
-        if self._monitor is None or not any(e.up for e in self._endpoints.values()):
-            await self._check_all()  # no monitor between calls: ask now
+        if not any(e.up for e in self._endpoints.values()):
+            await self._check_all()  # none up: ask now rather than wait for the monitor
         if not any(e.up and not e.gone for e in self._endpoints.values()):
-            raise EngineUnavailableError(
-                "no vLLM server is up: "
-                + "; ".join(f"{e.url} {e.reason}" for e in self._endpoints.values())
-            )
+            raise self._none_up()
+
+    def _none_up(self) -> EngineUnavailableError:
+        return EngineUnavailableError(
+            "no vLLM server is up: "
+            + "; ".join(f"{e.url} {e.reason or 'failed'}" for e in self._endpoints.values())
+        )
 
     def _watch(self) -> None:
         """Start the health monitor (first call inside the event loop)."""
@@ -703,9 +702,7 @@ class RemoteVllmEngine(EngineClient):
         ep.up = True  # for the registrations below (guarded), undone if one fails
         try:
             for lora in list(self._pins.values()):
-                await ep.acquire(lora, self.remote_path(lora.path))
-                ep.release(lora)
-                ep.pinned.add(lora.int_id)
+                await ep.pin(lora)
         except BaseException:
             ep.up = False
             ep.loaded.clear()
@@ -732,7 +729,7 @@ class RemoteVllmEngine(EngineClient):
 
     def adapter_name(self, lora: LoRATarget) -> str:
         """The name `lora` is registered under on the servers."""
-        return f"{self._prefix}-{lora.int_id}-{lora.name}"
+        return _adapter_name(self._prefix, lora)
 
     def _add(self, url: str) -> _Endpoint:
         ep = _Endpoint(url, self._settings, self._transport, self._prefix)
@@ -768,12 +765,9 @@ class RemoteVllmEngine(EngineClient):
         self._pins[lora.int_id] = lora
         for ep in [e for e in self._endpoints.values() if e.up]:
             try:
-                await ep.acquire(lora, self.remote_path(lora.path))
+                await ep.pin(lora)
             except httpx.TransportError as e:
                 await self._failed(ep, e)
-                continue
-            ep.release(lora)
-            ep.pinned.add(lora.int_id)
         if not any(lora.int_id in e.pinned for e in self._endpoints.values()):
             del self._pins[lora.int_id]
             raise EngineUnavailableError(f"no vLLM server could register {lora.name}")
@@ -791,16 +785,24 @@ class RemoteVllmEngine(EngineClient):
         return dict(next(iter(self._endpoints.values())).loaded)
 
     def remote_path(self, path: Path) -> str:
-        """`path` as the server sees it (`path_map`, longest prefix first)."""
-        text = str(path)
-        for local in sorted(self._settings.path_map, key=len, reverse=True):
-            if text == local or text.startswith(local.rstrip("/") + "/"):
-                return self._settings.path_map[local] + text[len(local.rstrip("/")) :]
-        return text
+        """`path` as the servers see it (`path_map`, longest prefix first)."""
+        return _remote_path(self._settings, path)
 
 
 class _NotYet(Exception):
     """A server that cannot be used (yet): why."""
+
+
+def _adapter_name(prefix: str, lora: LoRATarget) -> str:
+    return f"{prefix}-{lora.int_id}-{lora.name}"
+
+
+def _remote_path(settings: RemoteSettings, path: Path) -> str:
+    text = str(path)
+    for local in sorted(settings.path_map, key=len, reverse=True):
+        if text == local or text.startswith(local.rstrip("/") + "/"):
+            return settings.path_map[local] + text[len(local.rstrip("/")) :]
+    return text
 
 
 def _auth(settings: RemoteSettings) -> dict[str, str]:
