@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +74,19 @@ class RemoteSettings(BaseModel):
     affinity_slack: int = Field(4, ge=0)
     """Requests of one adapter or weighting go to the same server (its prefix cache) while
     it has at most this many more requests in flight than the least loaded one."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_urls(cls, v: str | None) -> str | None:
+        """Each comma-separated part an http(s) URL with a host: a typo is refused at
+        start-up, not found out after `connect_timeout_s` of trying it."""
+        for part in (v or "").split(","):
+            parts = urlsplit(part.strip())
+            if part.strip() and (parts.scheme not in ("http", "https") or not parts.hostname):
+                raise ValueError(
+                    f"{part.strip()!r} is not an http(s) URL with a host, e.g. http://vllm:8000"
+                )
+        return v
 
     def urls(self) -> list[str]:
         """The servers' base URLs (`url` split at commas)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from mergeserve.config import RemoteSettings
 from mergeserve.errors import (
@@ -395,6 +396,12 @@ async def test_the_self_check_runs_on_every_server() -> None:
     assert reason is not None
     assert reason.startswith("http://b:8000")
     await e.shutdown()
+
+
+@pytest.mark.parametrize("bad", ["vllm:8000", "http://", "ftp://vllm", "http://a:8000,b:8000"])
+def test_a_url_that_is_not_http_is_refused_at_once(bad: str) -> None:
+    with pytest.raises(ValidationError, match="not an http"):
+        RemoteSettings(url=bad)
 
 
 def test_urls_are_comma_separated_and_discovery_resolves_every_address(
