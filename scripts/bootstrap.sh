@@ -31,8 +31,8 @@ fi
 
 "$python" - <<'PY'
 import sys
-if sys.version_info < (3, 10):
-    sys.exit(f"mergeserve needs Python >= 3.10, found {sys.version.split()[0]}")
+if sys.version_info < (3, 11):
+    sys.exit(f"mergeserve needs Python >= 3.11, found {sys.version.split()[0]}")
 PY
 
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
