@@ -31,12 +31,13 @@ from mergeserve.adapters.calibration import (
     load_base,
     module_terms,
 )
-from mergeserve.adapters.learned import prediction_entropy
+from mergeserve.adapters.merging.learned import prediction_entropy
 from mergeserve.adapters.peft_io import discover_lora_dirs, load_lora_factors
 from mergeserve.config import Settings
+from mergeserve.router.base import route
 from mergeserve.router.embedders import SentenceEmbedder
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import PrototypeRouter, route
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.tasks.generators import TASKS, generate
 from mergeserve.tasks.training import greedy_replies

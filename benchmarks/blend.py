@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from mergeserve.router.base import experts_examples
 from mergeserve.router.embedders import SentenceEmbedder
 from mergeserve.router.open_world import GateConfig, make_gate
-from mergeserve.router.routers import PrototypeRouter, experts_examples
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.generators import Sample, generate
 from mergeserve.tasks.open_world import COMPOSED_OF, TWO_SKILL
 

@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from mergeserve.router.base import experts_examples
 from mergeserve.router.embedders import SentenceEmbedder
 from mergeserve.router.open_world import GateConfig, OpenWorldGate, auroc, make_gate
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import PrototypeRouter, experts_examples
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.generators import TASKS, generate
 from mergeserve.tasks.open_world import TWO_SKILL, general_prompts
 from mergeserve.tasks.phrasings import generate_phrasings

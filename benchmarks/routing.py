@@ -31,17 +31,12 @@ from typing import Any
 
 import torch
 
+from mergeserve.router.arrow import ArrowRouter
+from mergeserve.router.base import Router, experts_examples, route
 from mergeserve.router.embedders import Embedder, HiddenStateEmbedder, SentenceEmbedder
+from mergeserve.router.mlp import MLPRouter, train_mlp_router
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import (
-    ArrowRouter,
-    MLPRouter,
-    PrototypeRouter,
-    Router,
-    experts_examples,
-    route,
-    train_mlp_router,
-)
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.generators import Sample, generate
 
 ROOT = Path(__file__).resolve().parent.parent

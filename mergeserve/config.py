@@ -332,7 +332,7 @@ class AdminSettings(BaseModel):
 
 
 class ExperimentSettings(BaseModel):
-    """A/B experiments (see mergeserve.server.experiments)."""
+    """A/B experiments (see mergeserve.service.experiments)."""
 
     file: Path | None = None
     """A TOML file of experiments; each is served as a model of its own name."""

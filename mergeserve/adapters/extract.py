@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergeserve.adapters.lowrank import AdapterFactors, DenseDelta, LowRank, rank_for_energy
-from mergeserve.adapters.methods import ProgressBar, stack_svd, top_singular
+from mergeserve.adapters.lowrank import (
+    AdapterFactors,
+    DenseDelta,
+    LowRank,
+    ProgressBar,
+    rank_for_energy,
+    stack_svd,
+    top_singular,
+)
 from mergeserve.errors import AdapterError
 
 LORA_PREFIX = "base_model.model.model"

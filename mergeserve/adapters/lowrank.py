@@ -20,14 +20,26 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from mergeserve.errors import AdapterError
+
+RANDOMIZED_SVD_MIN_DIM = 2048
+"""Dense matrices whose smaller side exceeds this are factored by randomized SVD."""
+
+
+class ProgressBar(Protocol):
+    """What a long computation reports progress to (a `tqdm` bar fits): one unit per
+    module."""
+
+    def update(self, n: int = 1) -> object: ...
+
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.layers\.(?P<idx>\d+)\.(?P<kind>.+)$")
 
@@ -452,3 +464,63 @@ def relative_error(approx: Mapping[str, Tensor], exact: Mapping[str, Tensor]) ->
     num = sum(float((approx[k].double() - exact[k].double()).pow(2).sum()) for k in exact)
     den = sum(float(exact[k].double().pow(2).sum()) for k in exact)
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+# ------------------------------------------------------------------ dense to low rank
+
+
+def factor_layers(
+    merged: Iterable[Tensor],
+    cap: int,
+    energy: float | None = None,
+    progress: ProgressBar | None = None,
+) -> LowRank:
+    """One module kind's dense merged deltas, layer by layer, as one LoRA stack by SVD: of
+    rank `cap`, or with `energy` the smallest rank keeping that fraction of Σσ² in every
+    layer (≤ cap). `merged` may be a generator: one dense matrix is held at a time."""
+    factors: list[tuple[Tensor, Tensor, Tensor]] = []
+    for m in merged:
+        factors.append(top_singular(m, cap, full=energy is not None))
+        if progress is not None:
+            progress.update(1)
+    k = cap
+    if energy is not None:
+        k = min(cap, rank_for_energy(torch.stack([s for _, s, _ in factors]), energy))
+    return stack_svd(factors, k)
+
+
+def top_singular(
+    m: Tensor, k: int, full: bool = False, randomized_min_dim: int = RANDOMIZED_SVD_MIN_DIM
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(U [out, k], S [k], Vh [k, in]) of the top k singular triplets of m [out, in].
+
+    Exact SVD for small matrices or when the whole spectrum is needed (`full`); randomized
+    (Halko et al., `torch.svd_lowrank`, 4 power iterations) when min(out, in) is large and
+    k small, where a full SVD would cost O(out·in·min(out, in)).
+    """
+    small = min(m.shape)
+    if not full and small > randomized_min_dim and k < small // 4:
+        u, s, v = torch.svd_lowrank(m, q=min(k + 16, small), niter=4)
+        return u[:, :k], s[:k], v[:, :k].T
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def stack_svd(factors: Sequence[tuple[Tensor, Tensor, Tensor]], k: int | None = None) -> LowRank:
+    """Per-layer SVD triplets (U [out, ·], S [·], Vh [·, in]) → one LoRA stack of rank k.
+
+    √σ goes on each side (as `truncate` does); layers with fewer than k triplets are
+    padded with zero factors, which leaves their Δ unchanged. k defaults to the largest.
+    """
+    k = max(s.shape[0] for _, s, _ in factors) if k is None else k
+    bs, as_ = [], []
+    for u, s, vh in factors:
+        root = s[:k].clamp_min(0).sqrt()
+        b, a = u[:, :k] * root, vh[:k] * root[:, None]
+        pad = k - root.shape[0]
+        if pad:
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
+        bs.append(b)
+        as_.append(a)
+    return LowRank(torch.stack(as_).contiguous(), torch.stack(bs).contiguous())

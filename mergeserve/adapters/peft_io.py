@@ -26,7 +26,9 @@ from mergeserve.errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""What mergeserve accepts as a name (an expert's, an experiment's): 1-64 characters of
+letters, digits, '_', '.', '-', starting with a letter or digit."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class LoraAdapterInfo:
 
 
 def validate_adapter_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not NAME_RE.match(name):
         raise AdapterError(
             f"adapter name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-', "
             "starting with a letter or digit"

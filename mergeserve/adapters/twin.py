@@ -36,26 +36,19 @@ from mergeserve.adapters.lowrank import (
     ConcatBasis,
     DenseDelta,
     LowRank,
+    ProgressBar,
     ScaledFactors,
     aligned_or_empty,
     frobenius_sq,
     merge_adapters,
+    stack_svd,
     subtract,
+    top_singular,
     truncate,
     truncate_adapter,
     union_layout,
 )
-from mergeserve.adapters.methods import (
-    DENSE_COMBINERS,
-    METHODS,
-    MergeOptions,
-    ProgressBar,
-    check_values,
-    merge,
-    stack_svd,
-    top_singular,
-    weights_of,
-)
+from mergeserve.adapters.merging import METHODS, MergeOptions, merge
 from mergeserve.errors import AdapterError, InvalidRequestError
 
 TWIN_FILE = "twin.json"
@@ -351,20 +344,22 @@ def decompose_dense(
     cfg = config or TwinConfig()
     if not experts:
         raise InvalidRequestError("no experts to decompose", param="experts")
-    if cfg.shared_method not in DENSE_COMBINERS:
+    method = METHODS.get(cfg.shared_method)
+    if method.combine is None:
+        dense = sorted(m.name for m in METHODS if m.combine is not None)
         raise InvalidRequestError(
-            f"dense experts take shared_method in {sorted(DENSE_COMBINERS)}, "
-            f"not {cfg.shared_method!r}",
+            f"dense experts take shared_method in {dense}, not {cfg.shared_method!r}",
             param="shared_method",
         )
     if cfg.exclusive_rank is None:
         raise InvalidRequestError("dense decomposition needs exclusive_rank", param="rank")
     names = tuple(experts)
     values = [experts[n] for n in names]
-    check_values(METHODS.get(cfg.shared_method), len(values), cfg.shared_options)
-    combine = DENSE_COMBINERS[cfg.shared_method](cfg.shared_options)
-    opts = cfg.shared_options
-    w = torch.tensor(weights_of(opts, len(values)))
+    method.check(len(values), cfg.shared_options)
+    opts = method.resolve(cfg.shared_options, len(values))
+    combine = method.combine(opts)
+    assert opts.weights is not None  # every dense method declares a default
+    w = torch.tensor(opts.weights)
     kinds = sorted({k for v in values for k in v.groups})
     shared_dense: dict[str, Tensor] = {}
     shared_lr: dict[str, LowRank] = {}

@@ -1,1 +1,1 @@
-"""Where merged adapters meet the engine; only engine.py imports vLLM."""
+"""Where merged adapters meet the engine; only engine/local.py imports vLLM."""

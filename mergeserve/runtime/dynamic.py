@@ -22,7 +22,6 @@ and a changed expert set can never reuse a stale one.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -33,17 +32,17 @@ from typing import Literal
 
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
 from mergeserve.adapters.twin import SHARED_TERM, TwinDecomposition
+from mergeserve.router.base import Router, router_scores
 from mergeserve.router.policy import MergeKey, Routing, RoutingPolicy
-from mergeserve.router.routers import Router, router_scores
 from mergeserve.runtime.batching import MicroBatcher
 from mergeserve.runtime.engine import LoRATarget
 from mergeserve.runtime.expert_set import ExpertSet
-from mergeserve.runtime.materialize import AdapterCache, AdapterLease, MaterializedAdapter
+from mergeserve.runtime.materialize import AdapterCache, AdapterLease
 from mergeserve.runtime.mixture import MixtureBundle, MixtureSpec
+from mergeserve.runtime.pinning import AdapterHook, BundlePins
 
 log = logging.getLogger(__name__)
 
-AdapterHook = Callable[[LoRATarget], Awaitable[None]]
 MixtureVerifier = Callable[[LoRATarget, MixtureSpec, LoRATarget], Awaitable[str | None]]
 """(bundle, spec, materialized reference) -> None if the engine agrees, else why not."""
 
@@ -115,6 +114,68 @@ class DynamicState:
         twin_id = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         object.__setattr__(self, "twin_id", twin_id)
 
+    def content_key(self, mode: DynamicMode, key: MergeKey, shared_scale: float) -> str:
+        """The materialized merge's cache key: equal requests share one adapter, and a
+        changed expert set or Twin configuration never reuses a stale one."""
+        h = hashlib.sha256(b"mergeserve-merge/2\n")
+        h.update(f"{mode}\n{self.experts.digest}\n".encode())
+        if mode == "twin":
+            h.update(f"{self.twin_id}\n{shared_scale!r}\n".encode())
+        h.update(json.dumps(key.weights).encode())
+        return h.hexdigest()
+
+    def merged(self, mode: DynamicMode, key: MergeKey, shared_scale: float) -> AdapterFactors:
+        """The merge of `key` by rank concatenation (untruncated; blocking)."""
+        if mode == "twin":
+            return self.twin.merged(key.as_dict(), shared_scale)
+        return self.twin.merged_exact(key.as_dict())
+
+    def merged_rank(self, mode: DynamicMode, key: MergeKey, shared_scale: float) -> int:
+        """The rank of the untruncated merge, from the factors' ranks alone."""
+        source = self.twin.exclusives if mode == "twin" else self.experts.factors
+        parts = [source[n] for n in key.experts]
+        if mode == "twin" and self.twin.shared is not None and shared_scale != 0:
+            parts.append(self.twin.shared)
+        kinds = {k for p in parts for k in p.ranks}
+        return max((sum(p.ranks.get(k, 0) for p in parts) for k in kinds), default=0)
+
+    def rank_bound(self, mode: DynamicMode, top_k: int | None) -> int:
+        """An upper bound of the rank of any merge of at most `top_k` experts."""
+        parts = self.twin.exclusives if mode == "twin" else self.experts.factors
+        ranks = sorted((max(f.ranks.values()) for f in parts.values()), reverse=True)
+        bound = sum(ranks[: top_k or len(ranks)])
+        if mode == "twin" and self.twin.shared is not None:
+            bound += max(self.twin.shared.ranks.values())
+        return bound
+
+    def bundle_terms(self, mode: DynamicMode) -> dict[str, AdapterFactors]:
+        """The mixture bundle's blocks in order: S then the exclusives (twin), or the
+        experts (exact)."""
+        if mode == "exact":
+            return dict(self.experts.factors)
+        terms = dict(self.twin.exclusives)
+        if self.twin.shared is not None:
+            terms = {SHARED_TERM: self.twin.shared, **terms}
+        return terms
+
+    def bundle_rank(self, mode: DynamicMode) -> int:
+        return sum(max(f.ranks.values(), default=0) for f in self.bundle_terms(mode).values())
+
+    def bundle_key(self, mode: DynamicMode) -> str:
+        h = hashlib.sha256(b"mergeserve-bundle/1\n")
+        h.update(f"{mode}\n{self.experts.digest}\n".encode())
+        if mode == "twin":
+            h.update(f"{self.twin_id}\n".encode())
+        return h.hexdigest()
+
+    def mixture_spec(self, mode: DynamicMode, key: MergeKey, shared_scale: float) -> MixtureSpec:
+        """The request's scale over the bundle's blocks."""
+        terms = self.bundle_terms(mode)
+        ranks = tuple(max(f.ranks.values(), default=0) for f in terms.values())
+        weights = key.as_dict()
+        w = tuple(shared_scale if n == SHARED_TERM else float(weights.get(n, 0.0)) for n in terms)
+        return MixtureSpec(ranks, w)
+
 
 class DynamicMerger:
     """Routing (micro-batched, off the event loop) and merged-adapter leases."""
@@ -142,14 +203,8 @@ class DynamicMerger:
         self.max_rank = max_rank
         self.mixture_rank = mixture_rank
         """Largest bundle rank served by the mixture; None: always materialize."""
-        self._pin_fn, self._unpin_fn = pin, unpin
-        self._max_pinned = 3
-        self._current: dict[DynamicMode, MaterializedAdapter] = {}
-        """The bundle of each mode's latest state."""
-        self._engine_pinned: dict[str, MaterializedAdapter] = {}
-        """Bundles pinned in the engine now, by key."""
-        self._retiring: list[MaterializedAdapter] = []
-        self._pin_lock = asyncio.Lock()
+        self.pins = BundlePins(cache)
+        self.pins.configure(pin, unpin)
         self._batcher: MicroBatcher[str, tuple[Routing, DynamicState]] = MicroBatcher(
             self._route_batch, max_batch=max_batch, name="router", on_batch=on_batch
         )
@@ -218,63 +273,32 @@ class DynamicMerger:
     def content_key(
         self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
     ) -> str:
-        state = state or self._state
-        h = hashlib.sha256(b"mergeserve-merge/2\n")
-        h.update(f"{mode}\n{state.experts.version}\n".encode())
-        if mode == "twin":
-            h.update(f"{state.twin_id}\n{self.shared_scale(key)!r}\n".encode())
-        h.update(json.dumps(key.weights).encode())
-        return h.hexdigest()
+        return (state or self._state).content_key(mode, key, self.shared_scale(key))
 
     def build(
         self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
     ) -> AdapterFactors:
-        """The merged adapter's factors (blocking: runs in the cache's worker thread)."""
-        twin = (state or self._state).twin
-        weights = key.as_dict()
-        if mode == "twin":
-            merged = twin.merged(weights, self.shared_scale(key))
-        else:
-            merged = twin.merged_exact(weights)
+        """The merged adapter's factors, truncated to `max_rank` (blocking: runs in the
+        cache's worker thread)."""
+        merged = (state or self._state).merged(mode, key, self.shared_scale(key))
         if max(merged.ranks.values()) > self.max_rank:
             merged = truncate_adapter(merged, self.max_rank)
         return merged
-
-    def merged_rank(
-        self, mode: DynamicMode, key: MergeKey, state: DynamicState | None = None
-    ) -> int:
-        """The rank of the untruncated merge, from the factors' ranks alone."""
-        state = state or self._state
-        source = state.twin.exclusives if mode == "twin" else state.experts.factors
-        parts = [source[n] for n in key.experts]
-        if mode == "twin" and state.twin.shared is not None and self.shared_scale(key) != 0:
-            parts.append(state.twin.shared)
-        kinds = {k for p in parts for k in p.ranks}
-        return max((sum(p.ranks.get(k, 0) for p in parts) for k in kinds), default=0)
-
-    def max_routed_rank(self, mode: DynamicMode, state: DynamicState | None = None) -> int:
-        """An upper bound of the rank of any routed merge (top-k experts of largest rank)."""
-        state = state or self._state
-        parts = state.twin.exclusives if mode == "twin" else state.experts.factors
-        ranks = sorted((max(f.ranks.values()) for f in parts.values()), reverse=True)
-        bound = sum(ranks[: self.policy.top_k or len(ranks)])
-        if mode == "twin" and state.twin.shared is not None:
-            bound += max(state.twin.shared.ranks.values())
-        return bound
 
     def identity(self, mode: DynamicMode, router_id: str, state: DynamicState | None = None) -> str:
         """A digest of everything a routed reply of `mode` depends on besides the base
         model: the experts, the Twin configuration, the router (`router_id`), the policy,
         and the slot rank when a routed merge can exceed it (then it is truncated)."""
         state = state or self._state
+        capped = state.rank_bound(mode, self.policy.top_k) > self.max_rank
         payload = {
             "mode": mode,
-            "experts": state.experts.version,
+            "experts": state.experts.digest,
             "twin": state.twin_id if mode == "twin" else None,
             "twin_none": self.twin_none if mode == "twin" else None,
             "router": router_id,
             "policy": asdict(self.policy),
-            "cap": self.max_rank if self.max_routed_rank(mode, state) > self.max_rank else None,
+            "cap": self.max_rank if capped else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -284,7 +308,7 @@ class DynamicMerger:
         state = state or self._state
         payload = {
             "route": "top1",
-            "experts": state.experts.version,
+            "experts": state.experts.digest,
             "router": router_id,
             "policy": asdict(self.policy),
         }
@@ -292,89 +316,25 @@ class DynamicMerger:
 
     # ------------------------------------------------------------------- mixture
 
-    @staticmethod
-    def bundle_terms(mode: DynamicMode, state: DynamicState) -> dict[str, AdapterFactors]:
-        """The bundle's blocks in order: S then the exclusives (twin), or the experts."""
-        if mode == "exact":
-            return dict(state.experts.factors)
-        terms = dict(state.twin.exclusives)
-        if state.twin.shared is not None:
-            terms = {SHARED_TERM: state.twin.shared, **terms}
-        return terms
-
-    def bundle_rank(self, mode: DynamicMode, state: DynamicState | None = None) -> int:
-        terms = self.bundle_terms(mode, state or self._state)
-        return sum(max(f.ranks.values(), default=0) for f in terms.values())
-
     def uses_mixture(self, mode: DynamicMode, state: DynamicState | None = None) -> bool:
         """Whether requests of `mode` under `state` are served by the mixture."""
-        return self.mixture_rank is not None and self.bundle_rank(mode, state) <= self.mixture_rank
-
-    def bundle_key(self, mode: DynamicMode, state: DynamicState | None = None) -> str:
-        state = state or self._state
-        h = hashlib.sha256(b"mergeserve-bundle/1\n")
-        h.update(f"{mode}\n{state.experts.version}\n".encode())
-        if mode == "twin":
-            h.update(f"{state.twin_id}\n".encode())
-        return h.hexdigest()
-
-    def mixture_spec(self, mode: DynamicMode, key: MergeKey, state: DynamicState) -> MixtureSpec:
-        terms = self.bundle_terms(mode, state)
-        ranks = tuple(max(f.ranks.values(), default=0) for f in terms.values())
-        weights = key.as_dict()
-        s = self.shared_scale(key)
-        w = tuple(s if n == SHARED_TERM else float(weights.get(n, 0.0)) for n in terms)
-        return MixtureSpec(ranks, w)
+        rank = self.mixture_rank
+        return rank is not None and (state or self._state).bundle_rank(mode) <= rank
 
     async def _acquire_mixture(
         self, mode: DynamicMode, key: MergeKey, st: DynamicState
     ) -> MergedAdapter:
-        spec = self.mixture_spec(mode, key, st)
+        scale = self.shared_scale(key)
+        spec = st.mixture_spec(mode, key, scale)
         lease = await self.cache.acquire(
-            self.bundle_key(mode, st),
-            lambda: MixtureBundle.build(self.bundle_terms(mode, st)).factors,
+            st.bundle_key(mode), lambda: MixtureBundle.build(st.bundle_terms(mode)).factors
         )
         try:
-            await self._pin(mode, lease.adapter)
+            await self.pins.serve(mode, lease.adapter)
         except BaseException:
             lease.release()
             raise
-        return MergedAdapter(mode, key, lease, self.merged_rank(mode, key, st), False, spec)
-
-    async def _pin(self, mode: DynamicMode, adapter: MaterializedAdapter) -> None:
-        """Pin the current bundle of `mode` in the engine (while fewer than `max_pinned`
-        are: the other slots stay free for experts and static merges; an unpinned bundle
-        is loaded on demand like any adapter); unpin bundles of older states once no
-        request holds them."""
-        cur = self._current.get(mode)
-        if cur is None or cur.key != adapter.key:
-            async with self._pin_lock:
-                cur = self._current.get(mode)
-                if cur is None or cur.key != adapter.key:
-                    self._current[mode] = adapter
-                    if cur is not None:
-                        self._retiring.append(cur)
-                    await self._sweep()
-                    if self._pin_fn is not None and len(self._engine_pinned) < self._max_pinned:
-                        try:
-                            await self._pin_fn(adapter.target)
-                            self._engine_pinned[adapter.key] = adapter
-                            log.info("pinned the %s bundle %s", mode, adapter.target.name)
-                        except Exception as e:  # the engine loads it on demand instead
-                            log.warning("could not pin %s: %s", adapter.target.name, e)
-        if self._retiring:
-            await self._sweep()
-
-    async def _sweep(self) -> None:
-        done = [a for a in self._retiring if self.cache.pins(a.key) == 0]
-        for a in done:
-            self._retiring.remove(a)
-            if self._engine_pinned.pop(a.key, None) is not None and self._unpin_fn is not None:
-                try:
-                    await self._unpin_fn(a.target)
-                    log.info("unpinned the bundle %s (no request holds it)", a.target.name)
-                except Exception as e:
-                    log.warning("could not unpin %s: %s", a.target.name, e)
+        return MergedAdapter(mode, key, lease, st.merged_rank(mode, key, scale), False, spec)
 
     async def probe_mixture(self, verify: MixtureVerifier) -> str | None:
         """The start-up self-check of the mixture path: None if the engine serves the
@@ -383,7 +343,7 @@ class DynamicMerger:
         Probes the first expert at weight 0.5 (a weighting the unscaled bundle does not
         give) in `exact` mode if the mixture serves it, else in `twin`: the bundle with
         that spec and the materialized merge of the same key are handed to `verify`
-        (EngineClient.verify_mixture). Nothing to check (None) when no mode is served
+        (Engine.verify_mixture). Nothing to check (None) when no mode is served
         by the mixture."""
         st = self._state
         modes = [m for m in ("exact", "twin") if self.uses_mixture(m, st)]
@@ -407,11 +367,8 @@ class DynamicMerger:
     async def stop_mixture(self) -> None:
         """Serve by materializing from now on, and unpin the bundles (each once no
         request holds it)."""
-        async with self._pin_lock:
-            self.mixture_rank = None
-            self._retiring.extend(self._current.values())
-            self._current.clear()
-            await self._sweep()
+        self.mixture_rank = None
+        await self.pins.retire_all()
 
     def use_mixture(
         self,
@@ -423,13 +380,12 @@ class DynamicMerger:
         """Serve by the in-engine mixture from now on, bundles up to `rank` (None: off),
         pinning at most `max_pinned` bundles in engine slots at once."""
         self.mixture_rank = rank
-        self._pin_fn, self._unpin_fn = pin, unpin
-        self._max_pinned = max_pinned
+        self.pins.configure(pin, unpin, max_pinned)
 
     @property
     def pinned(self) -> dict[str, LoRATarget]:
         """The bundles pinned in the engine now, by key."""
-        return {k: a.target for k, a in self._engine_pinned.items()}
+        return self.pins.pinned
 
     # ------------------------------------------------------------------- leases
 
@@ -449,7 +405,7 @@ class DynamicMerger:
         lease = await self.cache.acquire(
             self.content_key(mode, key, st), lambda: self.build(mode, key, st)
         )
-        full = self.merged_rank(mode, key, st)
+        full = st.merged_rank(mode, key, self.shared_scale(key))
         return MergedAdapter(mode, key, lease, lease.adapter.rank, full > self.max_rank)
 
     async def close(self) -> None:

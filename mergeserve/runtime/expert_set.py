@@ -2,8 +2,8 @@
 and the static merges.
 
 `ExpertSet` is immutable: the experts' infos, factors and content digests, and a
-`version` (a hash of every (name, digest) pair) that names the set. Derived artifacts are
-cached on disk under `<cache>/derived/<kind>-<hash of version and options>/`, so a restart
+`digest` (a hash of every (name, digest) pair) that names the set. Derived artifacts are
+cached on disk under `<cache>/derived/<kind>-<hash of digest and options>/`, so a restart
 with the same experts and settings reuses them (a Twin decomposition of the demo set takes
 a second; TIES and DARE merges tens of seconds on a CPU) and a change of either builds new
 ones. Imports no server code and no vLLM.
@@ -24,9 +24,9 @@ from types import MappingProxyType
 import torch
 
 from mergeserve import __version__
-from mergeserve.adapters.calibration import read_examples
+from mergeserve.adapters.calibration import Example, read_examples
 from mergeserve.adapters.lowrank import AdapterFactors, truncate_adapter
-from mergeserve.adapters.methods import METHODS, Example, MergeContext, MergeOptions, merge
+from mergeserve.adapters.merging import METHODS, MergeContext, MergeOptions, merge, static_arms
 from mergeserve.adapters.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -39,28 +39,14 @@ from mergeserve.adapters.peft_io import (
 )
 from mergeserve.adapters.twin import TwinConfig, TwinDecomposition, decompose
 from mergeserve.errors import ConfigurationError
-from mergeserve.router.routers import EXAMPLES_FILE
+from mergeserve.router.base import EXAMPLES_FILE
 
 log = logging.getLogger(__name__)
 
-STATIC_DEFAULTS: Mapping[str, MergeOptions] = MappingProxyType(
-    {
-        "linear": MergeOptions(),
-        "task_arithmetic": MergeOptions(scale=0.5),
-        "ties": MergeOptions(density=0.5),
-        "dare_ties": MergeOptions(density=0.5, scale=0.5, seed=0),
-        "pcb": MergeOptions(density=0.2),
-        "lines": MergeOptions(),
-        "regmean": MergeOptions(),
-        "regmean_pp": MergeOptions(),
-        "fisher": MergeOptions(),
-        "adamerging": MergeOptions(),
-        "adamerging_layer": MergeOptions(),
-        "evolutionary": MergeOptions(),
-    }
-)
-"""Every static arm a server can serve, with its options (those of docs/results.md); the
-methods' own defaults (see methods.py and learned.py) where none are given."""
+STATIC_DEFAULTS: Mapping[str, MergeOptions] = MappingProxyType(static_arms())
+"""Every static arm a server can serve, with its options (those of docs/results.md): each
+method's `arm`, declared beside it (adapters/merging/); the method's own defaults where
+the arm gives none."""
 
 BUILD_FILE = "build.json"
 """Written beside a static merge: how long it took to build, and with what."""
@@ -98,8 +84,8 @@ class ExpertSet:
         return tuple(self.infos)
 
     @property
-    def version(self) -> str:
-        """Hash of the (name, digest) pairs: equal sets have equal versions."""
+    def digest(self) -> str:
+        """Hash of the (name, digest) pairs: equal sets have equal digests."""
         h = hashlib.sha256(b"mergeserve-expert-set/1\n")
         for name, digest in self.digests.items():
             h.update(f"{name}\0{digest}\n".encode())
@@ -156,7 +142,7 @@ def _options_json(o: MergeOptions) -> dict[str, object]:
 def _derived_dir(cache: Path, kind: str, experts: ExpertSet, params: object) -> Path:
     """Where an artifact derived from `experts` with `params` lives. mergeserve's version
     is part of the key: a release that changes a method never serves an old result."""
-    key = [experts.version, params, __version__]
+    key = [experts.digest, params, __version__]
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return cache / "derived" / f"{kind}-{h.hexdigest()[:20]}"
 

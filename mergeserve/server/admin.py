@@ -36,9 +36,10 @@ from mergeserve.errors import (
     PermissionDeniedError,
 )
 from mergeserve.failpoints import failpoint
-from mergeserve.router.routers import EXAMPLES_FILE
-from mergeserve.server.live import LiveSet, ServedSet
+from mergeserve.router.base import EXAMPLES_FILE
 from mergeserve.server.state import AppState, get_state
+from mergeserve.service.live import LiveSet
+from mergeserve.service.served_set import ServedSet
 
 UPLOAD_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXAMPLES_FILE)
 """The files an upload may carry (file parts are named by these file names)."""

@@ -27,18 +27,19 @@ from mergeserve.adapters.peft_io import BaseModelSpec
 from mergeserve.config import Settings
 from mergeserve.router.embedders import Embedder, make_embedder
 from mergeserve.runtime.base_model import resolve_base_model
-from mergeserve.runtime.engine import EngineClient, build_engine
+from mergeserve.runtime.engine import Engine, build_engine
 from mergeserve.runtime.materialize import IdAllocator
 from mergeserve.server.admin import FORM_SLACK
 from mergeserve.server.admin import router as admin_router
 from mergeserve.server.errors import BodyLimit, install_error_handlers
-from mergeserve.server.experiments import FeedbackBook, check_arms, load_experiments
-from mergeserve.server.live import LiveSet, ServedSet
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.api_router import router as openai_router
 from mergeserve.server.openai.serving import ChatService
 from mergeserve.server.shedding import Admission
 from mergeserve.server.state import AppState, get_state
+from mergeserve.service.experiments import FeedbackBook, check_arms, load_experiments
+from mergeserve.service.live import LiveSet
+from mergeserve.service.served_set import ServedSet
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def shared_embedder(name: str, base_dir: Path | None, layer: int | None, threads
     return make_embedder(name, base_dir=base_dir, layer=layer, threads=threads)
 
 
-def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
+def build_state(settings: Settings, engine: Engine | None) -> AppState:
     """Everything the routes need. Validates experts and builds every arm before starting
     the (slow) engine, so a bad expert fails fast."""
     base_dir: Path | None = None
@@ -117,7 +118,7 @@ def build_state(settings: Settings, engine: EngineClient | None) -> AppState:
     return AppState(engine, metrics, chat, base_dir or Path("(engine supplied)"), live)
 
 
-def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager

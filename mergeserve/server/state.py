@@ -9,16 +9,16 @@ from fastapi import Request
 
 from mergeserve.errors import EngineUnavailableError
 from mergeserve.runtime.dynamic import DynamicMerger
-from mergeserve.runtime.engine import EngineClient
-from mergeserve.server.catalog import ModelCatalog
-from mergeserve.server.live import LiveSet
+from mergeserve.runtime.engine import Engine
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.openai.serving import ChatService
+from mergeserve.service.catalog import ModelCatalog
+from mergeserve.service.live import LiveSet
 
 
 @dataclass(frozen=True)
 class AppState:
-    engine: EngineClient
+    engine: Engine
     metrics: Metrics
     chat: ChatService
     base_model_dir: Path

@@ -251,7 +251,7 @@ def ab_report(
     boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    from mergeserve.server.experiments import read_feedback
+    from mergeserve.service.experiments import read_feedback
 
     arms = experiment_arms(base_url, experiment)
     names = list(arms)
@@ -320,7 +320,7 @@ def feedback_scores(
     """Each arm's scores (by the arm as the experiment names it), and how many records
     were dropped: no arm, or a score that is not a finite number in SCORE_RANGE (a log
     written by an older server, or edited by hand, may hold anything)."""
-    from mergeserve.server.experiments import SCORE_RANGE
+    from mergeserve.service.experiments import SCORE_RANGE
 
     lo, hi = SCORE_RANGE
     scores: dict[str, list[float]] = {a: [] for a in arms}
@@ -337,7 +337,7 @@ def feedback_scores(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from mergeserve.server.experiments import SCORE_RANGE
+    from mergeserve.service.experiments import SCORE_RANGE
 
     exp, arms = report["experiment"], report["arms"]
     pct = int(100 * report["confidence"])

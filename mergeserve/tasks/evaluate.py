@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from mergeserve.service.model_ids import EXPERT_PREFIX
 from mergeserve.tasks.generators import TASKS, Sample, generate, get_task
-
-EXPERT_PREFIX = "expert:"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from mergeserve.adapters.peft_io import save_lora_factors
 from mergeserve.config import LLAMA_PROJECTIONS, Settings
 from mergeserve.runtime.expert_set import ExpertSet, twin_decomposition
 from mergeserve.runtime.mixture import MixtureBundle
-from mergeserve.server.live import twin_config
+from mergeserve.service.served_set import twin_config
 
 PROMPTS = [
     "What is the capital of France?",

@@ -15,7 +15,7 @@ import torch
 from mergeserve.adapters.lowrank import AdapterFactors
 from mergeserve.config import Settings
 from mergeserve.runtime.expert_set import ExpertSet, twin_decomposition
-from mergeserve.server.live import twin_config
+from mergeserve.service.served_set import twin_config
 from tests.e2e.conftest import RealServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]

@@ -237,7 +237,7 @@ async def test_the_plugin_probe_tells_the_two_servers_apart(stack: Stack, plugge
     vLLM's front end with the plugin refuses a mixture without an adapter; without it, the
     `vllm_xargs` are ignored and the request answered."""
     from mergeserve.config import RemoteSettings
-    from mergeserve.runtime.remote import RemoteVllmEngine
+    from mergeserve.runtime.engine.remote import RemoteVllmEngine
 
     found = {}
     for name, s in (("plain", stack), ("plugged", plugged)):

@@ -13,7 +13,7 @@ import pytest
 
 from mergeserve.config import Settings
 from mergeserve.runtime.engine import FakeEngine
-from mergeserve.server import live as live_module
+from mergeserve.service import served_set as live_module
 from tests.integration.conftest import Served, serve
 
 USER = [{"role": "user", "content": "What is 12 plus 30?"}]

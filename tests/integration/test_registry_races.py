@@ -21,7 +21,7 @@ import pytest
 from mergeserve.adapters.registry import ExpertNotFoundError, ExpertRegistry, RegistrySnapshot
 from mergeserve.config import AdminSettings, Settings
 from mergeserve.runtime.engine import FakeEngine
-from mergeserve.server.live import LiveSet
+from mergeserve.service.live import LiveSet
 from tests.conftest import write_fake_lora_dir
 from tests.integration.conftest import Served, serve
 

@@ -7,7 +7,7 @@ import pytest
 from mergeserve.adapters.peft_io import discover_lora_dirs
 from mergeserve.errors import ConfigurationError, ModelNotFoundError
 from mergeserve.runtime.materialize import IdAllocator
-from mergeserve.server.catalog import ModelCatalog
+from mergeserve.service.catalog import ModelCatalog
 
 
 def test_base_and_one_model_per_expert_with_distinct_ids(experts_dir: Path) -> None:

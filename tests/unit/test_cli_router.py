@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mergeserve.cli import main
-from mergeserve.router.routers import MLP_META, ROUTER_DIR
+from mergeserve.router.base import ROUTER_DIR
+from mergeserve.router.mlp import MLP_META
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "experts"
 NAMES = sorted(p.name for p in DEMO.iterdir() if (p / "examples.jsonl").is_file())

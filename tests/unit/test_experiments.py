@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mergeserve.errors import AuthenticationError, ConfigurationError, InvalidRequestError
-from mergeserve.server.experiments import (
+from mergeserve.service.experiments import (
     Answered,
     Arm,
     Experiment,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors
-from mergeserve.adapters.methods import MergeOptions
+from mergeserve.adapters.merging import MergeOptions
 from mergeserve.adapters.peft_io import load_lora_factors
 from mergeserve.adapters.twin import TwinConfig
 from mergeserve.errors import InvalidRequestError
@@ -41,13 +41,13 @@ def dense(a: AdapterFactors) -> dict[str, Tensor]:
     return {name: b @ a_ for name, (a_, b) in a.modules().items()}
 
 
-def test_version_names_the_content(experts_root: Path, tmp_path: Path) -> None:
+def test_digest_names_the_content(experts_root: Path, tmp_path: Path) -> None:
     one, two = ExpertSet.from_dir(experts_root), ExpertSet.from_dir(experts_root)
     assert one.names == NAMES
-    assert one.version == two.version
+    assert one.digest == two.digest
     write_fake_lora_dir(experts_root / "sort", rank=4, seed=99)  # new weights, same name
     changed = ExpertSet.from_dir(experts_root)
-    assert changed.version != one.version
+    assert changed.digest != one.digest
     assert changed.digests["add"] == one.digests["add"]
     assert changed.digests["sort"] != one.digests["sort"]
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergeserve.adapters.extract import dense_deltas, extract_lora
-from mergeserve.adapters.methods import top_singular
+from mergeserve.adapters.lowrank import top_singular
 from mergeserve.adapters.peft_io import save_lora_factors
 from mergeserve.errors import AdapterError
 from mergeserve.testing import make_tiny_llama

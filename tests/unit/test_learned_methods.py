@@ -27,21 +27,15 @@ from mergeserve.adapters.calibration import (
     module_terms,
     read_examples,
 )
-from mergeserve.adapters.learned import (
+from mergeserve.adapters.lowrank import AdapterFactors, relative_error
+from mergeserve.adapters.merging import METHODS, MergeContext, MergeOptions, merge
+from mergeserve.adapters.merging.dense import pcb_combine
+from mergeserve.adapters.merging.learned import (
     answer_nll,
     cma_es,
     fisher_diagonal,
     prediction_entropy,
     regmean_solve,
-)
-from mergeserve.adapters.lowrank import AdapterFactors, relative_error
-from mergeserve.adapters.methods import (
-    METHODS,
-    MergeContext,
-    MergeOptions,
-    check_values,
-    merge,
-    pcb_combine,
 )
 from mergeserve.adapters.peft_io import load_lora_factors
 from mergeserve.errors import InvalidRequestError
@@ -95,7 +89,8 @@ def test_pcb_matches_the_authors_algorithm(ratio: float) -> None:
     g = torch.Generator().manual_seed(4)
     d = torch.randn(4, 30, 40, generator=g, dtype=torch.float64)
     d[1, :5] = -d[0, :5]  # some conflicts
-    got = pcb_combine(MergeOptions(density=ratio, scale=0.7))(d, torch.ones(4), "k", 0)
+    opts = METHODS.get("pcb").resolve(MergeOptions(density=ratio, scale=0.7), 4)
+    got = pcb_combine(opts)(d, torch.ones(4), "k", 0)
     ref = pcb_reference(d.reshape(4, -1).numpy(), ratio, 0.7).reshape(30, 40)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
 
@@ -394,9 +389,9 @@ def test_adamerging_lowers_the_prediction_entropy(tiny: tuple[Path, list[Path]],
     base, experts = tiny
     fs = factors(experts)
     model, tok = load_base(str(base))
-    from mergeserve.adapters.learned import adamerging_coefficients
+    from mergeserve.adapters.merging.learned import adamerging_coefficients
 
-    o = MergeOptions(steps=30, lr=0.05)
+    o = METHODS.get(name).resolve(MergeOptions(steps=30, lr=0.05), len(fs))
     mods, lam = adamerging_coefficients(fs, o, context(base), name == "adamerging_layer")
     assert lam.shape == ((3, len(mods)) if name == "adamerging_layer" else (3,))
     assert float(lam.min()) >= 0.0
@@ -498,14 +493,14 @@ def test_bad_options_are_refused(opts: MergeOptions, match: str) -> None:
     if opts.samples is not None:
         m = METHODS.get("regmean")
     with pytest.raises(InvalidRequestError, match=match):
-        check_values(m, 3, opts)
+        m.check(3, opts)
 
 
 def test_options_a_method_does_not_use_are_refused() -> None:
     with pytest.raises(InvalidRequestError, match="regmean does not use steps"):
-        check_values(METHODS.get("regmean"), 2, MergeOptions(steps=3))
+        METHODS.get("regmean").check(2, MergeOptions(steps=3))
     with pytest.raises(InvalidRequestError, match="pcb does not use alpha"):
-        check_values(METHODS.get("pcb"), 2, MergeOptions(alpha=0.1))
+        METHODS.get("pcb").check(2, MergeOptions(alpha=0.1))
 
 
 def test_read_examples_names_the_bad_line(tmp_path: Path) -> None:

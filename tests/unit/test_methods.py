@@ -1,7 +1,7 @@
 """Static merge methods against dense references written here, and against PEFT.
 
 The references work on flattened per-module deltas with plain loops and the formulas of
-the papers / mergekit, sharing no code with mergeserve.adapters.methods.
+the papers / mergekit, sharing no code with mergeserve.adapters.merging.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import torch
 from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors, relative_error
-from mergeserve.adapters.methods import (
+from mergeserve.adapters.merging import (
     METHODS,
-    MergeMethod,
+    PARAMS,
     MergeOptions,
-    MethodRegistry,
+    MethodTable,
     merge,
     merge_dirs,
-    module_generator,
+    methods_markdown,
 )
+from mergeserve.adapters.merging.dense import module_generator
 from mergeserve.errors import InvalidRequestError
 
 PREFIX = "base_model.model.model"
@@ -61,12 +62,10 @@ def ref_svd_truncate(m: Tensor, k: int) -> Tensor:
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registry_refuses_duplicates_and_names_the_known_methods() -> None:
-    reg = MethodRegistry()
+def test_the_table_refuses_duplicates_and_names_the_known_methods() -> None:
     m = METHODS.get("linear")
-    reg.register(m)
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register(MergeMethod("linear", m.fn, True, frozenset(), "other"))
+    with pytest.raises(ValueError, match="declared twice"):
+        MethodTable([m, m])
     with pytest.raises(InvalidRequestError, match=r"known: .*dare_ties.*ties"):
         METHODS.get("nope")
     assert set(METHODS.names()) >= {
@@ -392,3 +391,52 @@ def test_merge_dirs_writes_a_peft_dir_with_the_merged_deltas(
     assert relative_error({k: v.double() for k, v in got.items()}, ours) < 1e-5
     with pytest.raises(InvalidRequestError, match="already exists"):
         merge_dirs("ties", dirs, out)
+
+
+# -------------------------------------------------------------------------- declarations
+
+
+def test_each_default_is_declared_once_and_applied_when_not_given() -> None:
+    # A method's defaults come from its declaration alone: resolving fills exactly the
+    # parameters it reads, each with the declared value, and keeps what was given.
+    for m in METHODS:
+        got = m.resolve(MergeOptions(), 3)
+        for name in PARAMS:
+            want = m.default(name, 3) if name in m.params else None
+            assert getattr(got, name) == want, (m.name, name)
+    ties = METHODS.get("ties").resolve(MergeOptions(density=0.9), 2)
+    assert ties.density == 0.9
+    assert ties.normalize is True
+    assert ties.weights == (1.0, 1.0)
+    assert METHODS.get("pcb").resolve(MergeOptions(), 2).density == 0.2
+    assert METHODS.get("lines").resolve(MergeOptions(), 4).alpha == 0.25
+
+
+def test_an_undeclared_parameter_is_refused_and_a_bad_value_named() -> None:
+    with pytest.raises(InvalidRequestError, match="slerp does not use density"):
+        METHODS.get("slerp").check(2, MergeOptions(density=0.5))
+    with pytest.raises(InvalidRequestError, match=r"density must be in \(0, 1\], got 1.5"):
+        METHODS.get("ties").check(2, MergeOptions(density=1.5))
+    with pytest.raises(InvalidRequestError, match="3 weights for 2 experts"):
+        METHODS.get("linear").check(2, MergeOptions(weights=(1.0, 1.0, 1.0)))
+    with pytest.raises(InvalidRequestError, match="majority_sign must be"):
+        METHODS.get("ties").check(2, MergeOptions(majority_sign="most"))  # type: ignore[arg-type]
+
+
+def test_the_readme_methods_table_is_the_declarations() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start = readme.index("<!-- methods:")
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- /methods -->")]
+    assert block == methods_markdown(), "regenerate the README table: mergeserve methods"
+    for m in METHODS:
+        assert f"| `{m.name}` |" in block
+
+
+def test_static_arms_are_the_declared_arms() -> None:
+    from mergeserve.runtime.expert_set import STATIC_DEFAULTS
+
+    assert dict(STATIC_DEFAULTS) == {m.name: m.arm for m in METHODS if m.arm is not None}
+    # the arms docs/results.md reports, with the options it reports them at
+    assert STATIC_DEFAULTS["task_arithmetic"] == MergeOptions(scale=0.5)
+    assert STATIC_DEFAULTS["dare_ties"] == MergeOptions(density=0.5, scale=0.5, seed=0)
+    assert "cat" not in STATIC_DEFAULTS

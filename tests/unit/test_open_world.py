@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from mergeserve.router.base import experts_examples, route
 from mergeserve.router.embedders import SentenceEmbedder
+from mergeserve.router.mlp import MLPTrainConfig, train_mlp_router
 from mergeserve.router.open_world import (
     GateConfig,
     OpenWorldGate,
@@ -21,15 +23,7 @@ from mergeserve.router.open_world import (
     make_gate,
 )
 from mergeserve.router.policy import MergeKey, RoutingPolicy
-from mergeserve.router.routers import (
-    MLPTrainConfig,
-    PrototypeRouter,
-    experts_examples,
-    route,
-    router_with,
-    router_without,
-    train_mlp_router,
-)
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.generators import TASKS, generate
 from mergeserve.tasks.open_world import general_prompts
 from tests.conftest import write_fake_lora_dir
@@ -181,12 +175,12 @@ def test_general_requests_go_to_none_and_the_skills_stay(gated: PrototypeRouter)
 def test_a_hot_added_expert_is_calibrated_from_its_own_examples(
     gated: PrototypeRouter, tmp_path: Path
 ) -> None:
-    without = router_without(gated, "to_json")
+    without = gated.without_expert("to_json")
     assert "to_json" not in without.thresholds  # type: ignore[attr-defined]
     prompts = [s.prompt for s in generate("to_json", "test", 30)]
     before = route(without, RoutingPolicy(), prompts)
     write_fake_lora_dir(tmp_path / "to_json", examples=DEMO["to_json"])
-    back = router_with(without, "to_json", tmp_path / "to_json")
+    back = without.with_expert("to_json", tmp_path / "to_json")
     assert isinstance(back, PrototypeRouter)
     assert back.thresholds["to_json"] == pytest.approx(gated.thresholds["to_json"], abs=1e-5)
     after = route(back, RoutingPolicy(), prompts)

@@ -22,8 +22,8 @@ from mergeserve.errors import (
     InvalidRequestError,
 )
 from mergeserve.runtime.engine import GenerationParams, LoRATarget
+from mergeserve.runtime.engine.remote import RemoteVllmEngine, remote_error
 from mergeserve.runtime.mixture import MixtureSpec
-from mergeserve.runtime.remote import RemoteVllmEngine, remote_error
 
 
 class Tokenizer:
@@ -415,7 +415,7 @@ def test_urls_are_comma_separated_and_discovery_resolves_every_address(
         return [(0, 0, 0, "", (ip, port)) for ip in ("10.0.0.2", "10.0.0.1", "10.0.0.2")]
 
     monkeypatch.setattr("socket.getaddrinfo", addresses)
-    from mergeserve.runtime.remote import _resolve_all
+    from mergeserve.runtime.engine.remote import _resolve_all
 
     assert _resolve_all(["http://vllm:8000"]) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
 
@@ -426,7 +426,7 @@ async def test_discovery_adds_new_addresses_and_drains_vanished_ones(
     a, b = Server(), Server()
     fleet = Fleet(a=a, b=b)
     found = ["http://a:8000"]
-    monkeypatch.setattr("mergeserve.runtime.remote._resolve_all", lambda urls: list(found))
+    monkeypatch.setattr("mergeserve.runtime.engine.remote._resolve_all", lambda urls: list(found))
     settings = RemoteSettings(
         url="http://svc:8000", discover=True, discover_interval_s=0.1, health_interval_s=0.1
     )

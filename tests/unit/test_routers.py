@@ -13,28 +13,18 @@ from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors, LowRank
 from mergeserve.errors import AdapterError, ConfigurationError
+from mergeserve.router.arrow import ArrowRouter
+from mergeserve.router.base import Router, example_prompts, examples_digest, experts_examples, route
 from mergeserve.router.embedders import (
     Embedder,
     HiddenStateEmbedder,
     SentenceEmbedder,
     decoder_layers,
 )
+from mergeserve.router.factory import load_router
+from mergeserve.router.mlp import MLPRouter, MLPTrainConfig, train_mlp_router
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import (
-    ArrowRouter,
-    MLPRouter,
-    MLPTrainConfig,
-    PrototypeRouter,
-    Router,
-    examples_digest,
-    experts_examples,
-    load_router,
-    read_examples,
-    route,
-    router_with,
-    router_without,
-    train_mlp_router,
-)
+from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.generators import generate
 from mergeserve.testing import make_tiny_llama
 
@@ -154,22 +144,22 @@ def test_hidden_state_embedder(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ examples
 
 
-def test_read_examples_errors(tmp_path: Path) -> None:
+def test_example_prompts_errors(tmp_path: Path) -> None:
     d = tmp_path / "e"
     d.mkdir()
     with pytest.raises(AdapterError, match=r"no examples\.jsonl"):
-        read_examples(d)
+        example_prompts(d)
     (d / "examples.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
     with pytest.raises(AdapterError, match=r"examples\.jsonl:2: not JSON"):
-        read_examples(d)
+        example_prompts(d)
     (d / "examples.jsonl").write_text('{"prompt": 3}\n')
     with pytest.raises(AdapterError, match=':1: expected an object with a "prompt"'):
-        read_examples(d)
+        example_prompts(d)
     (d / "examples.jsonl").write_text("\n")
     with pytest.raises(AdapterError, match="no example prompts"):
-        read_examples(d)
+        example_prompts(d)
     (d / "examples.jsonl").write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n')
-    assert read_examples(d) == ["a", "c"]
+    assert example_prompts(d) == ["a", "c"]
 
 
 # ----------------------------------------------------------------------------- prototype
@@ -226,7 +216,7 @@ def test_prototype_add_remove(minilm: Memo) -> None:
         router.remove_expert("b")
 
 
-def test_router_with_and_without_leave_the_original_as_it_was(minilm: Memo, tmp_path: Path) -> None:
+def test_with_and_without_expert_leave_the_original_as_it_was(minilm: Memo, tmp_path: Path) -> None:
     """Copy-on-write: a request routed by the old router keeps a consistent view."""
     base = {"a": ["apples and pears", "fruit salad"], "b": ["the stock market fell"]}
     router = PrototypeRouter.from_examples(minilm, base)
@@ -236,22 +226,22 @@ def test_router_with_and_without_leave_the_original_as_it_was(minilm: Memo, tmp_
     (c / "examples.jsonl").write_text(
         '{"prompt": "football results"}\n{"prompt": "the match ended in a draw"}\n'
     )
-    grown = router_with(router, "c", c)
+    grown = router.with_expert("c", c)
     assert router.experts == ("a", "b")
     assert torch.equal(router.logits(["who won the match?"]), before)
     assert grown.experts == ("a", "b", "c")
     assert top1(grown, ["who won the match?"]) == ["c"]
-    shrunk = router_without(grown, "a")
+    shrunk = grown.without_expert("a")
     assert shrunk.experts == ("b", "c")
     assert grown.experts == ("a", "b", "c")
     (c / "examples.jsonl").write_text("\n")
     with pytest.raises(AdapterError, match="no example prompts"):
-        router_with(router, "c", c)
+        router.with_expert("c", c)
     assert router.experts == ("a", "b")
 
 
 @needs_demo
-def test_router_with_on_an_mlp_routes_the_new_expert_by_prototypes(
+def test_with_expert_on_an_mlp_routes_the_new_expert_by_prototypes(
     minilm: Memo, tmp_path: Path
 ) -> None:
     left_out = "to_json"
@@ -267,12 +257,12 @@ def test_router_with_on_an_mlp_routes_the_new_expert_by_prototypes(
     (d / "examples.jsonl").write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in DEMO[left_out])
     )
-    grown = router_with(mlp, left_out, d)
+    grown = mlp.with_expert(left_out, d)
     assert left_out not in mlp.experts  # the original is untouched
     assert isinstance(grown, MLPRouter)
     assert grown.untrained == (left_out,)
     assert accuracy(grown, [left_out]) >= 0.95
-    shrunk = router_without(grown, sorted(others)[0])
+    shrunk = grown.without_expert(sorted(others)[0])
     assert sorted(others)[0] not in shrunk.experts
     assert sorted(others)[0] in grown.experts
 
@@ -399,3 +389,12 @@ def test_arrow_prototypes_route_by_module_inputs(tmp_path: Path) -> None:
 def test_embedder_protocol(sentence: SentenceEmbedder, minilm: Memo) -> None:
     assert isinstance(sentence, Embedder)
     assert isinstance(minilm, Embedder)
+
+
+def test_the_router_kinds_a_server_accepts_are_the_factory_table() -> None:
+    from typing import get_args
+
+    from mergeserve.config import RouterSettings
+    from mergeserve.router.factory import ROUTERS
+
+    assert set(get_args(RouterSettings.model_fields["kind"].annotation)) == set(ROUTERS)

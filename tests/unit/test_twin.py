@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors, DenseDelta, relative_error
-from mergeserve.adapters.methods import MergeOptions
+from mergeserve.adapters.merging import MergeOptions
 from mergeserve.adapters.twin import TwinConfig, TwinDecomposition, decompose, decompose_dense
 from mergeserve.errors import InvalidRequestError
 

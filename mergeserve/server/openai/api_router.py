@@ -12,8 +12,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mergeserve.errors import ClientDisconnectedError, InvalidRequestError
-from mergeserve.server.catalog import ServedModel
-from mergeserve.server.experiments import Experiment
 from mergeserve.server.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -24,6 +22,8 @@ from mergeserve.server.openai.protocol import (
 )
 from mergeserve.server.openai.serving import ChatService
 from mergeserve.server.state import AppState, get_state
+from mergeserve.service.catalog import ServedModel
+from mergeserve.service.experiments import Experiment
 
 router = APIRouter(prefix="/v1")
 T = TypeVar("T")

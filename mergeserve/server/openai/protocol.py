@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergeserve.service.binding import MergeInfo
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -97,36 +99,6 @@ class ChatCompletionRequest(BaseModel):
 
 def _now() -> int:
     return int(time.time())
-
-
-class MergeInfo(BaseModel):
-    """mergeserve's extension on every response: what the request was generated with."""
-
-    arm: str
-    """The served arm (`dynamic` resolves to `dynamic:twin` or `dynamic:exact`)."""
-    weights: dict[str, float]
-    """Expert weights of the merge ({} for base and static merges of every expert)."""
-    adapter_id: int | None
-    """The engine's adapter id (None for base)."""
-    cache: Literal["hit", "miss"] | None = None
-    """Dynamic arms: whether the merged adapter was ready (hit) or built for this request."""
-    routed: bool | None = None
-    """Dynamic arms: True when the router chose the weights, False when pinned."""
-    route: Literal["expert", "blend", "none"] | None = None
-    """Routed requests: one expert, a blend of two or more, or none (the base model
-    answered: the request belongs to no expert)."""
-    in_domain: float | None = None
-    """Routed requests: the router's in-domain mass (how much the request belongs to the
-    experts at all; 1 for a closed-world router)."""
-    rank: int | None = None
-    """Dynamic arms: rank of the merged adapter as served."""
-    truncated: bool | None = None
-    """Dynamic arms: True when the merge exceeded the engine's slot rank and was truncated."""
-    mixture: bool | None = None
-    """Dynamic arms: True when served by the in-engine mixture (the bundle adapter with
-    this request's weights), False when by a materialized merged adapter."""
-    experiment: str | None = None
-    """The A/B experiment that assigned `arm`, when the request named one."""
 
 
 class UsageInfo(BaseModel):

@@ -1,6 +1,7 @@
 """Chat completions: resolve the model, check the request against the context window,
-admit it, bind it to an adapter (for dynamic models: route, then lease the merged
-adapter), run it on the engine, and shape the OpenAI response (whole or streamed).
+admit it, bind it to an adapter (`service.binding`: for dynamic models, route, then lease
+the merged adapter), run it on the engine, and shape the OpenAI response (whole or
+streamed).
 
 Every request is accounted exactly once in the metrics, whichever way it ends, and its
 adapter lease is released exactly once.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -25,27 +27,17 @@ from mergeserve.errors import (
     EngineOverloadedError,
     InvalidRequestError,
     MergeserveError,
-    ModelNotFoundError,
 )
-from mergeserve.router.policy import Routing
+from mergeserve.router.policy import MergeKey
 from mergeserve.runtime.dynamic import DynamicMerger, RoutedRequest
 from mergeserve.runtime.engine import (
-    EngineClient,
+    Engine,
     FinishReason,
     GenerationDelta,
     GenerationParams,
-    LoRATarget,
 )
-from mergeserve.runtime.materialize import AdapterLease
-from mergeserve.runtime.mixture import MixtureSpec
-from mergeserve.server.catalog import EXPERT_PREFIX, ModelCatalog, ServedModel
+from mergeserve.runtime.materialize import AdapterLease, CacheStats
 from mergeserve.server.errors import sse_error
-from mergeserve.server.experiments import (
-    Answered,
-    ArmUnavailableError,
-    Experiment,
-    FeedbackBook,
-)
 from mergeserve.server.metrics import Metrics, StatusClass, status_class
 from mergeserve.server.openai.protocol import (
     AssistantMessage,
@@ -55,36 +47,20 @@ from mergeserve.server.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
-    MergeInfo,
     UsageInfo,
 )
 from mergeserve.server.shedding import Admission
+from mergeserve.service.binding import Binder, Binding, BindRequest, MergeInfo
+from mergeserve.service.catalog import ModelCatalog, ServedModel
+from mergeserve.service.experiments import (
+    Answered,
+    ArmUnavailableError,
+    Experiment,
+    FeedbackBook,
+)
+from mergeserve.service.live import Release
 
 log = logging.getLogger(__name__)
-
-
-Release = Callable[[], None]
-
-
-@dataclass
-class Binding:
-    """The adapter a request runs with, and what its `merge` object says."""
-
-    lora: LoRATarget | None
-    merge: MergeInfo
-    lease: AdapterLease | None = None
-    hold: Release | None = None
-    """Keeps a hot-added expert's files while the request runs (LiveSet.hold)."""
-    mixture: MixtureSpec | None = None
-    """The request's scale over `lora`, a bundle adapter (in-engine mixture)."""
-
-    def release(self) -> None:
-        try:
-            if self.lease is not None:
-                self.lease.release()
-        finally:
-            if self.hold is not None:
-                self.hold()
 
 
 @dataclass
@@ -154,6 +130,29 @@ def arm_not_built(model: ServedModel) -> ArmUnavailableError:
     )
 
 
+class _BindMetrics:
+    """The metrics a request's binding books (a `BindObserver`)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def routed(self, routed: RoutedRequest) -> None:
+        self.m.router_latency.observe(routed.seconds)
+        self.m.router_entropy.observe(routed.routing.entropy)
+
+    def outcome(self, arm: str, outcome: str) -> None:
+        self.m.routing_outcomes.labels(arm, outcome).inc()
+
+    def weighted(self, key: MergeKey) -> None:
+        for name, w in key.weights:
+            self.m.expert_weight.labels(name).observe(w)
+
+    def merged(self, lease: AdapterLease, stats: CacheStats) -> None:
+        self.m.merge_latency.labels(lease.cache).observe(lease.seconds)
+        self.m.materialized.set(stats.entries)
+        self.m.materialized_bytes.set(stats.bytes)
+
+
 def route_text(messages: list[dict[str, str]]) -> str:
     users = [m["content"] for m in messages if m["role"] == "user"]
     return users[-1] if users else "\n".join(m["content"] for m in messages)
@@ -162,7 +161,7 @@ def route_text(messages: list[dict[str, str]]) -> str:
 class ChatService:
     def __init__(
         self,
-        engine: EngineClient,
+        engine: Engine,
         catalog: ModelCatalog,
         metrics: Metrics,
         settings: ServerSettings,
@@ -181,7 +180,7 @@ class ChatService:
         self.metrics = metrics
         self.settings = settings
         self.admission = admission or Admission(settings.max_pending_requests, 0.0)
-        self.hold = hold
+        self.binder = Binder(_BindMetrics(metrics), hold)
         self.experiments: Mapping[str, Experiment] = experiments or {}
         self.feedback = feedback
         self._sync_admission()
@@ -261,123 +260,8 @@ class ChatService:
         )
 
     async def _bind(self, p: PreparedChat, req: ChatCompletionRequest) -> Binding:
-        """The request's adapter: fixed for base, experts and static merges; routed and
-        merged (or pinned by `merge_weights`) for dynamic models; routed to one expert's
-        own adapter (or base) for `route:top1`."""
-        model = p.model
-        if model.kind == "route":
-            return await self._bind_top1(p)
-        if model.kind != "dynamic":
-            return self._fixed(model, p.experiment)
-        assert self.dynamic is not None
-        assert model.mode is not None
-        dyn, m = self.dynamic, self.metrics
-        routing: Routing | None = None
-        if req.merge_weights is not None:
-            state = dyn.state
-            key = dyn.pinned_key(req.merge_weights, state)
-        else:
-            routed = await self._route(p)
-            routing, key, state = routed.routing, routed.routing.key, routed.state
-            m.routing_outcomes.labels(model.arm, routing.outcome).inc()
-        for name, w in key.weights:
-            m.expert_weight.labels(name).observe(w)
-        if dyn.serves_base(model.mode, key, state):
-            # Routed to none: exactly the base model, with no LoRA work at all.
-            return Binding(None, self._routed_info(model.arm, routing, None, p.experiment))
-        try:
-            merged = await dyn.acquire(model.mode, key, state)
-        except MergeserveError:
-            raise
-        except Exception as e:
-            log.exception("merging %s failed", key)
-            raise MergeserveError(f"building the merged adapter failed: {e}") from e
-        lease = merged.lease
-        m.merge_latency.labels(lease.cache).observe(lease.seconds)
-        stats = dyn.cache.stats()
-        m.materialized.set(stats.entries)
-        m.materialized_bytes.set(stats.bytes)
-        info = MergeInfo(
-            arm=model.arm,
-            weights=key.as_dict(),
-            adapter_id=lease.target.int_id,
-            cache=lease.cache,
-            routed=routing is not None,
-            route=routing.outcome if routing is not None else None,
-            in_domain=round(routing.in_domain, 6) if routing is not None else None,
-            rank=merged.rank,
-            truncated=merged.truncated,
-            mixture=merged.mixture is not None,
-            experiment=p.experiment,
-        )
-        return Binding(lease.target, info, lease, mixture=merged.mixture)
-
-    def _fixed(self, model: ServedModel, experiment: str | None) -> Binding:
-        """base, an expert or a static merge: its one adapter (or none)."""
-        lora = model.lora
-        hold = self.hold(model) if self.hold is not None else None
-        return Binding(
-            lora,
-            MergeInfo(
-                arm=model.arm,
-                weights=dict(model.weights),
-                adapter_id=lora.int_id if lora is not None else None,
-                experiment=experiment,
-            ),
-            hold=hold,
-        )
-
-    async def _route(self, p: PreparedChat) -> RoutedRequest:
-        """Route the request's text (micro-batched); its latency and entropy go to the
-        metrics (the caller counts the outcome: the arm decides what it is)."""
-        assert self.dynamic is not None
-        m = self.metrics
-        try:
-            routed = await self.dynamic.route(p.route_text)
-        except MergeserveError:
-            raise
-        except Exception as e:
-            log.exception("routing failed")
-            raise MergeserveError(f"routing failed: {e}") from e
-        m.router_latency.observe(routed.seconds)
-        m.router_entropy.observe(routed.routing.entropy)
-        return routed
-
-    @staticmethod
-    def _routed_info(
-        arm: str, routing: Routing | None, expert: ServedModel | None, experiment: str | None
-    ) -> MergeInfo:
-        lora = expert.lora if expert is not None else None
-        return MergeInfo(
-            arm=arm,
-            weights=dict(expert.weights) if expert is not None else {},
-            adapter_id=lora.int_id if lora is not None else None,
-            routed=routing is not None,
-            route=("expert" if expert is not None else "none") if routing is not None else None,
-            in_domain=round(routing.in_domain, 6) if routing is not None else None,
-            experiment=experiment,
-        )
-
-    async def _bind_top1(self, p: PreparedChat) -> Binding:
-        """`route:top1`: the router's top expert alone, served by that expert's own
-        adapter (adapter switching), or base when the request is not in domain (its
-        in-domain mass below ½): the same router and gate as the dynamic arms."""
-        routed = await self._route(p)
-        r = routed.routing
-        top = r.key.top if r.in_domain >= 0.5 else None
-        if top is None:
-            self.metrics.routing_outcomes.labels(p.model.arm, "none").inc()
-            return Binding(None, self._routed_info(p.model.arm, r, None, p.experiment))
-        self.metrics.routing_outcomes.labels(p.model.arm, "expert").inc()
-        try:
-            expert = self.catalog.resolve(f"{EXPERT_PREFIX}{top}")
-        except ModelNotFoundError:
-            raise ArmUnavailableError(
-                f"expert {top!r} was removed while this request was routed; retry"
-            ) from None
-        hold = self.hold(expert) if self.hold is not None else None
-        info = self._routed_info(p.model.arm, r, expert, p.experiment)
-        return Binding(expert.lora, info, hold=hold)
+        r = BindRequest(p.model, p.route_text, req.merge_weights, p.experiment)
+        return await self.binder.bind(r, self.catalog, self.dynamic)
 
     async def _admit(self) -> None:
         try:
@@ -558,7 +442,7 @@ class ChatService:
             )
             data = c.model_dump(exclude_none=True)
             if merge is not None:  # whole, nulls included, as in a non-streamed response
-                data["merge"] = merge.model_dump()
+                data["merge"] = dataclasses.asdict(merge)
             return f"data: {json.dumps(data)}\n\n"
 
         status: StatusClass = "server_error"

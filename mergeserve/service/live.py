@@ -39,78 +39,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
 from typing import Literal
 
 from mergeserve.adapters.calibration import load_base
-from mergeserve.adapters.methods import METHODS, MergeContext, MergeOptions
-from mergeserve.adapters.peft_io import (
-    BaseModelSpec,
-    LoraAdapterInfo,
-    discover_lora_dirs,
-    load_lora_factors,
-    read_lora_dir,
-)
+from mergeserve.adapters.merging import METHODS
+from mergeserve.adapters.peft_io import BaseModelSpec, LoraAdapterInfo
 from mergeserve.adapters.registry import (
     ExpertExistsError,
     ExpertGoneError,
     ExpertNotFoundError,
     ExpertRegistry,
     RegistrySnapshot,
-    _default_validator,
 )
-from mergeserve.adapters.twin import TwinConfig
 from mergeserve.config import Settings
 from mergeserve.errors import AdapterError, ConfigurationError
 from mergeserve.failpoints import failpoint
 from mergeserve.router.embedders import Embedder
-from mergeserve.router.open_world import OpenWorldGate, general_calibration_prompts, make_gate
 from mergeserve.router.policy import RoutingPolicy
-from mergeserve.router.routers import (
-    examples_digest,
-    mlp_router_dir,
-    read_examples,
-    router_for,
-    router_with,
-)
 from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMerger, DynamicMode, DynamicState
-from mergeserve.runtime.engine import EngineClient
-from mergeserve.runtime.expert_set import (
-    STATIC_DEFAULTS,
-    ExpertSet,
-    adapter_digest,
-    merge_context,
-    static_merge,
-    twin_decomposition,
-)
+from mergeserve.runtime.engine import Engine
+from mergeserve.runtime.expert_set import merge_context
 from mergeserve.runtime.materialize import AdapterCache, IdAllocator
-from mergeserve.server.catalog import (
-    BASE,
-    EXPERT_PREFIX,
-    ROUTE_TOP1,
-    STATIC_PREFIX,
-    BuildState,
-    ModelCatalog,
-    ServedModel,
-    dynamic_id,
-)
-from mergeserve.server.openai.serving import Release
+from mergeserve.service.catalog import BuildState, ServedModel
+from mergeserve.service.model_ids import EXPERT_PREFIX
+from mergeserve.service.publisher import Publisher
+from mergeserve.service.served_set import ServedSet, SetBuilder
+from mergeserve.service.watcher import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_REVISION = 2
-"""Bumped when the vectors an embedder gives change (2: int8 one text at a time), so the
-digests of routed models change with them."""
-
-Source = Literal["seed", "registry"]
+Release = Callable[[], None]
+"""Ends a hold on a served model's files (`LiveSet.hold`)."""
 
 
 class SeedExpertError(AdapterError):
@@ -120,53 +84,13 @@ class SeedExpertError(AdapterError):
     error_type = "conflict_error"
 
 
-def twin_config(settings: Settings) -> TwinConfig:
-    """The Twin decomposition the dynamic arms serve, from the settings."""
-    ms = settings.merge
-    return TwinConfig(
-        shared_method=ms.twin_shared_method,
-        shared_options=MergeOptions(scale=ms.twin_lambda),
-        exclusive_rank=ms.twin_exclusive_rank,
-        shared_rank=ms.twin_shared_rank,
-    )
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class ServedSet:
-    """Everything that answers requests at one moment; never mutated."""
-
-    experts: ExpertSet
-    sources: Mapping[str, Source]
-    static: Mapping[str, LoraAdapterInfo]
-    """The static merges by method, of the experts of the last rebuild (`basis`)."""
-    basis: tuple[str, ...]
-    """The experts that S and the static merges were computed over."""
-    dynamic: DynamicState | None
-    catalog: ModelCatalog
-    registry_version: int = 0
-    """The version of the registry snapshot this set serves (0 without a registry)."""
-    building: Mapping[str, BuildState] = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    """Static arms listed but not built yet (`merge.background_builds`): method -> state."""
-
-    @property
-    def generation(self) -> int:
-        """The registry version: 1 at start-up, +1 on every published change."""
-        return self.experts.generation
-
-    @property
-    def stale(self) -> tuple[str, ...]:
-        """Experts hot-added since the last rebuild: not in S nor in the static merges."""
-        return tuple(n for n in self.experts.names if n not in self.basis)
-
-
 class LiveSet:
-    """Owns the served set, the dynamic merger and every change to them (module doc)."""
+    """Owns the served set, the dynamic merger and every change to them (module doc).
+
+    The parts: `SetBuilder` builds sets (served_set.py), `Publisher` swaps them in
+    (publisher.py), `RegistryWatcher` brings in other replicas' changes (watcher.py);
+    this class orders the changes (one lock) and keeps the registry consistent with what
+    is served."""
 
     def __init__(
         self,
@@ -179,52 +103,47 @@ class LiveSet:
     ) -> None:
         """`embedder` makes the router's embedder (called once, when first needed)."""
         self.settings = settings
-        self.base_dir = base_dir
-        self.base_spec = base_spec
         self.ids = ids
-        self._make_embedder = embedder
-        self._embedder: Embedder | None = None
-        self._gate: OpenWorldGate | None = None
         self._on_batch = on_batch
         self._lock = threading.Lock()
-        self._subscribers: list[Callable[[ServedSet], None]] = []
         self.dynamic: DynamicMerger | None = None
-        self._engine: EngineClient | None = None
+        self._engine: Engine | None = None
         self.registry: ExpertRegistry | None = None
         self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._builder: threading.Thread | None = None
+        self._watcher: RegistryWatcher | None = None
+        self._static_builds: threading.Thread | None = None
         self.mixture_refused: str | None = None
         """Why the mixture self-check failed (then dynamic merges are materialized)."""
         self.mixture_check_s: float | None = None
         self._sync_refused: set[tuple[str, str]] = set()
         """(name, digest) entries of the registry that failed this server's validation."""
+        self._sets = SetBuilder(settings, base_dir, base_spec, ids, embedder, self._merger_for)
         if settings.admin.token is not None:
             root = settings.admin.registry_dir or settings.cache / "registry"
             self.registry = ExpertRegistry.open(
                 root,
-                self._validate,
+                self._sets.validate,
                 max_adapter_bytes=settings.admin.max_upload_bytes,
                 shared=True,
             )
         try:
-            self._current = self._start()
+            self._pub = Publisher(self._sets.start(self.registry), lambda: self.dynamic)
         except BaseException:
             self.discard()
             raise
         if self.registry is not None and settings.admin.watch_interval_s > 0:
-            self._watcher = threading.Thread(target=self._watch, name="registry-watch", daemon=True)
+            self._watcher = RegistryWatcher(settings.admin.watch_interval_s, self.sync, self._stop)
             self._watcher.start()
 
     # ------------------------------------------------------------------ reading
 
     @property
     def current(self) -> ServedSet:
-        return self._current
+        return self._pub.current
 
     def subscribe(self, fn: Callable[[ServedSet], None]) -> None:
         """Call `fn(served)` after each published change (from the changing thread)."""
-        self._subscribers.append(fn)
+        self._pub.subscribe(fn)
 
     def hold(self, model: ServedModel) -> Release | None:
         """Keep the files `model` is generated with until the returned call: an
@@ -257,7 +176,7 @@ class LiveSet:
             snap = registry.add(name, src_dir, follow_symlinks=follow_symlinks)
             try:
                 new = self._synced(cur, snap, adding=name)
-                self._publish(new)
+                self._pub.publish(new)
                 failpoint("hot_add.published")
             except BaseException:
                 with contextlib.suppress(Exception):  # nothing served it: no lease
@@ -284,7 +203,7 @@ class LiveSet:
                 )
             snap, ref = registry.unpublish(name)  # ExpertNotFoundError: not in the manifest
             new = self._synced(cur, snap)
-            self._publish(new)
+            self._pub.publish(new)
         log.info("removed expert %s (generation %d)", name, new.generation)
         # Unpublished above; now wait for requests still generating with its files,
         # without holding up other changes (a re-add of the same content revives them).
@@ -303,7 +222,7 @@ class LiveSet:
         one is never published."""
         registry = self._registry("synced")
         with self._lock:
-            cur = self._current
+            cur = self._pub.current
             new = self._caught_up(registry, snap)
         return None if new.experts is cur.experts else new
 
@@ -312,7 +231,7 @@ class LiveSet:
     ) -> ServedSet:
         """The served set after adopting what the registry holds now, if that is newer
         than what is served (caller holds the change lock); published if it changed."""
-        cur = self._current
+        cur = self._pub.current
         latest = registry.refresh()
         if snap is None or snap.version < latest.version:
             snap = latest
@@ -320,9 +239,9 @@ class LiveSet:
             return cur
         new = self._synced(cur, snap)
         if new.experts is cur.experts:  # the same experts: only the version moved
-            self._current = new
+            self._pub.advance(new)
         else:
-            self._publish(new)
+            self._pub.publish(new)
         return new
 
     def _synced(
@@ -349,7 +268,7 @@ class LiveSet:
             for n in gone:
                 experts = experts.minus(n)
             sources = {n: s for n, s in cur.sources.items() if n not in gone}
-            new = self._rebuilt(experts, sources, cur)
+            new = self._sets.rebuilt(experts, sources, cur)
         assert self.registry is not None
         for n in added:
             digest = snap[n].digest
@@ -358,8 +277,8 @@ class LiveSet:
                 # files must not vanish half-read (nor be taken for a bad adapter).
                 with self.registry.lease(digests=[digest]):
                     if n != adding:
-                        self._validate(want[n])
-                    new = self._extended(new, n, want[n])
+                        self._sets.validate(want[n])
+                    new = self._sets.extended(new, n, want[n])
             except ExpertGoneError:
                 if n == adding:
                     raise
@@ -385,12 +304,24 @@ class LiveSet:
             raise ConfigurationError(f"experts can be {verb} only with the admin API on")
         return self.registry
 
+    def _check_free(self, cur: ServedSet, name: str) -> None:
+        source = cur.sources.get(name)
+        if source == "seed":
+            raise SeedExpertError(
+                f"expert {name!r} comes from the experts dir; pick another name",
+                code="seed_expert",
+            )
+        if source is not None:
+            raise ExpertExistsError(
+                f"expert {name!r} is already served; remove it first", code="expert_exists"
+            )
+
     def rebuild(self) -> ServedSet:
         """Recompute S, the exclusives and the static merges of the current experts."""
         with self._lock:
-            cur = self._current
-            new = self._rebuilt(cur.experts.next_generation(), cur.sources, cur)
-            self._publish(new)
+            cur = self._pub.current
+            new = self._sets.rebuilt(cur.experts.next_generation(), cur.sources, cur)
+            self._pub.publish(new)
         log.info("rebuilt %d experts (generation %d)", len(new.experts), new.generation)
         return new
 
@@ -399,21 +330,21 @@ class LiveSet:
         thread, one after another, publishing each as soon as it is built; the thread,
         or None when nothing is queued. Call once the engine is up: the arms that need no
         build answer meanwhile."""
-        if not self._current.building or self._builder is not None:
+        if not self._pub.current.building or self._static_builds is not None:
             return None
-        self._builder = threading.Thread(target=self._build_queued, name="static-builds")
-        self._builder.daemon = True
-        self._builder.start()
-        return self._builder
+        self._static_builds = threading.Thread(target=self._build_queued, name="static-builds")
+        self._static_builds.daemon = True
+        self._static_builds.start()
+        return self._static_builds
 
     def _build_queued(self) -> None:
-        cur = self._current
+        cur = self._pub.current
         experts, basis = cur.experts, cur.basis
         ms = self.settings.merge
         context = None
         try:
             for method in [m for m in ms.static_methods if m in cur.building]:
-                if self._stop.is_set() or self._current.basis != basis:
+                if self._stop.is_set() or self._pub.current.basis != basis:
                     return  # closing, or a rebuild or removal built its own
                 self._set_building(basis, method, BuildState("building", since=time.time()))
                 log.info("building static:%s in the background", method)
@@ -421,9 +352,9 @@ class LiveSet:
                 try:
                     if context is None and METHODS.get(method).needs_data:
                         context = merge_context(
-                            experts, self.base_dir, ms.dev_file, ms.build_threads
+                            experts, self._sets.base_dir, ms.dev_file, ms.build_threads
                         )
-                    info = self._static_arm(experts, method, context)
+                    info = self._sets.static_arm(experts, method, context)
                 except Exception as e:  # the others are still worth building
                     log.exception("static:%s failed to build", method)
                     state = BuildState("failed", error=f"{type(e).__name__}: {e}")
@@ -445,21 +376,21 @@ class LiveSet:
         """Publish a static arm's new build state, or (`built`) the arm itself, unless
         the served set moved to another basis meanwhile."""
         with self._lock:
-            cur = self._current
+            cur = self._pub.current
             if cur.basis != basis or method not in cur.building:
                 return
             building = {m: b for m, b in cur.building.items() if m != method}
             if state is not None:
                 building[method] = state
             static = {**cur.static, method: built} if built is not None else dict(cur.static)
-            new = self._served(
+            new = self._sets.served(
                 cur.experts, cur.sources, static, cur.basis, cur.dynamic, cur, building
             )
-            self._publish(new)
+            self._pub.publish(new)
 
     def close_registry(self) -> None:
         self._stop.set()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
+        if self._watcher is not None:
             self._watcher.join(10)
         if self.registry is not None:
             self.registry.close()
@@ -480,179 +411,9 @@ class LiveSet:
         finally:
             self.close_registry()
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ engine
 
-    def _watch(self) -> None:
-        """Poll the shared registry's manifest; serve what other replicas changed."""
-        assert self.registry is not None
-        interval = self.settings.admin.watch_interval_s
-        while not self._stop.wait(interval):
-            try:
-                self.sync()
-            except Exception:  # keep watching: the next change may apply
-                if self._stop.is_set():
-                    return
-                log.exception("registry sync failed")
-
-    def _extended(self, cur: ServedSet, name: str, path: Path) -> ServedSet:
-        """`cur` plus the registry expert at `path`: routed by its examples and merged
-        with its exclusive against the current S (module doc)."""
-        info = read_lora_dir(path, name)
-        factors = load_lora_factors(path)
-        experts = cur.experts.plus(info, factors, adapter_digest(path))
-        sources: dict[str, Source] = {**cur.sources, name: "registry"}
-        if not len(cur.experts):  # the first expert: nothing to extend
-            return self._rebuilt(experts, sources, cur)
-        dyn = None
-        if cur.dynamic is not None:
-            d = cur.dynamic
-            dyn = DynamicState(
-                experts,
-                d.twin.with_expert(name, factors),
-                router_with(d.router, name, path, factors),
-                d.shared_of,
-            )
-        return self._served(experts, sources, cur.static, cur.basis, dyn, cur, cur.building)
-
-    def _start(self) -> ServedSet:
-        seed = discover_lora_dirs(self.settings.experts_dir) if self.settings.experts_dir else []
-        infos = {i.name: i for i in seed}
-        sources: dict[str, Source] = dict.fromkeys(infos, "seed")
-        version = 0
-        if self.registry is not None:
-            snap = self.registry.snapshot()
-            version = snap.version
-            for name, ref in snap.experts.items():
-                if name in infos:
-                    log.warning(
-                        "expert %s is in the experts dir and in the registry (%s): serving "
-                        "the experts dir's",
-                        name,
-                        self.registry.root,
-                    )
-                    continue
-                infos[name] = read_lora_dir(ref.path, name)
-                sources[name] = "registry"
-        experts = ExpertSet.load(list(infos.values()), self.base_spec)
-        served = self._rebuilt(experts, sources, None, defer=self.settings.merge.background_builds)
-        return dataclasses.replace(served, registry_version=version)
-
-    def _rebuilt(
-        self,
-        experts: ExpertSet,
-        sources: Mapping[str, Source],
-        prev: ServedSet | None,
-        *,
-        defer: bool = False,
-    ) -> ServedSet:
-        """A served set with S, exclusives, router and static merges all of `experts`;
-        with `defer`, the static merges are listed as queued, for `build_in_background`."""
-        ms = self.settings.merge
-        static: dict[str, LoraAdapterInfo] = {}
-        queued: dict[str, BuildState] = {}
-        if len(experts):
-            unknown = [m for m in ms.static_methods if m not in STATIC_DEFAULTS]
-            if unknown:
-                raise ConfigurationError(
-                    f"no static arm {unknown[0]!r}; static arms: {', '.join(STATIC_DEFAULTS)}"
-                )
-        if defer and len(experts):
-            queued = dict.fromkeys(ms.static_methods, BuildState("queued"))
-        elif len(experts):
-            context = None
-            if any(METHODS.get(m).needs_data for m in ms.static_methods):
-                context = merge_context(experts, self.base_dir, ms.dev_file, ms.build_threads)
-            try:
-                for method in ms.static_methods:
-                    static[method] = self._static_arm(experts, method, context)
-            finally:
-                if context is not None:
-                    load_base.cache_clear()  # the HF copy of the base model: not kept
-        dyn = self._dynamic_state(experts) if ms.dynamic and len(experts) else None
-        return self._served(experts, sources, static, experts.names, dyn, prev, queued)
-
-    def _static_arm(
-        self, experts: ExpertSet, method: str, context: MergeContext | None
-    ) -> LoraAdapterInfo:
-        """The `static:<method>` merge of `experts` (built, or read from the cache)."""
-        # Served at the rank it was built, up to the engine's slot size: with the mixture
-        # on the slots are rank 64 and the plugin costs an adapter its own rank, so cutting
-        # a rank-48 merge to max_lora_rank would only tilt static-vs-dynamic comparisons.
-        return static_merge(
-            experts,
-            method,
-            STATIC_DEFAULTS[method],
-            self.settings.engine.slot_rank,
-            self.settings.cache,
-            context,
-        )
-
-    def _dynamic_state(self, experts: ExpertSet) -> DynamicState:
-        rs = self.settings.router
-        twin = twin_decomposition(experts, twin_config(self.settings), self.settings.cache)
-        embedder = None
-        if rs.kind != "arrow":
-            if self._embedder is None:
-                if self._make_embedder is None:
-                    raise ConfigurationError(f"the {rs.kind} router needs an embedder")
-                self._embedder = self._make_embedder()
-                self._gate = make_gate(rs.gate_config(), self._embedder)
-            embedder = self._embedder
-        paths = {n: i.path for n, i in experts.infos.items()}
-        mlp = mlp_router_dir(self.settings.experts_dir) if self.settings.experts_dir else None
-        try:
-            router = router_for(
-                rs.kind,
-                paths,
-                factors=experts.factors,
-                embedder=embedder,
-                base_dir=self.base_dir,
-                mlp_dir=mlp,
-                gate=self._gate,
-            )
-        except AdapterError as e:
-            raise ConfigurationError(
-                f"the dynamic arms cannot route: {e.message}. Give each expert an "
-                "examples.jsonl, or route without data (MERGESERVE_ROUTER__KIND=arrow), or "
-                "serve without the dynamic arms (MERGESERVE_MERGE__DYNAMIC=false)"
-            ) from e
-        return DynamicState(experts, twin, router)
-
-    def _served(
-        self,
-        experts: ExpertSet,
-        sources: Mapping[str, Source],
-        static: Mapping[str, LoraAdapterInfo],
-        basis: tuple[str, ...],
-        dyn: DynamicState | None,
-        prev: ServedSet | None,
-        building: Mapping[str, BuildState] | None = None,
-    ) -> ServedSet:
-        if dyn is not None:
-            self._ensure_merger(dyn)
-        catalog = ModelCatalog.build(
-            self.base_dir or Path("(engine supplied)"),
-            experts.infos.values(),
-            self.settings.engine.max_lora_rank,
-            static=static,
-            dynamic_default=self.settings.merge.default_mode if dyn is not None else None,
-            ids=self.ids,
-            digests=self._digests(experts, static, dyn),
-            reuse=prev.catalog if prev is not None else None,
-            building=building,
-        )
-        return ServedSet(
-            experts,
-            MappingProxyType(dict(sources)),
-            MappingProxyType(dict(static)),
-            tuple(basis),
-            dyn,
-            catalog,
-            prev.registry_version if prev is not None else 0,
-            MappingProxyType(dict(building or {})),
-        )
-
-    def attach_engine(self, engine: EngineClient) -> None:
+    def attach_engine(self, engine: Engine) -> None:
         """The engine dynamic arms run on: they use its in-engine mixture when it has one
         and `engine.mixture` is on (else each merge is materialized)."""
         self._engine = engine
@@ -715,9 +476,10 @@ class LiveSet:
         else:
             merger.use_mixture(None)
 
-    def _ensure_merger(self, state: DynamicState) -> None:
+    def _merger_for(self, state: DynamicState) -> DynamicMerger:
+        """The dynamic merger (made for the first dynamic state, then kept)."""
         if self.dynamic is not None:
-            return
+            return self.dynamic
         ms, rs = self.settings.merge, self.settings.router
         cache = AdapterCache(
             self.ids,
@@ -738,93 +500,4 @@ class LiveSet:
             twin_none=ms.twin_none,
         )
         self._configure_mixture(self.dynamic)
-
-    def _publish(self, new: ServedSet) -> None:
-        if new.dynamic is not None and self.dynamic is not None:
-            self.dynamic.publish(new.dynamic)
-        self._current = new
-        for fn in self._subscribers:
-            fn(new)
-
-    def _check_free(self, cur: ServedSet, name: str) -> None:
-        source = cur.sources.get(name)
-        if source == "seed":
-            raise SeedExpertError(
-                f"expert {name!r} comes from the experts dir; pick another name",
-                code="seed_expert",
-            )
-        if source is not None:
-            raise ExpertExistsError(
-                f"expert {name!r} is already served; remove it first", code="expert_exists"
-            )
-
-    def _validate(self, path: Path) -> None:
-        """The registry's check of a candidate dir, before anything is committed: what
-        the registry checks itself, plus fit to this server's base model, slot rank,
-        LoRA targets, and (for the routers that need them) example prompts."""
-        _default_validator(path, self.settings.admin.max_upload_bytes)
-        info = read_lora_dir(path)
-        rank_cap = self.settings.engine.max_lora_rank
-        if info.rank > rank_cap:
-            raise AdapterError(
-                f"{info.name}: rank {info.rank} is above this server's slot rank "
-                f"(max_lora_rank={rank_cap})"
-            )
-        targets = self.settings.engine.lora_target_modules
-        if targets is not None:
-            extra = sorted(set(info.target_modules) - set(targets))
-            if extra:
-                raise AdapterError(
-                    f"{info.name}: targets {extra}, which this server's engine gives no LoRA "
-                    f"layer (lora_target_modules={targets})"
-                )
-        if self.base_spec is not None:
-            self.base_spec.check(load_lora_factors(path), info)
-        if self.settings.merge.dynamic and self.settings.router.kind != "arrow":
-            read_examples(path)
-
-    def _digests(
-        self,
-        experts: ExpertSet,
-        static: Mapping[str, LoraAdapterInfo],
-        dyn: DynamicState | None,
-    ) -> dict[str, str]:
-        """The content digest of every served model (see ServedModel.digest)."""
-        if self.base_dir is None:
-            return {}  # an engine supplied by the caller: its weights are unknown here
-        base = _digest("base", self.base_dir.name)
-        out = {BASE: base}
-        out |= {f"{EXPERT_PREFIX}{n}": _digest(base, d) for n, d in experts.digests.items()}
-        out |= {
-            f"{STATIC_PREFIX}{m}": _digest(base, adapter_digest(info.path))
-            for m, info in static.items()
-        }
-        if dyn is not None and self.dynamic is not None:
-            rid = self._router_identity(experts)
-            out |= {
-                dynamic_id(m): _digest(base, self.dynamic.identity(m, rid, dyn))
-                for m in DYNAMIC_MODES
-            }
-            out[ROUTE_TOP1] = _digest(base, self.dynamic.top1_identity(rid, dyn))
-        return out
-
-    def _router_identity(self, experts: ExpertSet) -> str:
-        """A digest of what the router's scores depend on: kind, embedder, examples, weights."""
-        rs = self.settings.router
-        payload: dict[str, object] = {"kind": rs.kind}
-        if rs.kind != "arrow":
-            payload["embedder"] = rs.embedder
-            payload["embedding"] = EMBEDDING_REVISION
-            payload["layer"] = rs.hidden_layer if rs.embedder == "hidden" else None
-            payload["gate"] = dataclasses.asdict(rs.gate_config())
-            if rs.gate_config().needs_general:
-                payload["general"] = examples_digest(general_calibration_prompts())
-            payload["examples"] = {
-                n: examples_digest(read_examples(i.path)) for n, i in experts.infos.items()
-            }
-        if rs.kind == "mlp" and self.settings.experts_dir is not None:
-            d = mlp_router_dir(self.settings.experts_dir)
-            payload["mlp"] = {
-                f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.glob("mlp.*"))
-            }
-        return _digest(payload)
+        return self.dynamic

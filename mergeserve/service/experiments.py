@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import queue
-import re
 import secrets
 import threading
 import time
@@ -37,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeserve.adapters.peft_io import NAME_RE
 from mergeserve.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -48,7 +48,6 @@ from mergeserve.errors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADER = "x-mergeserve-user"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _RESERVED = ("base", "dynamic")  # and no ':' (expert:…, static:…, dynamic:…)
 
 
@@ -86,7 +85,7 @@ class Experiment:
     header: str = DEFAULT_HEADER
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name) or self.name in _RESERVED or ":" in self.name:
+        if not NAME_RE.match(self.name) or self.name in _RESERVED or ":" in self.name:
             raise ConfigurationError(
                 f"experiment name {self.name!r}: 1-64 letters, digits, '_', '.', '-', and "
                 "not a served model's name (base, dynamic, expert:…, static:…)"

@@ -23,7 +23,7 @@ server:
   (``MERGESERVE_MIXTURE_PLUGIN=1`` in its environment, mergeserve installed beside vLLM)
   applies them; one without it ignores ``vllm_xargs``. Which one this is, the start-up
   self-check finds out over HTTP as it does for the local engine
-  (``EngineClient.verify_mixture``, run on every server: the bundle with a weighting must
+  (``Engine.verify_mixture``, run on every server: the bundle with a weighting must
   answer as that merge materialized, and not as the bundle unscaled); if it fails on one,
   every dynamic request is materialized instead and ``/v1/models`` says why. A server
   taken in later (back from an outage, or discovered) must show the plugin (its front end
@@ -78,14 +78,14 @@ from mergeserve.errors import (
     InvalidRequestError,
     MergeserveError,
 )
-from mergeserve.runtime.engine import (
-    ChatMessage,
+from mergeserve.runtime.engine.base import (
     EndpointState,
-    EngineClient,
+    Engine,
     FinishReason,
     GenerationDelta,
     GenerationParams,
     LoRATarget,
+    TemplateMessage,
     load_chat_tokenizer,
     render_chat,
 )
@@ -316,8 +316,8 @@ _forced: contextvars.ContextVar[_Endpoint | None] = contextvars.ContextVar(
 )
 
 
-class RemoteVllmEngine(EngineClient):
-    """An `EngineClient` backed by one or more vLLM OpenAI servers (module doc)."""
+class RemoteVllmEngine(Engine):
+    """An `Engine` backed by one or more vLLM OpenAI servers (module doc)."""
 
     def __init__(
         self,
@@ -401,7 +401,7 @@ class RemoteVllmEngine(EngineClient):
     def max_model_len(self) -> int:
         return self._max_model_len
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def render_chat(self, messages: Sequence[TemplateMessage]) -> list[int]:
         return render_chat(self._tokenizer, messages)
 
     def endpoints(self) -> list[EndpointState]:

@@ -31,12 +31,7 @@ from mergeserve.runtime.dynamic import DYNAMIC_MODES, DynamicMode
 from mergeserve.runtime.engine import LoRATarget
 from mergeserve.runtime.expert_set import build_seconds
 from mergeserve.runtime.materialize import IdAllocator
-
-BASE = "base"
-EXPERT_PREFIX = "expert:"
-STATIC_PREFIX = "static:"
-DYNAMIC = "dynamic"
-ROUTE_TOP1 = "route:top1"
+from mergeserve.service.model_ids import BASE, DYNAMIC, EXPERT_PREFIX, ROUTE_TOP1, STATIC_PREFIX
 
 ModelKind = Literal["base", "expert", "static", "dynamic", "route"]
 BuildStatus = Literal["queued", "building", "failed"]

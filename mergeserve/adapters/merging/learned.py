@@ -2,13 +2,14 @@
 (task-wise and layer-wise) and an evolutionary (CMA-ES) search of the coefficients.
 
 Each runs the base model with the experts' deltas patched in (see `calibration.py`) on
-the experts' `examples.jsonl` (a `MergeContext`), and registers in `METHODS` like the
-data-free methods, so each is a `static:<method>` arm. What each learns:
+the experts' `examples.jsonl` (a `MergeContext`), and is declared like the data-free
+methods, so each is a `static:<method>` arm. Parameter defaults are in the declarations
+(`mergeserve methods` lists them). What each learns:
 
 * `regmean` (Jin et al., ICLR 2023): per linear layer, the W minimising
   Σᵢ ‖Xᵢ Wᵀ − Xᵢ Wᵢᵀ‖², closed form W = Σᵢ Wᵢ Gᵢ (Σⱼ Gⱼ)⁻¹ with Gᵢ = XᵢᵀXᵢ the Gram of the
   layer's inputs in expert i's model on expert i's examples (mean over tokens), its
-  off-diagonal scaled by `alpha` (0.9). The base weight cancels, so Δ = Σᵢ Bᵢ (Aᵢ Gᵢ G⁻¹):
+  off-diagonal scaled by `alpha`. The base weight cancels, so Δ = Σᵢ Bᵢ (Aᵢ Gᵢ G⁻¹):
   on LoRA experts RegMean is *exact in low rank* (rank Σ rᵢ, no dense delta, no SVD).
 * `regmean_pp` (RegMean++, Nguyen et al. 2025): the same solve, but a layer's Grams are
   taken with every earlier layer already merged (the inputs the merged model will see),
@@ -19,12 +20,12 @@ data-free methods, so each is a `static:<method>` arm. What each learns:
 * `adamerging` / `adamerging_layer` (Yang et al., ICLR 2024): coefficients λᵢ (one per
   expert, or one per expert and module) in [0, 1], initialised to 0.3, that minimise the
   entropy of the next-token prediction at the end of unlabelled prompts (the experts'
-  example prompts, answers unused), by Adam (40 steps of 8 prompts, lr 0.01); exact
+  example prompts, answers unused), by Adam (`steps` steps of 8 prompts at `lr`); exact
   (λ scales each expert's B).
 * `evolutionary`: CMA-ES (Hansen's (μ/μ_w, λ) rules) over one coefficient per expert,
-  from 1/T each with σ 0.1, 8 generations, minimising the mean answer loss (teacher
-  forced) on ≤ 24 dev examples (`MergeContext.dev`, default the experts' examples);
-  the best candidate seen, the start included, wins.
+  from 1/T each with σ 0.1, `steps` generations of `population`, minimising the mean
+  answer loss (teacher forced) on `samples` dev examples (`MergeContext.dev`, default
+  the experts' examples); the best candidate seen, the start included, wins.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import Tensor
 from mergeserve.adapters.calibration import (
     Batch,
     DeltaPatch,
+    Example,
     ModuleTerms,
     Term,
     answer_logits,
@@ -50,27 +52,34 @@ from mergeserve.adapters.calibration import (
     module_terms,
     torch_threads,
 )
-from mergeserve.adapters.lowrank import AdapterFactors, LowRank, union_layout
-from mergeserve.adapters.methods import (
-    Example,
-    MergeContext,
-    MergeOptions,
+from mergeserve.adapters.lowrank import (
+    AdapterFactors,
+    LowRank,
     ProgressBar,
-    _finish,
     factor_layers,
-    method,
+    union_layout,
 )
+from mergeserve.adapters.merging.method import (
+    Declarations,
+    MergeContext,
+    PerExperts,
+    need,
+    truncated,
+)
+from mergeserve.adapters.merging.options import MergeOptions
 from mergeserve.errors import InvalidRequestError
 
-REGMEAN_ALPHA = 0.9
+declared = Declarations()
+
+ALL_EXAMPLES = PerExperts("all", lambda n: None)
+"""The default of `samples`: every example of each expert."""
+
 ADAMERGING_INIT = 0.3
 FISHER_FLOOR = 1e-6
 DEV_CAP = 24
 """The evolutionary search scores candidates on at most this many dev examples (spread
 evenly over the dev set): each candidate costs a forward pass over all of them."""
-ADAMERGING_STEPS = 40
 ADAMERGING_BATCH = 8
-ES_GENERATIONS = 8
 
 
 def _prepared(
@@ -147,7 +156,14 @@ def _regmean_module(m: ModuleTerms, grams: Sequence[Tensor], alpha: float) -> tu
     return torch.cat(a_new), m.b
 
 
-@method("regmean", exact=True, uses=("alpha", "samples"), needs_data=True)
+@declared.method(
+    "regmean",
+    kind="exact",
+    params={"alpha": 0.9, "samples": ALL_EXAMPLES},
+    source="Jin et al. 2023",
+    needs_data=True,
+    arm=MergeOptions(),
+)
 def regmean(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -156,7 +172,7 @@ def regmean(
 ) -> AdapterFactors:
     """RegMean (Jin et al.): per layer, the least-squares merge under each expert's inputs."""
     c, model, tok, mods = _prepared(experts, ctx)
-    alpha = REGMEAN_ALPHA if o.alpha is None else o.alpha
+    alpha = need(o.alpha)
     paths = [m.path for m in mods]
     grams: list[dict[str, Tensor]] = []
     with torch_threads(c.threads), DeltaPatch(model, paths) as patch:
@@ -166,10 +182,17 @@ def regmean(
             if progress is not None:
                 progress.update(1)
     ab = {m.path: _regmean_module(m, [g[m.path] for g in grams], alpha) for m in mods}
-    return _finish(_assemble(experts, mods, ab), o)
+    return truncated(_assemble(experts, mods, ab), o)
 
 
-@method("regmean_pp", exact=True, uses=("alpha", "samples"), needs_data=True)
+@declared.method(
+    "regmean_pp",
+    kind="exact",
+    params={"alpha": 0.9, "samples": ALL_EXAMPLES},
+    source="Nguyen et al. 2025",
+    needs_data=True,
+    arm=MergeOptions(),
+)
 def regmean_pp(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -179,7 +202,7 @@ def regmean_pp(
     """RegMean++ (Nguyen et al.): RegMean with each layer's inputs from the merged layers
     before it, layer by layer."""
     c, model, tok, mods = _prepared(experts, ctx)
-    alpha = REGMEAN_ALPHA if o.alpha is None else o.alpha
+    alpha = need(o.alpha)
     examples = [_limit(ex, o.samples) for ex in c.examples]
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     layers = sorted({m.layer for m in mods})
@@ -203,7 +226,7 @@ def regmean_pp(
                 merged[m.path] = _regmean_module(m, [g[m.path] for g in grams], alpha)
             if progress is not None:
                 progress.update(1)
-    return _finish(_assemble(experts, mods, merged), o)
+    return truncated(_assemble(experts, mods, merged), o)
 
 
 # ------------------------------------------------------------------------------ Fisher
@@ -249,7 +272,14 @@ def fisher_diagonal(
     return {p: f / n for p, f in zip(paths, fisher, strict=True)}
 
 
-@method("fisher", exact=False, uses=("samples",), needs_data=True)
+@declared.method(
+    "fisher",
+    kind="dense",
+    params={"samples": ALL_EXAMPLES},
+    source="Matena & Raffel 2022",
+    needs_data=True,
+    arm=MergeOptions(),
+)
 def fisher(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -296,6 +326,10 @@ def prediction_entropy(model: Any, hidden: Tensor, batch: Batch) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+ADAMERGING_PARAMS = {"steps": 40, "lr": 0.01, "samples": ALL_EXAMPLES, "seed": 0}
+"""Both AdaMerging methods' parameters and defaults."""
+
+
 def adamerging_coefficients(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -307,13 +341,13 @@ def adamerging_coefficients(
     c, model, tok, mods = _prepared(experts, ctx)
     t = len(experts)
     prompts = [e for ex in c.examples for e in _limit(ex, o.samples)]
-    g = torch.Generator().manual_seed(o.seed or 0)
+    g = torch.Generator().manual_seed(need(o.seed))
     prompts = [prompts[i] for i in torch.randperm(len(prompts), generator=g).tolist()]
     encoded = list(batches(tok, prompts, answers=False, size=ADAMERGING_BATCH))
     shape = (t, len(mods)) if layer_wise else (t,)
     lam = torch.full(shape, ADAMERGING_INIT, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=0.01 if o.lr is None else o.lr)
-    steps = ADAMERGING_STEPS if o.steps is None else o.steps
+    opt = torch.optim.Adam([lam], lr=need(o.lr))
+    steps = need(o.steps)
     with torch_threads(c.threads), DeltaPatch(model, [m.path for m in mods]) as patch:
         for step in range(steps):
             lc = lam.clamp(0.0, 1.0)
@@ -333,7 +367,14 @@ def adamerging_coefficients(
     return mods, lam.detach().clamp(0.0, 1.0)
 
 
-@method("adamerging", exact=True, uses=("steps", "lr", "samples", "seed"), needs_data=True)
+@declared.method(
+    "adamerging",
+    kind="exact",
+    params=ADAMERGING_PARAMS,
+    source="Yang et al. 2024",
+    needs_data=True,
+    arm=MergeOptions(),
+)
 def adamerging(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -342,10 +383,17 @@ def adamerging(
 ) -> AdapterFactors:
     """AdaMerging, task-wise (Yang et al.): one λ per expert, by entropy minimisation."""
     mods, lam = adamerging_coefficients(experts, o, ctx, False, progress)
-    return _finish(_scaled(experts, mods, lambda k: lam), o)
+    return truncated(_scaled(experts, mods, lambda k: lam), o)
 
 
-@method("adamerging_layer", exact=True, uses=("steps", "lr", "samples", "seed"), needs_data=True)
+@declared.method(
+    "adamerging_layer",
+    kind="exact",
+    params=ADAMERGING_PARAMS,
+    source="Yang et al. 2024",
+    needs_data=True,
+    arm=MergeOptions(),
+)
 def adamerging_layer(
     experts: Sequence[AdapterFactors],
     o: MergeOptions,
@@ -354,10 +402,15 @@ def adamerging_layer(
 ) -> AdapterFactors:
     """AdaMerging, layer-wise: one λ per expert and module, by entropy minimisation."""
     mods, lam = adamerging_coefficients(experts, o, ctx, True, progress)
-    return _finish(_scaled(experts, mods, lambda k: lam[:, k]), o)
+    return truncated(_scaled(experts, mods, lambda k: lam[:, k]), o)
 
 
 # ------------------------------------------------------------------------------ CMA-ES
+
+
+def cma_population(n: int) -> int:
+    """CMA-ES's default population for n coordinates: 4 + ⌊3 ln n⌋."""
+    return 4 + int(3 * math.log(n))
 
 
 def cma_es(
@@ -375,7 +428,7 @@ def cma_es(
     Returns (best x seen, its f, the best f of each generation). float64 throughout.
     """
     n = x0.numel()
-    lam = popsize or 4 + int(3 * math.log(n))
+    lam = popsize or cma_population(n)
     mu = lam // 2
     w = torch.log(torch.tensor(mu + 0.5, dtype=torch.float64)) - torch.log(
         torch.arange(1, mu + 1, dtype=torch.float64)
@@ -423,8 +476,18 @@ def cma_es(
     return best_x, best_f, history
 
 
-@method(
-    "evolutionary", exact=True, uses=("steps", "population", "samples", "seed"), needs_data=True
+@declared.method(
+    "evolutionary",
+    kind="exact",
+    params={
+        "steps": 8,
+        "population": PerExperts("4 + ⌊3 ln T⌋", cma_population),
+        "samples": DEV_CAP,
+        "seed": 0,
+    },
+    source="CMA-ES (Hansen)",
+    needs_data=True,
+    arm=MergeOptions(),
 )
 def evolutionary(
     experts: Sequence[AdapterFactors],
@@ -434,7 +497,7 @@ def evolutionary(
 ) -> AdapterFactors:
     """CMA-ES over one coefficient per expert, minimising the answer loss on dev examples."""
     c, model, tok, mods = _prepared(experts, ctx)
-    dev = _evenly(c.labelled_dev, o.samples or DEV_CAP)
+    dev = _evenly(c.labelled_dev, need(o.samples))
     if not dev:
         raise InvalidRequestError("evolutionary needs labelled dev examples", param="experts")
     encoded = list(batches(tok, dev, answers=True, size=16))
@@ -457,9 +520,9 @@ def evolutionary(
             loss,
             torch.full((t,), 1.0 / t, dtype=torch.float64),
             0.1,
-            ES_GENERATIONS if o.steps is None else o.steps,
-            o.population,
-            o.seed or 0,
+            need(o.steps),
+            need(o.population),
+            need(o.seed),
         )
     coef = best.float()
-    return _finish(_scaled(experts, mods, lambda k: coef), o)
+    return truncated(_scaled(experts, mods, lambda k: coef), o)
