@@ -708,8 +708,9 @@ def _patch_v2_runner() -> None:
 
 
 class MixtureRequestError(ValueError):
-    """A request's mixture that the engine refuses (a ValueError, as vLLM's own request
-    checks raise, so every vLLM entry point answers it as a client error)."""
+    """A request's mixture that the engine refuses. vLLM's front end gets it as vLLM's
+    own `VLLMValidationError` (parameter `vllm_xargs`), which every vLLM entry point
+    answers as a client error (400) with this message."""
 
 
 def check_request_mixture(
@@ -750,11 +751,18 @@ def _patch_input_processor() -> None:
         if params is None or not extra:
             return request
         lora_config = getattr(getattr(self, "vllm_config", None), "lora_config", None)
-        spec = check_request_mixture(
-            extra,
-            request.lora_request is not None,
-            getattr(lora_config, "max_lora_rank", None),
-        )
+        try:
+            spec = check_request_mixture(
+                extra,
+                request.lora_request is not None,
+                getattr(lora_config, "max_lora_rank", None),
+            )
+        except MixtureRequestError as e:
+            # vLLM answers its own client errors with a 400 and the message; any other
+            # exception inside generate() becomes a bare 500 (EngineGenerateError).
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         if spec is not None:
             params.extra_args = {**extra, **spec.extra_args()}  # canonical (float32)
             request.cache_salt = spec.salt(request.cache_salt)

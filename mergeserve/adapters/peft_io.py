@@ -26,6 +26,9 @@ from mergeserve.errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXAMPLES_FILE = "examples.jsonl"
+"""Beside the adapter: example prompts of its task, one {"prompt": ...} a line (the
+routers learn from them; `train-expert` writes them)."""
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """What mergeserve accepts as a name (an expert's, an experiment's): 1-64 characters of
 letters, digits, '_', '.', '-', starting with a letter or digit."""

@@ -119,7 +119,7 @@ def _merge(args: argparse.Namespace) -> None:
         MergeOptions,
         merge_dirs,
     )
-    from mergeserve.router.base import EXAMPLES_FILE
+    from mergeserve.adapters.peft_io import EXAMPLES_FILE
 
     opts = MergeOptions(**{name: getattr(args, name) for name in PARAMS})
     base = context = None

@@ -21,11 +21,10 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from mergeserve.adapters.lowrank import AdapterFactors
-from mergeserve.adapters.peft_io import discover_lora_dirs
+from mergeserve.adapters.peft_io import EXAMPLES_FILE, discover_lora_dirs
 from mergeserve.errors import AdapterError, ConfigurationError
 from mergeserve.router.policy import Routing, RoutingPolicy
 
-EXAMPLES_FILE = "examples.jsonl"
 ROUTER_DIR = "_router"
 """Under the experts dir: where `train-router` saves the MLP (not a LoRA dir, so the
 expert discovery skips it)."""

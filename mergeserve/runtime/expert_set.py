@@ -30,6 +30,7 @@ from mergeserve.adapters.merging import METHODS, MergeContext, MergeOptions, mer
 from mergeserve.adapters.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    EXAMPLES_FILE,
     BaseModelSpec,
     LoraAdapterInfo,
     discover_lora_dirs,
@@ -39,7 +40,6 @@ from mergeserve.adapters.peft_io import (
 )
 from mergeserve.adapters.twin import TwinConfig, TwinDecomposition, decompose
 from mergeserve.errors import ConfigurationError
-from mergeserve.router.base import EXAMPLES_FILE
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from mergeserve.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, validate_adapter_name
+from mergeserve.adapters.peft_io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXAMPLES_FILE,
+    validate_adapter_name,
+)
 from mergeserve.errors import (
     AdapterError,
     AuthenticationError,
@@ -36,7 +41,6 @@ from mergeserve.errors import (
     PermissionDeniedError,
 )
 from mergeserve.failpoints import failpoint
-from mergeserve.router.base import EXAMPLES_FILE
 from mergeserve.server.state import AppState, get_state
 from mergeserve.service.live import LiveSet
 from mergeserve.service.served_set import ServedSet

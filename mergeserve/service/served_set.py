@@ -26,7 +26,7 @@ from mergeserve.adapters.peft_io import (
     load_lora_factors,
     read_lora_dir,
 )
-from mergeserve.adapters.registry import ExpertRegistry, _default_validator
+from mergeserve.adapters.registry import ExpertRegistry
 from mergeserve.adapters.twin import TwinConfig
 from mergeserve.config import Settings
 from mergeserve.errors import AdapterError, ConfigurationError
@@ -290,7 +290,8 @@ class SetBuilder:
         """The registry's check of a candidate dir, before anything is committed: what
         the registry checks itself, plus fit to this server's base model, slot rank,
         LoRA targets, and (for the routers that need them) example prompts."""
-        _default_validator(path, self.settings.admin.max_upload_bytes)
+        # what the registry checks itself: the tensors load, within the size limit
+        factors = load_lora_factors(path, max_bytes=self.settings.admin.max_upload_bytes)
         info = read_lora_dir(path)
         rank_cap = self.settings.engine.max_lora_rank
         if info.rank > rank_cap:
@@ -307,7 +308,7 @@ class SetBuilder:
                     f"layer (lora_target_modules={targets})"
                 )
         if self.base_spec is not None:
-            self.base_spec.check(load_lora_factors(path), info)
+            self.base_spec.check(factors, info)
         if self.settings.merge.dynamic and self.settings.router.kind != "arrow":
             example_prompts(path)
 

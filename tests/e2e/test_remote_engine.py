@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from mergeserve.runtime.mixture import MixtureSpec
 from mergeserve.testing import (
     ServerProcess,
     server_process,
@@ -247,6 +248,17 @@ async def test_the_plugin_probe_tells_the_two_servers_apart(stack: Stack, plugge
         found[name] = await e._has_plugin(ep)
         await e.shutdown()
     assert found == {"plain": False, "plugged": True}
+    # The refusal is vLLM's client error, with the plugin's reason (not a bare 500).
+    body = {
+        "model": VLLM_NAME,
+        "prompt": [0],
+        "max_tokens": 1,
+        "vllm_xargs": MixtureSpec((1,), (1.0,)).extra_args(),
+    }
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(f"{plugged.vllm.base_url}/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert "names none" in r.json()["error"]["message"]
 
 
 def test_a_stopped_server_is_503_not_a_hang(stack: Stack) -> None:

@@ -464,7 +464,7 @@ def test_the_front_end_refuses_bad_mixtures_and_salts_good_ones() -> None:
     ):
         with pytest.raises(MixtureRequestError, match=match) as e:
             check_request_mixture(extra, has_lora, max_rank)
-        assert isinstance(e.value, ValueError)  # vLLM answers it as a client error
+        assert isinstance(e.value, ValueError)
 
 
 PROCESS_INPUTS = """
@@ -501,8 +501,10 @@ try:
     bad = SamplingParams(max_tokens=1, extra_args={"mergeserve_mix_ranks": [8],
                                                     "mergeserve_mix_weights": [1e39]})
     proc.process_inputs("r", {}, bad, lora_request=object())
-except ValueError as e:
+except Exception as e:
     out["bad"] = str(e)
+    out["bad_type"] = type(e).__name__
+    out["bad_param"] = getattr(e, "parameter", None)
 print(json.dumps(out))
 """
 
@@ -516,6 +518,10 @@ def test_the_plugin_keys_each_mixture_into_the_prefix_cache_salt() -> None:
     assert out["plain"] is None  # requests without a mixture are untouched
     assert "refused" in out["bad"]
     assert "finite" in out["bad"]
+    # vLLM's own client-error type: its OpenAI server answers 400 with the message (a
+    # plain ValueError inside generate() became a bare 500)
+    assert out["bad_type"] == "VLLMValidationError"
+    assert out["bad_param"] == "vllm_xargs"
 
 
 def test_vllm_finds_the_plugin_by_its_entry_point() -> None:

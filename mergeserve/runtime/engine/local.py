@@ -252,7 +252,7 @@ class VllmEngine(Engine):
     async def _stream(
         self, prompt: dict[str, Any], sampling: Any, request_id: str, lora_request: Any
     ) -> AsyncGenerator[GenerationDelta, None]:
-        from vllm.exceptions import GracefulHTTPError
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         prompt_token_ids = prompt["prompt_token_ids"]
@@ -282,7 +282,7 @@ class VllmEngine(Engine):
         except EngineGenerateError as e:
             cause = e.__cause__
             raise MergeserveError(f"generation failed: {cause or e}") from e
-        except ValueError as e:  # vLLM's request validation (VLLMClientError is a ValueError)
+        except (VLLMClientError, ValueError) as e:  # vLLM's request validation
             raise InvalidRequestError(str(e)) from e
 
     async def check_health(self) -> None:

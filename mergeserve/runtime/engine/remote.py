@@ -602,14 +602,17 @@ class RemoteVllmEngine(Engine):
         """Whether `ep`'s vLLM loads mergeserve's plugin, for a server taken in after the
         self-check: its front end refuses a mixture that names no adapter, where a vLLM
         without the plugin ignores `vllm_xargs` and answers as it answers the same request
-        without them (asked first: it must answer). vLLM 0.32's completions route gives
-        the refusal as a 500 with an empty message, so any refusal counts."""
+        without them (asked first: it must answer). The plugin's refusal is a 400 naming
+        it; a plugin before that change gave a bare 500, so any other refusal but a 400
+        counts too (a 400 for another reason does not)."""
         body: dict[str, Any] = {"model": self._model, "prompt": [0], "max_tokens": 1}
         control = await ep.confirm("POST", "/v1/completions", json=body, timeout=30)
         if control.status_code != 200:
             raise _NotYet(f"/v1/completions answered {control.status_code}")
         body["vllm_xargs"] = MixtureSpec((1,), (1.0,)).extra_args()
         r = await ep.confirm("POST", "/v1/completions", json=body, timeout=30)
+        if r.status_code == 400:
+            return "mergeserve mixture refused" in r.text
         return r.status_code != 200
 
     # ------------------------------------------------------------------- health
