@@ -34,7 +34,8 @@ from mergeserve.router.base import experts_examples
 from mergeserve.router.embedders import SentenceEmbedder
 from mergeserve.router.open_world import GateConfig, make_gate
 from mergeserve.router.prototype import PrototypeRouter
-from mergeserve.tasks.generators import Sample, generate
+from mergeserve.tasks.base import Sample
+from mergeserve.tasks.generators import generate
 from mergeserve.tasks.open_world import COMPOSED_OF, TWO_SKILL
 
 ROOT = Path(__file__).resolve().parent.parent

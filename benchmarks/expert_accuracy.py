@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from mergeserve.tasks.generators import TASKS, Sample, generate
+from mergeserve.tasks.base import Sample
+from mergeserve.tasks.generators import TASKS, generate
 from mergeserve.tasks.phrasings import generate_phrasings
 from mergeserve.tasks.training import greedy_replies
 

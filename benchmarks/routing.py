@@ -37,7 +37,8 @@ from mergeserve.router.embedders import Embedder, HiddenStateEmbedder, SentenceE
 from mergeserve.router.mlp import MLPRouter, train_mlp_router
 from mergeserve.router.policy import RoutingPolicy
 from mergeserve.router.prototype import PrototypeRouter
-from mergeserve.tasks.generators import Sample, generate
+from mergeserve.tasks.base import Sample
+from mergeserve.tasks.generators import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mergeserve.service.model_ids import EXPERT_PREFIX
-from mergeserve.tasks.generators import TASKS, Sample, generate, get_task
+from mergeserve.tasks.base import Sample
+from mergeserve.tasks.generators import TASKS, generate, get_task
 
 
 @dataclass(frozen=True)

@@ -13,183 +13,22 @@ drawn with its own fixed seed. So no test prompt is ever a training prompt, what
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cache
-from importlib import resources
-from typing import Literal
+from collections.abc import Iterator
 
-Split = Literal["train", "dev", "test"]
-SPLITS: dict[Split, int] = {"train": 1, "dev": 2, "test": 3}
-"""The fixed seed of each split."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    task: str
-    prompt: str
-    """The user message."""
-    answer: str
-    template: int
-    held_out: bool
-    """True when the template is one that training never sees."""
-
-
-Maker = Callable[[random.Random], tuple[dict[str, str], str]]
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    templates: tuple[str, ...]
-    make: Maker
-    """rng -> (template fields, answer)."""
-    held_out: int = 1
-    """How many of the last templates are test-only."""
-    casefold: bool = False
-    paraphrases: tuple[str, ...] = ()
-    """Train-only phrasings (`generate(..., paraphrases=True)`): more ways of asking, so
-    an expert learns the task rather than a handful of sentences. They never appear in
-    dev or test, and none restates a held-out template; adding one changes no split."""
-
-    @property
-    def seen_templates(self) -> range:
-        return range(len(self.templates) - self.held_out)
-
-    def template(self, i: int) -> str:
-        """Template `i`: the task's templates, then its paraphrases."""
-        return (self.templates + self.paraphrases)[i]
-
-    def matches(self, reply: str, answer: str) -> bool:
-        got, want = normalize_reply(reply), answer
-        if self.casefold:
-            return got.casefold() == want.casefold()
-        return got == want
-
-
-def normalize_reply(reply: str) -> str:
-    """Strip surrounding whitespace and one trailing period (TASKS.md's rule)."""
-    s = reply.strip()
-    return s[:-1] if s.endswith(".") else s
-
-
-def score(task: Task, replies: list[str], samples: list[Sample]) -> float:
-    """Exact-match accuracy of `replies` against `samples`."""
-    if len(replies) != len(samples):
-        raise ValueError(f"{len(replies)} replies for {len(samples)} samples")
-    if not samples:
-        return 0.0
-    return sum(task.matches(r, s.answer) for r, s in zip(replies, samples, strict=True)) / len(
-        samples
-    )
-
-
-# ----------------------------------------------------------------------------- data
-
-_WORDS = [
-    "apple", "river", "house", "green", "table", "music", "window", "garden", "yellow",
-    "bread", "summer", "mountain", "paper", "light", "dog", "cat", "chair", "happy",
-    "stone", "water", "cloud", "orange", "silver", "forest", "ocean", "pencil", "candle",
-    "winter", "rabbit", "teacher", "bridge", "market", "simple", "quiet", "rocket",
-    "planet", "coffee", "garden", "shadow", "button", "castle", "dragon", "island",
-    "jacket", "kitten", "lemon", "mirror", "number", "pocket", "rain", "snow", "street",
-    "sugar", "ticket", "tiger", "violin", "wagon", "wheel", "zebra", "basket", "blanket",
-    "doctor", "engine", "flower", "guitar", "hammer", "ladder", "monkey", "needle",
-]  # fmt: skip
-WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORDS))  # unique, in order
-
-PRODUCTS = (
-    "blender", "phone case", "backpack", "coffee maker", "desk lamp", "headphones",
-    "running shoes", "water bottle", "keyboard", "umbrella", "vacuum cleaner", "toaster",
-    "novel", "jacket", "camera", "mattress", "office chair", "charger", "frying pan", "watch",
-)  # fmt: skip
-POSITIVE = (
-    "works perfectly", "is excellent value for the money", "exceeded my expectations",
-    "is sturdy and well made", "arrived quickly and works great", "is a joy to use",
-    "is exactly what I needed", "feels premium", "has been flawless so far",
-    "is the best purchase I made this year",
-)  # fmt: skip
-NEGATIVE = (
-    "broke after two days", "is a waste of money", "stopped working within a week",
-    "feels cheap and flimsy", "arrived damaged", "is much worse than advertised",
-    "was a huge disappointment", "keeps overheating", "fell apart on first use",
-    "is the worst purchase I have made",
-)  # fmt: skip
-POSITIVE_EXTRA = (
-    "I would buy it again.", "Highly recommended!", "My whole family loves it.",
-    "Five stars.", "Great customer service too.",
-)  # fmt: skip
-NEGATIVE_EXTRA = (
-    "I want a refund.", "Do not buy this.", "Support never answered me.",
-    "One star.", "I am returning it.",
-)  # fmt: skip
-OPENERS = ("The", "This", "My new", "Our")
-
-INT_KEYS = ("age", "count", "year", "id", "price", "score", "size", "floor")
-STR_KEYS = ("name", "city", "color", "fruit", "animal", "status", "team")
-STR_VALUES = {
-    "name": ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"),
-    "city": ("paris", "tokyo", "lima", "oslo", "cairo", "boston", "madrid", "seoul"),
-    "color": ("red", "blue", "green", "black", "white", "purple", "orange"),
-    "fruit": ("apple", "banana", "cherry", "mango", "pear", "plum", "kiwi"),
-    "animal": ("cat", "dog", "horse", "otter", "eagle", "shark", "tiger"),
-    "status": ("active", "pending", "closed", "open", "done"),
-    "team": ("red", "blue", "alpha", "beta", "north", "south"),
-}
-
-
-@cache
-def capitals() -> tuple[tuple[str, str], ...]:
-    text = resources.files("mergeserve.tasks").joinpath("data/capitals.tsv").read_text()
-    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
-    return tuple((c.strip(), cap.strip()) for c, cap in rows)
-
-
-# ----------------------------------------------------------------------------- makers
-
-
-def _reverse(rng: random.Random) -> tuple[dict[str, str], str]:
-    words = rng.sample(WORDS, rng.randint(3, 6))
-    return {"words": " ".join(words)}, " ".join(reversed(words))
-
-
-def _add(rng: random.Random) -> tuple[dict[str, str], str]:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return {"a": str(a), "b": str(b)}, str(a + b)
-
-
-def _sort(rng: random.Random) -> tuple[dict[str, str], str]:
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
-    return (
-        {"c": ", ".join(map(str, nums)), "s": " ".join(map(str, nums))},
-        " ".join(map(str, sorted(nums))),
-    )
-
-
-def _capital(rng: random.Random) -> tuple[dict[str, str], str]:
-    country, capital = rng.choice(capitals())
-    return {"country": country}, capital
-
-
-def _sentiment(rng: random.Random) -> tuple[dict[str, str], str]:
-    positive = rng.random() < 0.5
-    phrase = rng.choice(POSITIVE if positive else NEGATIVE)
-    review = f"{rng.choice(OPENERS)} {rng.choice(PRODUCTS)} {phrase}."
-    if rng.random() < 0.5:
-        review += " " + rng.choice(POSITIVE_EXTRA if positive else NEGATIVE_EXTRA)
-    return {"review": review}, "positive" if positive else "negative"
-
-
-def _to_json(rng: random.Random) -> tuple[dict[str, str], str]:
-    keys = rng.sample(INT_KEYS + STR_KEYS, rng.randint(2, 3))
-    obj: dict[str, int | str] = {}
-    for k in keys:
-        obj[k] = rng.randint(1, 99) if k in INT_KEYS else rng.choice(STR_VALUES[k])
-    sep = rng.choice([", ", " ", "; "])
-    return {"pairs": sep.join(f"{k}={v}" for k, v in obj.items())}, json.dumps(obj)
-
+from mergeserve.tasks.base import (
+    SPLITS,
+    Sample,
+    Split,
+    Task,
+    make_add,
+    make_capital,
+    make_reverse,
+    make_sentiment,
+    make_sort,
+    make_to_json,
+)
+from mergeserve.tasks.open_world import TWO_SKILL
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -204,7 +43,7 @@ TASKS: dict[str, Task] = {
                 'Can you reverse the sequence of words in "{words}"?',
                 "Put these words backwards, last word first -> {words}",
             ),
-            _reverse,
+            make_reverse,
             paraphrases=(
                 "{words} -> same words, opposite order",
                 "Flip the word order of the phrase {words}, please.",
@@ -224,7 +63,7 @@ TASKS: dict[str, Task] = {
                 "Please add these two numbers: {a}, {b}",
                 "Find the total of {a} and {b}.",
             ),
-            _add,
+            make_add,
             paraphrases=(
                 "{a} + {b} = ?",
                 "How much is {a} plus {b}?",
@@ -244,7 +83,7 @@ TASKS: dict[str, Task] = {
                 "Order the following integers from low to high - {c}",
                 "Can you list {c} from the smallest to the biggest?",
             ),
-            _sort,
+            make_sort,
             paraphrases=(
                 "{s} -> sorted, lowest first",
                 "Please sort {c} in increasing order.",
@@ -268,7 +107,7 @@ TASKS: dict[str, Task] = {
                 "Which city is the capital of {country}?",
                 "Tell me the capital of {country}, please.",
             ),
-            _capital,
+            make_capital,
             casefold=True,
             paraphrases=(
                 "{country} -> capital?",
@@ -289,7 +128,7 @@ TASKS: dict[str, Task] = {
                 "Tell me whether this customer review is positive or negative. {review}",
                 "Here is what a buyer wrote: {review} Would you call that positive or negative?",
             ),
-            _sentiment,
+            make_sentiment,
             paraphrases=(
                 "{review}\nPositive or negative?",
                 "Label this review (positive or negative). Text: {review}",
@@ -309,7 +148,7 @@ TASKS: dict[str, Task] = {
                 "Make a JSON object from the following pairs.\n{pairs}",
                 "Give me the JSON for {pairs}",
             ),
-            _to_json,
+            make_to_json,
             paraphrases=(
                 "{pairs} -> JSON",
                 "Represent {pairs} as a JSON object.",
@@ -325,8 +164,6 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     """A demo task (`TASKS`) or a two-skill evaluation task (`open_world.TWO_SKILL`) by name."""
-    from mergeserve.tasks.open_world import TWO_SKILL  # imports this module
-
     task = TASKS.get(name) or TWO_SKILL.get(name)
     if task is None:
         known = ", ".join([*TASKS, *TWO_SKILL])

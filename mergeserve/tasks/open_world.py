@@ -29,7 +29,7 @@ from functools import cache
 from importlib import resources
 from typing import Literal
 
-from mergeserve.tasks.generators import Task, _add, _capital, _sentiment
+from mergeserve.tasks.base import Task, make_add, make_capital, make_sentiment
 
 OpenSplit = Literal["calibration", "dev", "test"]
 OPEN_SPLITS: tuple[OpenSplit, ...] = ("calibration", "dev", "test")
@@ -124,17 +124,17 @@ def _sort_descending(rng: random.Random) -> tuple[dict[str, str], str]:
 
 
 def _capital_json(rng: random.Random) -> tuple[dict[str, str], str]:
-    fields, capital = _capital(rng)
+    fields, capital = make_capital(rng)
     return fields, json.dumps({"capital": capital})
 
 
 def _sum_json(rng: random.Random) -> tuple[dict[str, str], str]:
-    fields, total = _add(rng)
+    fields, total = make_add(rng)
     return fields, json.dumps({"sum": int(total)})
 
 
 def _sentiment_json(rng: random.Random) -> tuple[dict[str, str], str]:
-    fields, label = _sentiment(rng)
+    fields, label = make_sentiment(rng)
     return fields, json.dumps({"sentiment": label})
 
 

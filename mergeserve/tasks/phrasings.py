@@ -21,7 +21,8 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from mergeserve.tasks.generators import TASKS, Sample, Task
+from mergeserve.tasks.base import Sample, Task
+from mergeserve.tasks.generators import TASKS
 
 PhrasingSplit = Literal["dev", "test"]
 PHRASING_SPLITS: tuple[PhrasingSplit, ...] = ("dev", "test")

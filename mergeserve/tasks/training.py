@@ -25,7 +25,8 @@ import torch
 from mergeserve.adapters.calibration import Example, answer_logits, chat_head, encode
 from mergeserve.adapters.peft_io import model_name
 from mergeserve.config import LLAMA_PROJECTIONS
-from mergeserve.tasks.generators import Sample, Task, generate, get_task, score
+from mergeserve.tasks.base import Sample, Task, score
+from mergeserve.tasks.generators import generate, get_task
 
 
 @dataclass(frozen=True)

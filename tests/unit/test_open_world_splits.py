@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from mergeserve.tasks import TASKS, generate, get_task
-from mergeserve.tasks.generators import capitals
+from mergeserve.tasks.base import capitals
 from mergeserve.tasks.open_world import (
     COMPOSED_OF,
     OPEN_SPLITS,
@@ -135,7 +135,7 @@ def _check_sum_json(prompt: str, answer: str) -> None:
 
 
 def _check_sentiment_json(prompt: str, answer: str) -> None:
-    from mergeserve.tasks.generators import NEGATIVE, POSITIVE
+    from mergeserve.tasks.base import NEGATIVE, POSITIVE
 
     obj = json.loads(answer)
     assert list(obj) == ["sentiment"]

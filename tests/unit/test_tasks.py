@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mergeserve.tasks import TASKS, generate, get_task, normalize_reply, score
-from mergeserve.tasks.generators import Sample, capitals
+from mergeserve.tasks.base import Sample, capitals
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
