@@ -49,6 +49,7 @@ from mergeserve.adapters.lowrank import (
     union_layout,
 )
 from mergeserve.adapters.merging import METHODS, MergeOptions, merge
+from mergeserve.adapters.merging.method import need
 from mergeserve.errors import AdapterError, InvalidRequestError
 
 TWIN_FILE = "twin.json"
@@ -358,8 +359,7 @@ def decompose_dense(
     method.check(len(values), cfg.shared_options)
     opts = method.resolve(cfg.shared_options, len(values))
     combine = method.combine(opts)
-    assert opts.weights is not None  # every dense method declares a default
-    w = torch.tensor(opts.weights)
+    w = torch.tensor(need(opts.weights))
     kinds = sorted({k for v in values for k in v.groups})
     shared_dense: dict[str, Tensor] = {}
     shared_lr: dict[str, LowRank] = {}

@@ -382,11 +382,6 @@ class DynamicMerger:
         self.mixture_rank = rank
         self.pins.configure(pin, unpin, max_pinned)
 
-    @property
-    def pinned(self) -> dict[str, LoRATarget]:
-        """The bundles pinned in the engine now, by key."""
-        return self.pins.pinned
-
     # ------------------------------------------------------------------- leases
 
     async def acquire(

@@ -44,11 +44,6 @@ class BundlePins:
         self._pin_fn, self._unpin_fn = pin, unpin
         self._max_pinned = max_pinned
 
-    @property
-    def pinned(self) -> dict[str, LoRATarget]:
-        """The bundles pinned in the engine now, by key."""
-        return {k: a.target for k, a in self._engine_pinned.items()}
-
     async def serve(self, mode: str, adapter: MaterializedAdapter) -> None:
         """`adapter` is the bundle requests of `mode` are served by now: pin it (if a
         slot may be spent on it), and retire the one it replaces."""

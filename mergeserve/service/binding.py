@@ -183,8 +183,11 @@ class Binder:
                 adapter_id=lora.int_id if lora is not None else None,
                 experiment=experiment,
             ),
-            hold=self.hold(model) if self.hold is not None else None,
+            hold=self._hold(model),
         )
+
+    def _hold(self, model: ServedModel) -> Release | None:
+        return self.hold(model) if self.hold is not None else None
 
     async def _route(self, r: BindRequest, dynamic: DynamicMerger) -> RoutedRequest:
         """Route the request's text (micro-batched); the observer hears its latency and
@@ -219,8 +222,8 @@ class Binder:
             raise ArmUnavailableError(
                 f"expert {top!r} was removed while this request was routed; retry"
             ) from None
-        hold = self.hold(expert) if self.hold is not None else None
-        return Binding(expert.lora, _routed_info(arm, routing, expert, r.experiment), hold=hold)
+        info = _routed_info(arm, routing, expert, r.experiment)
+        return Binding(expert.lora, info, hold=self._hold(expert))
 
 
 def _routed_info(
