@@ -6,8 +6,8 @@ rounds, paired ratios). Issue 27's figures.
 Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo experts:
 
 * V1: vLLM's own OpenAI server with mergeserve's plugin (MERGESERVE_MIXTURE_PLUGIN=1),
-  runtime LoRA loading, rank-64 slots, the same thread binding as mergeserve's engine
-  (every core);
+  runtime LoRA loading, rank-64 slots (one per request in flight), the same thread
+  binding as mergeserve's engine (every core);
 * H1, H2: two more such servers, each bound to its own half of the cores: two replicas
   splitting the machine, as two machines would not have to (two servers both bound to
   every core served half of what one does in a first run: their spinning OpenMP threads
@@ -73,7 +73,15 @@ RATIOS = {
 }
 
 
-async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+async def distinct_weightings(
+    urls: dict[str, str],
+    arms: dict[str, str],
+    args: argparse.Namespace,
+    ratios: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """Each arm (name: the key of its server in `urls`) on the harness, all serving the same
+    requests: `dynamic:exact` with a distinct weighting of the six experts per request.
+    The workload's description and the summary, for the result JSON."""
     clients = {k: bench_client(u) for k, u in urls.items()}
     prompts = mixed_prompts(args.requests)
     weights = RoundWeights(len(prompts), random.Random(0))
@@ -88,19 +96,75 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         return run
 
     res = await run_arms(
-        {a: arm(s) for a, s in ARMS.items()}, min_rounds=args.rounds, metric="tokens_per_s"
+        {a: arm(s) for a, s in arms.items()}, min_rounds=args.rounds, metric="tokens_per_s"
     )
     return {
-        "benchmark": "remote_fleet",
-        "two_endpoints": "two servers, each bound to its own half of the cores",
         "model": "SmolLM2-135M-Instruct (fp32)",
         "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
         "workload": "dynamic:exact, a distinct weighting of the six experts per request",
         "concurrency": args.concurrency,
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
-        **res.summary("tokens_per_s", RATIOS),
+        **res.summary("tokens_per_s", ratios),
     }
+
+
+async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "benchmark": "remote_fleet",
+        "two_endpoints": "two servers, each bound to its own half of the cores",
+        **await distinct_weightings(urls, ARMS, args, RATIOS),
+    }
+
+
+def mergeserve_env(profile: str, concurrency: int, slots: int) -> dict[str, str]:
+    """A `mergeserve serve` of these benchmarks: a fixed concurrency (no admission), rank-64
+    slots, `slots` of them, exact merges on a fine grid, room for every materialized merge."""
+    return {
+        **PROFILES[profile][0],
+        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",  # a fixed concurrency, not admission
+        "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, concurrency)),
+        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
+        "MERGESERVE_ENGINE__MAX_LORAS": str(slots),
+        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
+        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
+        "MERGESERVE_ROUTER__GRID": "0.001",
+        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
+    }
+
+
+def vllm_args(concurrency: int, slots: int) -> list[str]:
+    """vLLM's own server with the same limits, runtime LoRA on the projections."""
+    out = ["--dtype", "float32", "--max-model-len", "2048"]
+    out += ["--max-num-seqs", str(max(16, concurrency))]
+    out += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", str(slots)]
+    return [*out, "--lora-target-modules", *LLAMA_PROJECTIONS]
+
+
+def plugin_env(profile: str, cores: list[int] | None = None) -> dict[str, str]:
+    """A vLLM server's environment: mergeserve's plugin on, bound to `cores` (None: the
+    binding mergeserve's engine uses, every core)."""
+    plugin = {**PROFILES[profile][1], "MERGESERVE_MIXTURE_PLUGIN": "1"}
+    b = cpu_binding(None if cores is None else len(cores), cores)  # exactly these cores
+    return {**plugin, CPU_BIND_ENV: b} if b else plugin
+
+
+def demo_paths() -> tuple[Path, Path]:
+    """The embedded model and the demo experts (from a checkout)."""
+    experts = default_experts_dir()
+    if experts is None:
+        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
+    return ensure_embedded_model(Settings().cache), experts
+
+
+def serve_in(
+    stack: ExitStack, tmp: Path, name: str, env: dict[str, str], model: Path, experts: Path
+) -> str:
+    """`mergeserve serve` with its own caches under tmp/name, for the life of `stack`."""
+    e = {**env, "MERGESERVE_MERGE__CACHE_DIR": str(tmp / name / "merged")}
+    e["MERGESERVE_CACHE"] = str(tmp / name / "cache")
+    cmd = ["--model", str(model), "--experts-dir", str(experts)]
+    return stack.enter_context(server_process(cmd, tmp / f"{name}.log", e, timeout_s=900)).base_url
 
 
 def main() -> None:
@@ -109,49 +173,29 @@ def main() -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="make-serve")
     args = p.parse_args()
 
-    experts = default_experts_dir()
-    if experts is None:
-        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
-    model = ensure_embedded_model(Settings().cache)
-    seqs = str(max(16, args.concurrency))
-    ours, theirs = PROFILES[args.profile]
-    env = {
-        **ours,
-        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",  # a fixed concurrency, not admission
-        "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
-        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
-        "MERGESERVE_ENGINE__MAX_LORAS": "8",
-        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
-        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
-        "MERGESERVE_ROUTER__GRID": "0.001",
-        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
-    }
-    vllm_args = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", seqs]
-    vllm_args += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", "8"]
-    vllm_args += ["--lora-target-modules", *LLAMA_PROJECTIONS]
+    model, experts = demo_paths()
+    # A slot for every request in flight: materializing gives each its own adapter, and
+    # vLLM batches only as many adapters as it has slots (benchmarks/lora_slots.py; the
+    # mixture takes one slot either way).
+    slots = max(8, args.concurrency)
+    env = mergeserve_env(args.profile, args.concurrency, slots)
+    v_args = vllm_args(args.concurrency, slots)
     cores = sorted(os.sched_getaffinity(0))
     halves = [cores[: max(1, len(cores) // 2)], cores[max(1, len(cores) // 2) :] or cores]
-    plugin = {**theirs, "MERGESERVE_MIXTURE_PLUGIN": "1"}
-
-    def bound(c: list[int] | None) -> dict[str, str]:
-        b = cpu_binding(None if c is None else len(c), c)  # c: exactly these cores
-        return {**plugin, CPU_BIND_ENV: b} if b else plugin
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         t = Path(tmp)
         v1, h1, h2 = (
             stack.enter_context(
-                vllm_server_process(model, t / f"{n}.log", vllm_args, bound(c), timeout_s=900)
+                vllm_server_process(
+                    model, t / f"{n}.log", v_args, plugin_env(args.profile, c), timeout_s=900
+                )
             )
             for n, c in (("v1", None), ("h1", halves[0]), ("h2", halves[1]))
         )
 
         def serve(name: str, extra: dict[str, str]) -> str:
-            e = {**env, **extra, "MERGESERVE_MERGE__CACHE_DIR": str(t / name / "merged")}
-            e["MERGESERVE_CACHE"] = str(t / name / "cache")
-            log = t / f"{name}.log"
-            cmd = ["--model", str(model), "--experts-dir", str(experts)]
-            return stack.enter_context(server_process(cmd, log, e, timeout_s=900)).base_url
+            return serve_in(stack, t, name, {**env, **extra}, model, experts)
 
         remote = {"MERGESERVE_ENGINE__KIND": "remote"}
         urls = {

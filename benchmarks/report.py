@@ -65,10 +65,20 @@ DESCRIPTIONS: dict[str, str] = {
         "What a dynamic request costs on mergeserve (`benchmarks/serve_throughput.py`): the "
         "in-engine mixture (a distinct weighting of all six experts per request) against one "
         "static LoRA of the same rank (48), one rank-8 expert alone, materializing a merge per "
-        "request (worst case: no two requests share one), routed `dynamic` on the mixture and "
+        "request (worst case: no two requests share one; a LoRA slot per request in flight, "
+        "its fairest setting), routed `dynamic` on the mixture and "
         "on the materializing server, and LoRA off. The routed arms send the same prompts "
         "every round, so routed materializing hits its cache on every request after the "
         "warm-up: its best case (`cache_hit_rate` in the JSON)."
+    ),
+    "lora_slots": (
+        "How many LoRA slots a server needs (`benchmarks/lora_slots.py`): two vLLM servers "
+        "with mergeserve's plugin, one with 8 slots (what the deploy files give) and one "
+        "with a slot per request in flight (16), each behind a mergeserve with the mixture "
+        "and one materializing every weighting; a distinct weighting of all six demo "
+        "experts per request, 16 concurrent streaming clients, 32 tokens each. vLLM runs "
+        "at most as many adapters at once as it has slots: materializing needs one per "
+        "request in flight, the mixture one in all."
     ),
     "remote_fleet": (
         "The mixture over the wire (`benchmarks/remote_fleet.py`): mergeserve with the remote "
@@ -77,11 +87,18 @@ DESCRIPTIONS: dict[str, str] = {
         "and registered) and against mergeserve's local in-process mixture; and in front of "
         "two such servers. Every arm serves the same requests: a distinct weighting of all "
         "six demo experts per request, 16 concurrent streaming clients, 32 tokens each. "
+        "Every server has a LoRA slot per request in flight (16): materializing gives each "
+        "request its own adapter and vLLM batches only as many adapters as it has slots "
+        "(the mixture takes one slot either way). "
         "`remote2` is mergeserve in front of two servers, each bound to its own half of the "
         "cores, `remote-half` in front of one of them alone: on one machine two replicas "
         "split its cores (and their batches), so these ratios show what balancing costs "
-        "here, not what a second machine adds. The `shared-cores` file is the first run "
-        "(the script at the commit its JSON names), with both servers bound to every core."
+        "here, not what a second machine adds. The main file runs both sides eagerly (the "
+        "`make-serve` profile); `deployed` compiles both (what the deploy files run: the "
+        "plugin compiles the model in a vLLM server unless told not to). The `shared-cores` "
+        "file is the first run (the script at the commit its JSON names), with both servers "
+        "bound to every core and 8 slots, which held the materializing arm back (0.78x what "
+        "16 slots gave it, measured later): read only its two-endpoint row."
     ),
     "merge_math": (
         "What building one request's merge costs (`benchmarks/merge_math.py`): shared + "

@@ -8,7 +8,10 @@ Starts, all at once, on the embedded SmolLM2-135M-Instruct with the six demo exp
 * server P: `mergeserve serve` with `engine.mixture=false` (every merge materialized);
 * server O: vLLM's own OpenAI server with LoRA off.
 
-Both mergeserve servers have rank-64 slots, so no merge is truncated. Arms (C concurrent
+Both mergeserve servers have rank-64 slots, so no merge is truncated: M 8 of them (it
+serves at most three adapters at once), P one per request in flight, its fairest setting
+(materializing gives each request its own adapter and vLLM runs at most as many adapters
+at once as it has slots: benchmarks/lora_slots.py). Arms (C concurrent
 streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens each):
 
 * `dynamic:mixture`       M, `dynamic:exact` with pinned `merge_weights`: a different
@@ -167,7 +170,14 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_workload_args(p)
-    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="LoRA slots of the materializing server (default: the concurrency, at least "
+        "8: it gives every request in flight its own adapter, and vLLM batches only as many "
+        "adapters as it has slots)",
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
     args = p.parse_args()
 
@@ -183,7 +193,7 @@ def main() -> None:
         "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
         "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
         "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
-        "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras),
+        "MERGESERVE_ENGINE__MAX_LORAS": "8",
         "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
         "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
         "MERGESERVE_ROUTER__GRID": "0.001",
@@ -200,7 +210,13 @@ def main() -> None:
         m = stack.enter_context(server_process(serve, t / "mixture.log", env))
         pm = stack.enter_context(
             server_process(
-                serve, t / "materialize.log", {**env, "MERGESERVE_ENGINE__MIXTURE": "false"}
+                serve,
+                t / "materialize.log",
+                {
+                    **env,
+                    "MERGESERVE_ENGINE__MIXTURE": "false",
+                    "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras or max(8, args.concurrency)),
+                },
             )
         )
         o = stack.enter_context(
@@ -212,7 +228,8 @@ def main() -> None:
                 timeout_s=900,
             )
         )
-        result = asyncio.run(bench({"M": m.base_url, "P": pm.base_url, "O": o.base_url}, args))
+        urls = {"M": m.base_url, "P": pm.base_url, "O": o.base_url}
+        result = asyncio.run(bench(urls, args))
     result["profile"] = args.profile
     result["command"] = command_line("serve_throughput.py", args)
     print(json.dumps(result, indent=2))

@@ -135,3 +135,20 @@ def test_absolute_targets_read_each_arms_median_and_the_run_totals() -> None:
     data["totals"] = {"failed": 3}
     assert report.absolute_target(data, "failed", 0).endswith("**not met**")
     assert report.absolute_target(data, "hung", 0).endswith("not measured")
+
+
+@pytest.mark.parametrize("slots", [8, 16])
+def test_fleet_benchmarks_give_both_sides_the_same_slots(slots: int) -> None:
+    """remote_fleet.py and lora_slots.py: mergeserve's engine and the vLLM server in front
+    of which it runs agree on the slots (mergeserve keeps its adapters in flight within
+    its own count), and the profile reaches both sides."""
+    import remote_fleet
+
+    env = remote_fleet.mergeserve_env("deployed", 16, slots)
+    args = remote_fleet.vllm_args(16, slots)
+    assert env["MERGESERVE_ENGINE__MAX_LORAS"] == args[args.index("--max-loras") + 1]
+    assert int(env["MERGESERVE_ENGINE__MAX_LORAS"]) == slots
+    assert env["MERGESERVE_ENGINE__COMPILE"] == "true"
+    assert remote_fleet.plugin_env("deployed")["MERGESERVE_LORA_COMPILE"] == "1"
+    assert remote_fleet.plugin_env("make-serve")["MERGESERVE_LORA_COMPILE"] == "0"
+    assert remote_fleet.plugin_env("make-serve")["MERGESERVE_MIXTURE_PLUGIN"] == "1"
