@@ -34,6 +34,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,75 @@ def plugin_as_before() -> Iterator[None]:
         vllm_plugin.note_activation = note
 
 
+@dataclass
+class BundleEngine:
+    """One in-process vLLM engine as `mergeserve serve` sets it up (plugin on, worker
+    bound to every core), LoRA on at slot rank 64, with the six demo experts' rank-48
+    bundle written out, and `requests` mixed test-split prompts rendered for it."""
+
+    llm: Any
+    bundle: MixtureBundle
+    bundle_dir: Path
+    experts: Path
+    prompts: list[Any]
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    @classmethod
+    def start(cls, *, compile: bool, requests: int, default_targets: bool = False) -> BundleEngine:
+        set_engine_environment(EngineSettings(compile=compile, kv_cache_gib=2))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
+        os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout is the JSON alone
+        from vllm import LLM
+
+        from mergeserve import vllm_plugin
+
+        vllm_plugin.register()  # as vLLM's entry point would (idempotent)
+        experts = default_experts_dir()
+        if experts is None:
+            raise SystemExit("run from a checkout: the demo experts are in examples/experts")
+        model = ensure_embedded_model(Settings().cache)
+        bundle_dir = Path(tempfile.mkdtemp(prefix="lora-engine-")) / "bundle"
+        bundle = MixtureBundle.build({n: load_lora_factors(experts / n) for n in EXPERTS})
+        save_lora_factors(bundle.factors, bundle_dir, str(model))
+        llm = LLM(
+            model=str(model),
+            dtype="float32",
+            enable_lora=True,
+            max_lora_rank=64,
+            max_loras=2,
+            max_model_len=2048,
+            max_num_seqs=64,
+            lora_target_modules=None if default_targets else list(LLAMA_PROJECTIONS),
+            enforce_eager=not compile,
+            seed=0,
+        )
+        tok = llm.get_tokenizer()
+        prompts: list[Any] = [
+            {"prompt_token_ids": render_chat(tok, [{"role": "user", "content": q}])}
+            for q in mixed_prompts(requests)
+        ]
+        return cls(llm, bundle, bundle_dir, experts, prompts)
+
+    def params(self, max_tokens: int, mix: bool) -> list[Any]:
+        """Greedy, `ignore_eos` sampling params, one per prompt; with `mix`, each with its
+        own weighting of the bundle's blocks (fresh from this engine's seeded rng)."""
+        from vllm import SamplingParams
+
+        out = []
+        for _ in self.prompts:
+            extra = None
+            if mix:
+                names = self.bundle.names
+                w = [round(self.rng.uniform(0.05, 1.0), 4) for _ in names]
+                extra = self.bundle.spec(dict(zip(names, w, strict=True))).extra_args()
+            out.append(
+                SamplingParams(
+                    max_tokens=max_tokens, ignore_eos=True, temperature=0, extra_args=extra
+                )
+            )
+        return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=16, help="prompts per round and arm")
@@ -91,65 +161,22 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    # As `mergeserve serve` sets it up (plugin on, worker bound to every core).
-    set_engine_environment(EngineSettings(compile=args.compile, kv_cache_gib=2))
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
-    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # stdout is the JSON alone
-    from vllm import LLM, SamplingParams
+    eng = BundleEngine.start(
+        compile=args.compile, requests=args.requests, default_targets=args.vllm_default_targets
+    )
     from vllm.lora.request import LoRARequest
 
-    from mergeserve import vllm_plugin
-
-    vllm_plugin.register()  # as vLLM's entry point would (idempotent)
-    experts = default_experts_dir()
-    if experts is None:
-        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
-    model = ensure_embedded_model(Settings().cache)
-    tmp = Path(tempfile.mkdtemp(prefix="lora-engine-"))
-    bundle = MixtureBundle.build({n: load_lora_factors(experts / n) for n in EXPERTS})
-    save_lora_factors(bundle.factors, tmp / "bundle", str(model))
-    llm = LLM(
-        model=str(model),
-        dtype="float32",
-        enable_lora=True,
-        max_lora_rank=64,
-        max_loras=2,
-        max_model_len=2048,
-        max_num_seqs=64,
-        lora_target_modules=None if args.vllm_default_targets else list(LLAMA_PROJECTIONS),
-        enforce_eager=not args.compile,
-        seed=0,
-    )
-    tok = llm.get_tokenizer()
-    prompts = [
-        {"prompt_token_ids": render_chat(tok, [{"role": "user", "content": q}])}
-        for q in mixed_prompts(args.requests)
-    ]
+    llm, prompts = eng.llm, eng.prompts
     loras = {
         "base": None,
-        "expert": LoRARequest("expert", 1, str(experts / "add")),
-        "bundle": LoRARequest("bundle", 2, str(tmp / "bundle")),
+        "expert": LoRARequest("expert", 1, str(eng.experts / "add")),
+        "bundle": LoRARequest("bundle", 2, str(eng.bundle_dir)),
     }
     loras["mixture"] = loras["bundle"]
-    rng = random.Random(0)
-
-    def params(mix: bool) -> list[Any]:
-        out = []
-        for _ in prompts:
-            extra = None
-            if mix:
-                w = [round(rng.uniform(0.05, 1.0), 4) for _ in bundle.names]
-                extra = bundle.spec(dict(zip(bundle.names, w, strict=True))).extra_args()
-            out.append(
-                SamplingParams(
-                    max_tokens=args.max_tokens, ignore_eos=True, temperature=0, extra_args=extra
-                )
-            )
-        return out
 
     def arm(kind: str, before: bool) -> Any:
         async def run(_r: int) -> dict[str, float]:
-            sp = params(kind == "mixture")
+            sp = eng.params(args.max_tokens, kind == "mixture")
             lr = loras[kind]
             ctx = plugin_as_before() if before else contextlib.nullcontext()
             with ctx:

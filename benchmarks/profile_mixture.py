@@ -1,5 +1,5 @@
 """Where the mixture's generation time goes: torch's profiler over one in-process vLLM
-engine (as benchmarks/lora_engine.py builds it: LoRA on, slot rank 64, the plugin, the
+engine (benchmarks/lora_engine.py's BundleEngine: LoRA on, slot rank 64, the plugin, the
 worker bound as `mergeserve serve` binds it) generating the same 16 prompts with no
 adapter (`base`) and with the six demo experts' rank-48 bundle under a distinct
 weighting per request (`mixture`).
@@ -18,25 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 from harness import command_line
-from stream_clients import mixed_prompts
+from lora_engine import BundleEngine
 
-from mergeserve.adapters.peft_io import load_lora_factors, save_lora_factors
-from mergeserve.config import LLAMA_PROJECTIONS, EngineSettings, Settings, default_experts_dir
-from mergeserve.runtime.base_model import ensure_embedded_model
-from mergeserve.runtime.engine import render_chat, set_engine_environment
-from mergeserve.runtime.mixture import MixtureBundle
-
-EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
 ORDER = ("base", "mixture", "mixture", "base", "base", "mixture", "mixture", "base")
 LORA_OP = "mergeserve::lora_linear"
 
@@ -49,60 +37,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=15, help="operators shown per arm")
     args = p.parse_args()
 
-    set_engine_environment(EngineSettings(compile=args.compile, kv_cache_gib=2))
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
-    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
+    eng = BundleEngine.start(compile=args.compile, requests=args.requests)
     import torch
-    from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from mergeserve import vllm_plugin
-
-    vllm_plugin.register()
-    experts = default_experts_dir()
-    if experts is None:
-        raise SystemExit("run from a checkout: the demo experts are in examples/experts")
-    model = ensure_embedded_model(Settings().cache)
-    tmp = Path(tempfile.mkdtemp(prefix="profile-mixture-"))
-    bundle = MixtureBundle.build({n: load_lora_factors(experts / n) for n in EXPERTS})
-    save_lora_factors(bundle.factors, tmp / "bundle", str(model))
-    llm = LLM(
-        model=str(model),
-        dtype="float32",
-        enable_lora=True,
-        max_lora_rank=64,
-        max_loras=2,
-        max_model_len=2048,
-        max_num_seqs=64,
-        lora_target_modules=list(LLAMA_PROJECTIONS),
-        enforce_eager=not args.compile,
-        seed=0,
-    )
-    tok = llm.get_tokenizer()
-    prompts: list[Any] = [
-        {"prompt_token_ids": render_chat(tok, [{"role": "user", "content": q}])}
-        for q in mixed_prompts(args.requests)
-    ]
-    lora = LoRARequest("bundle", 1, str(tmp / "bundle"))
-    rng = random.Random(0)
+    lora = LoRARequest("bundle", 1, str(eng.bundle_dir))
 
     def generate(kind: str) -> float:
-        params = []
-        for _ in prompts:
-            extra = None
-            if kind == "mixture":
-                w = [round(rng.uniform(0.05, 1.0), 4) for _ in bundle.names]
-                extra = bundle.spec(dict(zip(bundle.names, w, strict=True))).extra_args()
-            params.append(
-                SamplingParams(
-                    max_tokens=args.max_tokens, ignore_eos=True, temperature=0, extra_args=extra
-                )
-            )
+        params = eng.params(args.max_tokens, kind == "mixture")
         t0 = time.perf_counter()
-        outs = llm.generate(
-            prompts,
+        outs = eng.llm.generate(
+            eng.prompts,
             params,
-            lora_request=[lora] * len(prompts) if kind == "mixture" else None,
+            lora_request=[lora] * len(eng.prompts) if kind == "mixture" else None,
             use_tqdm=False,
         )
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
