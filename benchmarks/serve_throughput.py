@@ -19,6 +19,8 @@ streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens ea
 * `dynamic:routed`        M, `dynamic` routed by the MiniLM router (the production path);
 * `static`                M, `static:linear`: one static LoRA of the same rank (48);
 * `expert`                M, `expert:add` alone: one rank-8 LoRA for every request;
+* `dynamic:routed one-task`, `expert one-task`  the same two on test-split prompts of `add`
+                          alone: traffic whose routed merge is one expert;
 * `materialized:distinct` P, the mixture arm's requests: each weighting built and loaded
                           (the worst case: no two requests share a merge);
 * `materialized:routed`   P, routed `dynamic`: cache hits as routed traffic gives them;
@@ -27,7 +29,8 @@ streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens ea
 Prints one JSON object: tokens/s per arm (median, min, max), the paired ratios
 
 * `mixture_over_static`    ≥ 0.95 wanted: a per-request mixture costs what one LoRA costs;
-* `routed_over_expert`     ≥ 0.95 wanted: routing and merging cost what one expert costs;
+* `routed_over_expert`     ≥ 0.95 wanted: routing and merging cost what one expert costs
+                           (`…_one_task`: where the merge is that one expert);
 * `mixture_over_materialized_*`  the mixture against materializing, worst case and routed;
 
 and each materializing arm's merge-cache hit rate (from the server's metrics).
@@ -56,6 +59,7 @@ from stream_clients import bench_client, mixed_prompts, run_round
 from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
+from mergeserve.tasks import generate
 from mergeserve.testing import server_process, vllm_server_process
 
 PROFILES: dict[str, dict[str, str]] = {
@@ -108,18 +112,22 @@ def scrape(base_url: str) -> dict[str, float]:
     return out
 
 
-ARMS: dict[str, tuple[str, str, bool]] = {  # arm: (server, model, pinned weights)
-    "dynamic:mixture": ("M", "dynamic:exact", True),
-    "dynamic:routed": ("M", "dynamic", False),
-    "static": ("M", "static:linear", False),
-    "expert": ("M", "expert:add", False),
-    "materialized:distinct": ("P", "dynamic:exact", True),
-    "materialized:routed": ("P", "dynamic", False),
-    "base:lora-off": ("O", "base", False),
+ARMS: dict[str, tuple[str, str, bool, bool]] = {
+    # arm: (server, model, pinned weights, prompts of one task (add) rather than mixed)
+    "dynamic:mixture": ("M", "dynamic:exact", True, False),
+    "dynamic:routed": ("M", "dynamic", False, False),
+    "static": ("M", "static:linear", False, False),
+    "expert": ("M", "expert:add", False, False),
+    "dynamic:routed one-task": ("M", "dynamic", False, True),
+    "expert one-task": ("M", "expert:add", False, True),
+    "materialized:distinct": ("P", "dynamic:exact", True, False),
+    "materialized:routed": ("P", "dynamic", False, False),
+    "base:lora-off": ("O", "base", False, False),
 }
 RATIOS = {
     "mixture_over_static": ("dynamic:mixture", "static"),
     "routed_over_expert": ("dynamic:routed", "expert"),
+    "routed_over_expert_one_task": ("dynamic:routed one-task", "expert one-task"),
     "routed_over_static": ("dynamic:routed", "static"),
     "mixture_over_materialized_distinct": ("dynamic:mixture", "materialized:distinct"),
     "routed_over_materialized_routed": ("dynamic:routed", "materialized:routed"),
@@ -131,16 +139,22 @@ RATIOS = {
 async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     clients = {k: bench_client(u) for k, u in urls.items()}
     prompts = mixed_prompts(args.requests)
+    one_task = [s.prompt for s in generate("add", "test", args.requests)]
     weights = RoundWeights(len(prompts), random.Random(0))
 
     hits: dict[str, list[float]] = {}
 
-    def arm(name: str, server: str, model: str, pinned: bool) -> Any:
+    def arm(name: str, server: str, model: str, pinned: bool, one: bool) -> Any:
         async def run(r: int) -> dict[str, float]:
             bodies = [{"merge_weights": w} for w in weights(r)] if pinned else None
             before = scrape(urls[server]) if server != "O" else {}
             got = await run_round(
-                clients[server], model, prompts, args.concurrency, args.max_tokens, bodies
+                clients[server],
+                model,
+                one_task if one else prompts,
+                args.concurrency,
+                args.max_tokens,
+                bodies,
             )
             if server != "O":
                 after = scrape(urls[server])
@@ -158,7 +172,8 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         "benchmark": "serve_throughput",
         "model": "SmolLM2-135M-Instruct (fp32)",
         "experts": "examples/experts (six rank-8 demo experts; bundle rank 48)",
-        "workload": "mixed: test-split prompts of the six tasks, interleaved",
+        "workload": "mixed: test-split prompts of the six tasks, interleaved; `one-task` "
+        "arms: test-split prompts of `add` alone",
         "concurrency": args.concurrency,
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
@@ -179,6 +194,7 @@ def main() -> None:
         "adapters as it has slots)",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
+    p.add_argument("--logs", type=Path, default=None, help="keep the servers' logs here")
     args = p.parse_args()
 
     experts = default_experts_dir()
@@ -206,6 +222,9 @@ def main() -> None:
     bind = {CPU_BIND_ENV: b} if (b := cpu_binding(None)) else {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         t = Path(tmp)
+        if args.logs is not None:
+            t = args.logs
+            t.mkdir(parents=True, exist_ok=True)
         serve = ["--experts-dir", str(experts)]
         m = stack.enter_context(server_process(serve, t / "mixture.log", env))
         pm = stack.enter_context(
@@ -231,7 +250,7 @@ def main() -> None:
         urls = {"M": m.base_url, "P": pm.base_url, "O": o.base_url}
         result = asyncio.run(bench(urls, args))
     result["profile"] = args.profile
-    result["command"] = command_line("serve_throughput.py", args)
+    result["command"] = command_line("serve_throughput.py", args, skip=("logs",))
     print(json.dumps(result, indent=2))
 
 

@@ -37,6 +37,12 @@ the demo experts, like most, do not: where lm_head is a LoRA target (vLLM's defa
 doubles the tokens/s on SmolLM2, requests without an adapter included. Keeping the
 per-slot factors across steps (note_activation) gives a rank-8 expert 1.17x and a
 mixture 1.28x on mergeserve's own targets (benchmarks/lora_engine.py).
+
+It computes only the rank columns that a step's mixture weights (`plan_groups`): a block
+that every request on the bundle's slot weights 0 is left out of its GEMMs (a routed
+request weights one or two experts of the six; when a step's requests all weight the same
+expert, the bundle costs what that rank-8 expert costs). Columns scaled by zero add exact
+zeros, so what is left out changed nothing.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -172,24 +179,93 @@ BLOCK_DIAGONAL_MAX = 64
 slices × rank is at most this (a few wasted FLOPs instead of one op per slice)."""
 
 
+SKIP_ZERO_SCALES = True
+"""Leave the rank columns that a step scales by zero out of its GEMMs (`plan_groups`).
+Read at every step: a benchmark turns it off to measure what it saves."""
+
+MAX_KEPT_SETS = 16
+"""Column selections whose gathered factors a wrapper keeps, least recently used dropped
+first (each holds up to a slot's factors again, in every LoRA layer)."""
+
+
+class Kept(NamedTuple):
+    """The rank columns of a slot group that its tokens' scale rows do not zero."""
+
+    cols: Tensor
+    """[k] int64, ascending, 0 < k < the slot's rank."""
+    key: bytes
+    """Names the selection in the factor cache (the [r] mask's bytes)."""
+    scale: Tensor
+    """[the group's tokens, k] float32: their scale rows at `cols`."""
+
+
+class Group(NamedTuple):
+    """One slot's tokens in a batch, and the columns to compute (None: all)."""
+
+    slot: int
+    rows: Rows
+    kept: Kept | None = None
+
+
 @dataclass(frozen=True)
 class _SlotFactors:
     a_t: Tensor
     """[in, slices·r]: every slice's A of one slot, stacked along the rank, transposed."""
     b_t: tuple[Tensor, ...]
     """Per slice [r, out_i]; or one block-diagonal [slices·r, Σ out_i]."""
+    rank: int
+    """r: the slot's rank, or the number of kept columns."""
 
 
 def _slot_factors(
-    lora_a_stacked: Sequence[Tensor], lora_b_stacked: Sequence[Tensor], slot: int, r: int
+    lora_a_stacked: Sequence[Tensor],
+    lora_b_stacked: Sequence[Tensor],
+    slot: int,
+    r: int,
+    cols: Tensor | None = None,
 ) -> _SlotFactors:
-    a_t = torch.cat([a[slot, 0, :r] for a in lora_a_stacked]).to(torch.float32).t().contiguous()
+    as_ = [a[slot, 0, :r] for a in lora_a_stacked]
     bs = [b[slot, 0, :, :r] for b in lora_b_stacked]
+    if cols is not None:  # the kept rank columns only
+        as_ = [a[cols] for a in as_]
+        bs = [b[:, cols] for b in bs]
+        r = int(cols.numel())
+    a_t = torch.cat(as_).to(torch.float32).t().contiguous()
     if len(bs) == 1:
-        return _SlotFactors(a_t, (bs[0].t().contiguous(),))
+        return _SlotFactors(a_t, (bs[0].t().contiguous(),), r)
     if len(bs) * r <= BLOCK_DIAGONAL_MAX:
-        return _SlotFactors(a_t, (torch.block_diag(*bs).t().contiguous(),))  # type: ignore[no-untyped-call]
-    return _SlotFactors(a_t, tuple(b.t().contiguous() for b in bs))
+        return _SlotFactors(a_t, (torch.block_diag(*bs).t().contiguous(),), r)  # type: ignore[no-untyped-call]
+    return _SlotFactors(a_t, tuple(b.t().contiguous() for b in bs), r)
+
+
+def plan_groups(
+    groups: Sequence[Group], scale: Tensor, slot_ranks: dict[int, int], max_rank: int
+) -> list[Group]:
+    """The step's slot groups, each computing only the rank columns that some token's
+    scale row (`scale`, [≥ tokens, ≥ rank]) does not zero: a group that zeroes every
+    column is dropped (it adds exactly nothing), one that zeroes some keeps the others
+    (`Kept`). Zero-scaled columns add exact zeros, so no token's output changes but for
+    the GEMMs' float rounding over fewer terms.
+
+    Groups are not split by the blocks each request weights: on 2 cores sixteen rank-8
+    GEMM pairs over a prefill's requests took longer than one rank-48 pair over all of
+    them (the small GEMMs do not use both cores), so a step of six tasks' requests
+    computes all six blocks."""
+    out: list[Group] = []
+    for slot, rows, _ in groups:
+        r = min(slot_ranks.get(slot, max_rank), max_rank)
+        if r == 0:
+            continue
+        sc = scale[rows, :r]
+        used = (sc != 0).any(0)
+        k = int(used.sum())
+        if k == r:
+            out.append(Group(slot, rows))
+        elif k:
+            cols = used.nonzero().flatten()
+            kept = Kept(cols, used.cpu().numpy().tobytes(), sc[:, cols].contiguous())
+            out.append(Group(slot, rows, kept))
+    return out
 
 
 def grouped_lora_linear(
@@ -198,42 +274,49 @@ def grouped_lora_linear(
     lora_a_stacked: Sequence[Tensor],
     lora_b_stacked: Sequence[Tensor],
     output_slices: Sequence[int],
-    groups: Sequence[tuple[int, Rows]],
+    groups: Sequence[Group],
     slot_ranks: dict[int, int],
     scale_rows: Tensor | None = None,
     scale: float = 1.0,
-    cache: dict[tuple[int, int, int], _SlotFactors] | None = None,
+    cache: dict[tuple[int, int, int, bytes], _SlotFactors] | None = None,
 ) -> None:
     """y[rows, slice i] += (s ⊙ (x[rows] A_slot,iᵀ)) B_slot,iᵀ for each (slot, rows), in place.
 
     A slot's tokens take one shrink GEMM for all output slices (the slices' A stacked
     along the rank) and one fused multiply-add expand (block-diagonal B) or one per slice,
-    at the slot's own rank (`slot_ranks`, default the stacked width). The factors are
-    vLLM's stacked layout, lora_a_stacked[i] [max_loras, 1, max_rank, in] and
+    at the slot's own rank (`slot_ranks`, default the stacked width), or at a group's kept
+    columns only (`Group.kept`, from `plan_groups`, whose scale it then uses). The factors
+    are vLLM's stacked layout, lora_a_stacked[i] [max_loras, 1, max_rank, in] and
     lora_b_stacked[i] [max_loras, 1, out_i, max_rank]; their per-slot rearrangement is
-    kept in `cache` (keyed by layer and slot; the caller clears it when slots change).
-    `scale_rows` [≥ tokens, ≥ rank] is the per-token mixture scale (None: ones). The
-    shrink runs in float32, as vLLM's punica ops do. Device-neutral and vLLM-free.
+    kept in `cache` (keyed by layer, slot, rank and kept columns; the caller clears it
+    when slots change). `scale_rows` [≥ tokens, ≥ rank] is the per-token mixture scale
+    (None: ones). The shrink runs in float32, as vLLM's punica ops do. Device-neutral
+    and vLLM-free.
     """
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.view(-1, y.shape[-1])
     max_rank = lora_a_stacked[0].shape[2]
     n_slices = len(lora_a_stacked)
-    for slot, rows in groups:
+    for slot, rows, *rest in groups:
+        kept: Kept | None = rest[0] if rest else None
         r = min(slot_ranks.get(slot, max_rank), max_rank)
         if r == 0:
             continue
-        key = (id(lora_a_stacked[0]), slot, r)
+        key = (id(lora_a_stacked[0]), slot, r, kept.key if kept is not None else b"")
         f = cache.get(key) if cache is not None else None
         if f is None:
-            f = _slot_factors(lora_a_stacked, lora_b_stacked, slot, r)
+            cols = kept.cols if kept is not None else None
+            f = _slot_factors(lora_a_stacked, lora_b_stacked, slot, r, cols)
             if cache is not None:
                 cache[key] = f
         h = torch.mm(x2[rows].to(torch.float32), f.a_t)  # [n, slices·r]
         if scale != 1.0:
             h.mul_(scale)
-        if scale_rows is not None:
+        if kept is not None:
+            h.view(-1, n_slices, f.rank).mul_(kept.scale.unsqueeze(1))
+        elif scale_rows is not None:
             h.view(-1, n_slices, r).mul_(scale_rows[rows, :r].unsqueeze(1))
+        r = f.rank
         h = h.to(y2.dtype)
         if len(f.b_t) == 1:  # one expand for every slice
             width = sum(output_slices)
@@ -304,9 +387,14 @@ def _make_cpu_class() -> type:
             **kwargs: Any,
         ) -> None:
             super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-            self._groups: list[tuple[int, Rows]] = []
+            self._groups: list[Group] = []
+            # The step's groups at the columns its scale rows use (plan_groups), made at
+            # the first LoRA layer of a step that has a mixture.
+            self._plan: list[Group] | None = None
             # Each slot's A of all slices of a layer, stacked: rebuilt after any activation.
-            self._stacked_a: dict[tuple[int, int, int], _SlotFactors] = {}
+            self._stacked_a: dict[tuple[int, int, int, bytes], _SlotFactors] = {}
+            # The kept-column selections in `_stacked_a`, (slot, key), least recent first.
+            self._kept_sets: OrderedDict[tuple[int, bytes], None] = OrderedDict()
             # Whether a slot's adapter has an lm_head LoRA, by (logits layer, slot).
             self._has_logits: dict[tuple[int, int], bool] = {}
             # The key is baked into the compiled graph as a constant, and that graph is
@@ -318,7 +406,13 @@ def _make_cpu_class() -> type:
         def set_slot_rank(self, index: int, rank: int) -> None:
             super().set_slot_rank(index, rank)
             self._stacked_a.clear()
+            self._kept_sets.clear()
             self._has_logits.clear()
+            self._plan = None
+
+        def set_mixture_rows(self, rows: Tensor | None) -> None:
+            super().set_mixture_rows(rows)
+            self._plan = None
 
         def update_metadata(self, mapping: Any, *args: Any, **kwargs: Any) -> None:
             super().update_metadata(mapping, *args, **kwargs)
@@ -334,14 +428,15 @@ def _make_cpu_class() -> type:
             for s, a, m in zip(slots, starts, lens, strict=True):
                 if s >= 0:
                     runs.setdefault(s, []).append((a, a + m))
-            groups: list[tuple[int, Rows]] = []
+            groups: list[Group] = []
             for s, spans in runs.items():
                 if len(spans) == 1:
-                    groups.append((s, slice(*spans[0])))
+                    groups.append(Group(s, slice(*spans[0])))
                 else:
                     idx = torch.cat([torch.arange(a, b) for a, b in spans])
-                    groups.append((s, idx.to(self.device)))
+                    groups.append(Group(s, idx.to(self.device)))
             self._groups = groups
+            self._plan = None
 
         def add_lora_linear(
             self,
@@ -371,18 +466,38 @@ def _make_cpu_class() -> type:
         ) -> None:
             if not self._groups:  # no LoRA token in this batch
                 return
+            groups = self._groups
+            if self._mix_on and SKIP_ZERO_SCALES:
+                if self._plan is None:
+                    self._plan = plan_groups(
+                        groups, self._mix_scale, self._slot_ranks, self.mixture_width
+                    )
+                    self._remember_kept(self._plan)
+                groups = self._plan
             grouped_lora_linear(
                 y,
                 x,
                 lora_a_stacked,
                 lora_b_stacked,
                 output_slices,
-                self._groups,
+                groups,
                 self._slot_ranks,
                 self._mix_scale if self._mix_on else None,
                 1.0,
                 self._stacked_a,
             )
+
+        def _remember_kept(self, plan: list[Group]) -> None:
+            """Mark the plan's column selections used; drop the gathered factors of the
+            least recently used beyond MAX_KEPT_SETS."""
+            for g in plan:
+                if g.kept is not None:
+                    self._kept_sets[(g.slot, g.kept.key)] = None
+                    self._kept_sets.move_to_end((g.slot, g.kept.key))
+            while len(self._kept_sets) > MAX_KEPT_SETS:
+                slot, sel = self._kept_sets.popitem(last=False)[0]
+                for k in [k for k in self._stacked_a if k[1] == slot and k[3] == sel]:
+                    del self._stacked_a[k]
 
         def add_lora_logits(
             self,
@@ -396,7 +511,7 @@ def _make_cpu_class() -> type:
             # vLLM wraps lm_head in every LoRA model, and the stock CPU path gathers each
             # sampled token's [vocab, r] B whatever its slot holds (zeros for an adapter
             # without an lm_head LoRA). Run it only when a slot in the batch has one.
-            if not any(self._slot_has_logits(lora_a_stacked, s) for s, _ in self._groups):
+            if not any(self._slot_has_logits(lora_a_stacked, s) for s, *_ in self._groups):
                 return
             super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
 

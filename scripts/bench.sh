@@ -2,19 +2,19 @@
 # Regenerate the benchmark results on the harness (benchmarks/harness.py) and
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
 # run nothing else). Durations measured on the 2-core machine, first start compiled:
-#   threads ~15 min, peers ~25 min, cpu_lora ~20 min, lora_engine ~6 min,
-#   serve_throughput ~15 min, remote_fleet ~15 min (twice: eager, compiled),
+#   threads ~15 min, peers ~25 min, cpu_lora ~20 min, lora_engine ~6 min, lora_op ~2 min,
+#   sparse_mixture ~8 min, serve_throughput ~20 min, remote_fleet ~15 min (twice: eager, compiled),
 #   lora_slots ~15 min, merge_math ~20 min, hot_add ~3 min, load ~15 min (5 fresh
 #   servers), startup ~45 min; plus ~7 min to build llama.cpp the first time: about
-#   3¾ h in all.
+#   4 h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bench_deps.sh
 out=benchmarks/results
 mkdir -p "$out"
-all=(threads peers cpu_lora lora_engine serve_throughput remote_fleet lora_slots merge_math hot_add
-    load startup)
+all=(threads peers cpu_lora lora_engine lora_op sparse_mixture serve_throughput remote_fleet
+    lora_slots merge_math hot_add load startup)
 declare -A extra=([load]="--rounds 5" [startup]="--rounds 5")
 run() {  # run NAME RESULT [ARGS...]: benchmarks/NAME.py ARGS > results/RESULT.cpu-2core.json
     local name=$1 result=$2

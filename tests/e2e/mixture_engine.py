@@ -118,12 +118,20 @@ def main() -> None:
         )
     )
     single = ids(llm.generate([prompts[0]], [sp()], lora_request=[single_req]))
+    # Every request of the step weighting one block alone: the plugin computes that block's
+    # columns only, which in `exact` mode is the expert itself.
+    one_hot = bundle.spec({single_name: 1.0}, fixed=fixed).extra_args()
+    one_block = ids(
+        llm.generate(prompts, [sp(one_hot) for _ in prompts], lora_request=[bundle_req] * n)
+    )
+    single_all = ids(llm.generate(prompts, [sp() for _ in prompts], lora_request=[single_req] * n))
     base = ids(llm.generate([prompts[1]], [sp()]))
     # A file, not stdout: vLLM logs to stdout, also after this point (shutdown).
     (args.out / "result.json").write_text(
         json.dumps(
             {
                 "plugin": os.environ.get("MERGESERVE_MIXTURE_PLUGIN", "1"),
+                "mode": args.mode,
                 "weights": weights,
                 "bundle_rank": bundle.rank,
                 "reference": reference,
@@ -131,6 +139,8 @@ def main() -> None:
                 "mixed": mixed,
                 "single": single,
                 "base": base,
+                "one_block": one_block,
+                "single_all": single_all,
             }
         )
     )

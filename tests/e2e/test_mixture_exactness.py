@@ -1,7 +1,9 @@
 """End to end on real vLLM: the in-engine mixture is exact. Greedy tokens of the bundle
 adapter with per-request weights equal those of each weighting's materialized merge, in a
 batch where every request has different weights, and in a batch that also holds a
-single-expert and a base request (tiny llama and SmolLM2; exact and Twin bundles).
+single-expert and a base request (tiny llama and SmolLM2; exact and Twin bundles); a
+batch in which every request weights one expert alone (the plugin then computes that
+block's columns only) equals that expert served as its own adapter.
 Without the plugin the same requests do not match: the check can fail."""
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def check_exact(r: dict) -> None:
         assert r["mixed"][j] == r["reference"][j], (j, r["weights"][j])
     assert r["mixed"][n] == r["single"][0]  # a single expert beside the mixtures
     assert r["mixed"][n + 1] == r["base"][0]  # and a base request
+    if r["mode"] == "exact":  # one expert's block alone in every request: that expert
+        assert r["one_block"] == r["single_all"]
 
 
 @pytest.mark.parametrize("mode", ["exact", "twin"])

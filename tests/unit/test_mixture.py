@@ -255,6 +255,114 @@ def test_cpu_wrapper_agrees_with_stock_vllm_without_base_tokens() -> None:
     torch.testing.assert_close(ours, theirs)
 
 
+def block_rows(patterns: list[list[float] | None], width: int = MAX_RANK) -> torch.Tensor:
+    """Scale rows of one token each: a weight per 4-column block (slot 1 has rank 16: four
+    blocks), or None for a token without a mixture (ones)."""
+    out = torch.ones(len(patterns), width)
+    for t, w in enumerate(patterns):
+        if w is not None:
+            out[t] = torch.tensor(w).repeat_interleave(4)[:width]
+    return out
+
+
+def test_plan_groups_computes_only_the_columns_a_step_weights() -> None:
+    from mergeserve.vllm_plugin import Group, plan_groups
+
+    scale = block_rows(
+        [
+            [0.0, 0.7, 0.0, 0.0],  # slot 1 (rank 16): tokens 0-2 weight blocks 1 and 3
+            [0.0, 0.2, 0.0, 0.5],
+            [0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 0.0],  # slot 2 (rank 8): every weight zero
+            [0.0, 0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0, 1.0],  # slot 0 (rank 4): all of its columns
+        ]
+    )
+    groups = [Group(1, slice(0, 3)), Group(2, torch.tensor([3, 4])), Group(0, slice(5, 6))]
+    plan = plan_groups(groups, scale, SLOT_RANKS, MAX_RANK)
+    assert [g.slot for g in plan] == [1, 0]  # slot 2 adds exactly nothing: dropped
+    kept = plan[0].kept
+    assert kept is not None
+    assert plan[0].rows == slice(0, 3)
+    assert kept.cols.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert torch.equal(kept.scale, scale[0:3, kept.cols])
+    assert plan[1] == Group(0, slice(5, 6))  # nothing to leave out
+    # A token without a mixture (ones) in the group uses every column.
+    scale[1] = 1.0
+    assert plan_groups(groups[:1], scale, SLOT_RANKS, MAX_RANK) == [groups[0]]
+
+
+BLOCK_BATCHES = {
+    # slots as in BATCHES["mixed"], each token weighting some of its slot's blocks
+    "sparse": (
+        [0, 0, -1, 1, 1, 1, 0, 2, -1],
+        [
+            [1.0, 0, 0, 0],
+            [0.5, 0, 0, 0],
+            None,
+            [0, 0.3, 0, 0],
+            [0, 0.3, 0.0, 0.2],
+            [0, 0.0, 0.0, 0.6],
+            [2.0, 0, 0, 0],
+            [0, 0, 0, 0],
+            None,
+        ],
+    ),
+    # one slot: two requests (prefills) on different blocks and one at zero weights
+    "long": ([1] * 13, [[0.8, 0, 0, 0]] * 5 + [[0, 0, 1.5, 0]] * 5 + [[0, 0, 0, 0]] * 3),
+}
+
+
+@pytest.mark.parametrize("batch", list(BLOCK_BATCHES))
+@pytest.mark.parametrize("fused", [True, False], ids=["block-diagonal", "per-slice"])
+def test_cpu_wrapper_leaves_zero_weighted_columns_out_and_computes_the_same(
+    batch: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergeserve import vllm_plugin
+
+    if not fused:
+        monkeypatch.setattr(vllm_plugin, "BLOCK_DIAGONAL_MAX", 0)
+    slots, patterns = BLOCK_BATCHES[batch]
+    rows = block_rows(patterns)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(len(slots), IN, generator=g)
+    y = torch.randn(len(slots), sum(SLICES), generator=g)
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    got = apply(w, slots, x, y, rows)
+    plan = w._plan  # type: ignore[attr-defined]
+    assert plan is not None
+    assert any(p.kept is not None for p in plan)
+    if batch == "long":  # blocks 0 and 2 of slot 1's four
+        assert [p.kept.cols.tolist() for p in plan] == [[0, 1, 2, 3, 8, 9, 10, 11]]  # type: ignore[union-attr]
+    a_st, b_st = stacked("cpu")
+    torch.testing.assert_close(got, reference(y, x, a_st, b_st, slots, rows))
+    monkeypatch.setattr(vllm_plugin, "SKIP_ZERO_SCALES", False)
+    every = apply(make_wrapper("MixturePunicaCPU", "cpu"), slots, x, y, rows)
+    torch.testing.assert_close(got, every)
+    for t, s in enumerate(slots):  # base tokens are untouched, exactly
+        if s < 0:
+            assert torch.equal(got[t], y[t])
+
+
+def test_cpu_wrapper_keeps_few_column_selections(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergeserve import vllm_plugin
+
+    monkeypatch.setattr(vllm_plugin, "MAX_KEPT_SETS", 2)
+    w = make_wrapper("MixturePunicaCPU", "cpu")
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(2, IN, generator=g), torch.randn(2, sum(SLICES), generator=g)
+    a_st, b_st = stacked("cpu")
+    for block in range(4):  # four steps, each on another block of slot 1
+        weights = [0.0] * 4
+        weights[block] = 1.0
+        rows = block_rows([weights, weights])
+        got = apply(w, [1, 1], x, y, rows)
+        torch.testing.assert_close(got, reference(y, x, a_st, b_st, [1, 1], rows))
+    kept = {key[3] for key in w._stacked_a}  # type: ignore[attr-defined]
+    assert len(kept) == 2  # the last two blocks' factors, the first two dropped
+    assert [k[0] for k in w._kept_sets] == [1, 1]  # type: ignore[attr-defined]
+
+
 def test_scale_rows_larger_than_the_buffer_are_refused() -> None:
     w = make_wrapper("MixturePunicaCPU", "cpu")
     with pytest.raises(ValueError, match="exceed"):
@@ -338,7 +446,7 @@ def test_wrappers_keep_their_caches_while_an_adapter_stays_in_its_slot() -> None
     g = torch.Generator().manual_seed(5)
     apply(w, [1, 1, 2], torch.randn(3, IN, generator=g), torch.randn(3, sum(SLICES)), None)
     cached = dict(w._stacked_a)  # type: ignore[attr-defined]
-    assert {slot for _, slot, _ in cached} == {1, 2}
+    assert {key[1] for key in cached} == {1, 2}
     adapter = SimpleNamespace(loras={"q_proj": SimpleNamespace(lora_a=torch.zeros(12, IN))})
     manager = SimpleNamespace(
         lora_index_to_id=IDS, punica_wrapper_mapping={"": w}, _registered_adapters={20: adapter}
