@@ -21,6 +21,8 @@ streaming clients, mixed test-split prompts, `ignore_eos`, exactly max_tokens ea
 * `expert`                M, `expert:add` alone: one rank-8 LoRA for every request;
 * `dynamic:routed one-task`, `expert one-task`  the same two on test-split prompts of `add`
                           alone: traffic whose routed merge is one expert;
+* `dynamic:pinned one-task`  M, `dynamic:exact` with `merge_weights` {add: 1} on those
+                          prompts: the routed arm's merge without the router;
 * `materialized:distinct` P, the mixture arm's requests: each weighting built and loaded
                           (the worst case: no two requests share a merge);
 * `materialized:routed`   P, routed `dynamic`: cache hits as routed traffic gives them;
@@ -36,7 +38,7 @@ Prints one JSON object: tokens/s per arm (median, min, max), the paired ratios
 and each materializing arm's merge-cache hit rate (from the server's metrics).
 
     python benchmarks/serve_throughput.py [--concurrency 16] [--requests 32]
-        [--max-tokens 32] [--rounds 5] [--profile deployed|make-serve]
+        [--max-tokens 32] [--rounds 5] [--profile deployed|make-serve] [--arms A,B,…]
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ ARMS: dict[str, tuple[str, str, bool, bool]] = {
     "expert": ("M", "expert:add", False, False),
     "dynamic:routed one-task": ("M", "dynamic", False, True),
     "expert one-task": ("M", "expert:add", False, True),
+    "dynamic:pinned one-task": ("M", "dynamic:exact", True, True),
     "materialized:distinct": ("P", "dynamic:exact", True, False),
     "materialized:routed": ("P", "dynamic", False, False),
     "base:lora-off": ("O", "base", False, False),
@@ -128,6 +131,8 @@ RATIOS = {
     "mixture_over_static": ("dynamic:mixture", "static"),
     "routed_over_expert": ("dynamic:routed", "expert"),
     "routed_over_expert_one_task": ("dynamic:routed one-task", "expert one-task"),
+    "pinned_over_expert_one_task": ("dynamic:pinned one-task", "expert one-task"),
+    "routed_over_pinned_one_task": ("dynamic:routed one-task", "dynamic:pinned one-task"),
     "routed_over_static": ("dynamic:routed", "static"),
     "mixture_over_materialized_distinct": ("dynamic:mixture", "materialized:distinct"),
     "routed_over_materialized_routed": ("dynamic:routed", "materialized:routed"),
@@ -146,7 +151,12 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
 
     def arm(name: str, server: str, model: str, pinned: bool, one: bool) -> Any:
         async def run(r: int) -> dict[str, float]:
-            bodies = [{"merge_weights": w} for w in weights(r)] if pinned else None
+            if pinned and one:  # `add` alone, as the router weights these prompts
+                bodies: list[dict[str, Any]] | None = [{"merge_weights": {"add": 1.0}}] * len(
+                    one_task
+                )
+            else:
+                bodies = [{"merge_weights": w} for w in weights(r)] if pinned else None
             before = scrape(urls[server]) if server != "O" else {}
             got = await run_round(
                 clients[server],
@@ -166,7 +176,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
 
         return run
 
-    arms = {a: arm(a, *spec) for a, spec in ARMS.items()}
+    arms = {a: arm(a, *spec) for a, spec in ARMS.items() if a in args.arms}
     res = await run_arms(arms, min_rounds=args.rounds, metric="tokens_per_s")
     return {
         "benchmark": "serve_throughput",
@@ -178,7 +188,9 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
         "requests_per_round": args.requests,
         "max_tokens": args.max_tokens,
         "cache_hit_rate": {a: round(statistics.median(v), 3) for a, v in hits.items()},
-        **res.summary("tokens_per_s", RATIOS),
+        **res.summary(
+            "tokens_per_s", {k: v for k, v in RATIOS.items() if set(v) <= set(args.arms)}
+        ),
     }
 
 
@@ -195,7 +207,18 @@ def main() -> None:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="deployed")
     p.add_argument("--logs", type=Path, default=None, help="keep the servers' logs here")
+    p.add_argument(
+        "--arms",
+        type=lambda v: [a.strip() for a in v.split(",")],
+        default=list(ARMS),
+        help=f"comma-separated arms to run (default: all; {', '.join(ARMS)}); only their "
+        "servers are started",
+    )
     args = p.parse_args()
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        p.error(f"unknown arms {unknown}; arms: {', '.join(ARMS)}")
+    need = {ARMS[a][0] for a in args.arms}
 
     experts = default_experts_dir()
     if experts is None:
@@ -226,31 +249,42 @@ def main() -> None:
             t = args.logs
             t.mkdir(parents=True, exist_ok=True)
         serve = ["--experts-dir", str(experts)]
-        m = stack.enter_context(server_process(serve, t / "mixture.log", env))
-        pm = stack.enter_context(
-            server_process(
-                serve,
-                t / "materialize.log",
-                {
-                    **env,
-                    "MERGESERVE_ENGINE__MIXTURE": "false",
-                    "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras or max(8, args.concurrency)),
-                },
+        urls: dict[str, str] = {}
+        if "M" in need:
+            m = stack.enter_context(server_process(serve, t / "mixture.log", env))
+            urls["M"] = m.base_url
+        if "P" in need:
+            pm = stack.enter_context(
+                server_process(
+                    serve,
+                    t / "materialize.log",
+                    {
+                        **env,
+                        "MERGESERVE_ENGINE__MIXTURE": "false",
+                        "MERGESERVE_ENGINE__MAX_LORAS": str(
+                            args.max_loras or max(8, args.concurrency)
+                        ),
+                    },
+                )
             )
-        )
-        o = stack.enter_context(
-            vllm_server_process(
-                model,
-                t / "lora-off.log",
-                off_args,
-                {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"},
-                timeout_s=900,
+            urls["P"] = pm.base_url
+        if "O" in need:
+            o = stack.enter_context(
+                vllm_server_process(
+                    model,
+                    t / "lora-off.log",
+                    off_args,
+                    {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"},
+                    timeout_s=900,
+                )
             )
-        )
-        urls = {"M": m.base_url, "P": pm.base_url, "O": o.base_url}
+            urls["O"] = o.base_url
         result = asyncio.run(bench(urls, args))
     result["profile"] = args.profile
-    result["command"] = command_line("serve_throughput.py", args, skip=("logs",))
+    skip = ("logs",) if set(args.arms) == set(ARMS) else ("logs", "arms")
+    result["command"] = command_line("serve_throughput.py", args, skip=skip)
+    if skip == ("logs", "arms"):
+        result["command"] += ' --arms "' + ",".join(args.arms) + '"'
     print(json.dumps(result, indent=2))
 
 
