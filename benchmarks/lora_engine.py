@@ -148,12 +148,17 @@ class BundleEngine:
         return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The workload of the in-process engine benchmarks (this one, sparse_mixture.py)."""
     p.add_argument("--requests", type=int, default=16, help="prompts per round and arm")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="compile the model (as deployed)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_engine_args(p)
     p.add_argument(
         "--vllm-default-targets",
         action="store_true",

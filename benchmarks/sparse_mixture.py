@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from harness import command_line, run_arms
-from lora_engine import BundleEngine
+from lora_engine import BundleEngine, add_engine_args
 
 from mergeserve.tasks import TASKS
 
@@ -70,10 +70,7 @@ def one_hot(names: tuple[str, ...], task: str) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, default=16, help="prompts per round and arm")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="compile the model (as deployed)")
+    add_engine_args(p)
     args = p.parse_args()
 
     eng = BundleEngine.start(compile=args.compile, requests=args.requests)
