@@ -195,8 +195,9 @@ class Kept(NamedTuple):
     """[k] int64, ascending, 0 < k < the slot's rank."""
     key: bytes
     """Names the selection in the factor cache (the [r] mask's bytes)."""
-    scale: Tensor
-    """[the group's tokens, k] float32: their scale rows at `cols`."""
+    scale: Tensor | None
+    """[the group's tokens, k] float32: their scale rows at `cols`; None where every one
+    is 1 (an expert weighted 1 alone: nothing to multiply)."""
 
 
 class Group(NamedTuple):
@@ -263,7 +264,9 @@ def plan_groups(
             out.append(Group(slot, rows))
         elif k:
             cols = used.nonzero().flatten()
-            kept = Kept(cols, used.cpu().numpy().tobytes(), sc[:, cols].contiguous())
+            ks = sc[:, cols].contiguous()
+            ones = bool((ks == 1.0).all())
+            kept = Kept(cols, used.cpu().numpy().tobytes(), None if ones else ks)
             out.append(Group(slot, rows, kept))
     return out
 
@@ -313,7 +316,8 @@ def grouped_lora_linear(
         if scale != 1.0:
             h.mul_(scale)
         if kept is not None:
-            h.view(-1, n_slices, f.rank).mul_(kept.scale.unsqueeze(1))
+            if kept.scale is not None:
+                h.view(-1, n_slices, f.rank).mul_(kept.scale.unsqueeze(1))
         elif scale_rows is not None:
             h.view(-1, n_slices, r).mul_(scale_rows[rows, :r].unsqueeze(1))
         r = f.rank

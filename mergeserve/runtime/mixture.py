@@ -107,6 +107,20 @@ class MixtureSpec:
             torch.tensor(self.weights, dtype=torch.float32), torch.tensor(self.ranks)
         )
 
+    def row(self, width: int) -> Tensor:
+        """The scale zero-padded to `width` (≥ rank): [width] float32, made once per width
+        and kept on the spec (the engine asks for it at every step of the request).
+        Read-only: callers copy it."""
+        rows: dict[int, Tensor] = self.__dict__.setdefault("_rows", {})
+        row = rows.get(width)
+        if row is None:
+            if self.rank > width:
+                raise ValueError(f"a mixture of rank {self.rank} exceeds the slot rank {width}")
+            row = torch.zeros(width, dtype=torch.float32)
+            row[: self.rank] = self.scale()
+            rows[width] = row
+        return row
+
     def extra_args(self) -> dict[str, Any]:
         """What goes into SamplingParams.extra_args (JSON-able: also travels as
         `vllm_xargs` to a remote vLLM server with the plugin installed)."""
@@ -204,13 +218,8 @@ def scale_rows(
         raise ValueError(f"{len(specs)} specs for {len(num_tokens)} requests")
     if all(s is None for s in specs):
         return None
-    rows = torch.ones(int(sum(num_tokens)), width, dtype=torch.float32)
-    start = 0
-    for spec, n in zip(specs, num_tokens, strict=True):
-        if spec is not None and n:
-            if spec.rank > width:
-                raise ValueError(f"a mixture of rank {spec.rank} exceeds the slot rank {width}")
-            rows[start : start + n, : spec.rank] = spec.scale()
-            rows[start : start + n, spec.rank :] = 0.0
-        start += n
-    return rows
+    ones = torch.ones(width, dtype=torch.float32)
+    per_request = torch.stack([ones if s is None else s.row(width) for s in specs])
+    if all(n == 1 for n in num_tokens):  # a decode step: one token per request
+        return per_request
+    return per_request.repeat_interleave(torch.tensor(num_tokens, dtype=torch.long), dim=0)

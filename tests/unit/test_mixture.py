@@ -130,6 +130,26 @@ def test_scale_rows_per_token() -> None:
     assert scale_rows([None, None], [3, 1], 4) is None
     with pytest.raises(ValueError, match="exceeds the slot rank"):
         scale_rows([MixtureSpec((8,), (1.0,))], [1], 4)
+    # A decode step (one token per request), a request with no token this step.
+    decode = scale_rows([b, a, None], [1, 1, 1], 4)
+    assert decode is not None
+    assert decode.tolist() == [rows[3].tolist(), rows[0].tolist(), [1.0] * 4]
+    skipped = scale_rows([a, b], [0, 2], 4)
+    assert skipped is not None
+    assert skipped.tolist() == [rows[3].tolist()] * 2
+
+
+def test_spec_row_is_made_once_per_width_and_never_shared_with_the_rows() -> None:
+    a = MixtureSpec((2, 1), (0.5, 2.0))
+    assert a.row(4).tolist() == [0.5, 0.5, 2.0, 0.0]
+    assert a.row(4) is a.row(4)
+    assert a.row(3).tolist() == [0.5, 0.5, 2.0]
+    rows = scale_rows([a], [1], 4)
+    assert rows is not None
+    rows.mul_(0)  # the step's rows are the runner's to overwrite
+    assert a.row(4).tolist() == [0.5, 0.5, 2.0, 0.0]
+    assert a == MixtureSpec((2, 1), (0.5, 2.0))  # the cache is not part of the value
+    assert hash(a) == hash(MixtureSpec((2, 1), (0.5, 2.0)))
 
 
 # ---------------------------------------------------------------------- the wrappers
@@ -285,8 +305,15 @@ def test_plan_groups_computes_only_the_columns_a_step_weights() -> None:
     assert kept is not None
     assert plan[0].rows == slice(0, 3)
     assert kept.cols.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert kept.scale is not None
     assert torch.equal(kept.scale, scale[0:3, kept.cols])
     assert plan[1] == Group(0, slice(5, 6))  # nothing to leave out
+    # Tokens weighting one block by exactly 1 (an expert alone): nothing to multiply.
+    one = block_rows([[0.0, 0.0, 1.0, 0.0]] * 2)
+    (g,) = plan_groups([Group(1, slice(0, 2))], one, SLOT_RANKS, MAX_RANK)
+    assert g.kept is not None
+    assert g.kept.scale is None
+    assert g.kept.cols.tolist() == [8, 9, 10, 11]
     # A token without a mixture (ones) in the group uses every column.
     scale[1] = 1.0
     assert plan_groups(groups[:1], scale, SLOT_RANKS, MAX_RANK) == [groups[0]]
@@ -310,6 +337,8 @@ BLOCK_BATCHES = {
     ),
     # one slot: two requests (prefills) on different blocks and one at zero weights
     "long": ([1] * 13, [[0.8, 0, 0, 0]] * 5 + [[0, 0, 1.5, 0]] * 5 + [[0, 0, 0, 0]] * 3),
+    # every request weighting one block by exactly 1 (routed to one expert): no multiply
+    "one-expert": ([1] * 4 + [2] * 3, [[0, 1.0, 0, 0]] * 4 + [[1.0, 0, 0, 0]] * 3),
 }
 
 
@@ -334,6 +363,8 @@ def test_cpu_wrapper_leaves_zero_weighted_columns_out_and_computes_the_same(
     assert any(p.kept is not None for p in plan)
     if batch == "long":  # blocks 0 and 2 of slot 1's four
         assert [p.kept.cols.tolist() for p in plan] == [[0, 1, 2, 3, 8, 9, 10, 11]]  # type: ignore[union-attr]
+    if batch == "one-expert":
+        assert all(p.kept is not None and p.kept.scale is None for p in plan)
     a_st, b_st = stacked("cpu")
     torch.testing.assert_close(got, reference(y, x, a_st, b_st, slots, rows))
     monkeypatch.setattr(vllm_plugin, "SKIP_ZERO_SCALES", False)
