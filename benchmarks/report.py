@@ -95,7 +95,9 @@ DESCRIPTIONS: dict[str, str] = {
         "same engine in the same run, against `expert:add` served as its own rank-8 "
         "adapter; 16 prompts at once, 32 tokens. `identical_replies` in the JSON counts "
         "greedy replies equal token for token between the two ways, and between `add` "
-        "alone in the bundle and the expert itself."
+        "alone in the bundle and the expert itself. The main file runs the model eagerly "
+        "(what `make serve` runs); `compiled` compiles it (the deploy files' setting), where "
+        "a step is shorter and the plugin's per-step work weighs more."
     ),
     "lora_slots": (
         "How many LoRA slots a server needs (`benchmarks/lora_slots.py`): two vLLM servers "

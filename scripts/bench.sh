@@ -3,10 +3,10 @@
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
 # run nothing else). Durations measured on the 2-core machine, first start compiled:
 #   threads ~15 min, peers ~25 min, cpu_lora ~20 min, lora_engine ~6 min, lora_op ~2 min,
-#   sparse_mixture ~8 min, serve_throughput ~30 min (twice: all arms, one-task arms), remote_fleet ~15 min (twice: eager, compiled),
+#   sparse_mixture ~20 min (twice: eager, compiled), serve_throughput ~30 min (twice: all arms, one-task arms), remote_fleet ~15 min (twice: eager, compiled),
 #   lora_slots ~15 min, merge_math ~20 min, hot_add ~3 min, load ~15 min (5 fresh
 #   servers), startup ~45 min; plus ~7 min to build llama.cpp the first time: about
-#   4 h in all.
+#   4 h 15 min in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ for b in "${@:-${all[@]}}"; do
     run "$b" "$b" ${extra[$b]:-}
     if [ "$b" = lora_engine ]; then  # again where vLLM puts LoRA layers (lm_head too)
         run lora_engine lora_engine.vllm-targets --vllm-default-targets
+    fi
+    if [ "$b" = sparse_mixture ]; then  # again compiled, as the deploy files run it
+        run sparse_mixture sparse_mixture.compiled --compile
     fi
     if [ "$b" = serve_throughput ]; then  # the one-task arms again, beside the pinned merge
         run serve_throughput serve_throughput.one-task \
