@@ -49,7 +49,8 @@ import json
 import random
 import statistics
 import tempfile
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ from mergeserve.config import Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.tasks import generate
-from mergeserve.testing import server_process, vllm_server_process
+from mergeserve.testing import ServerProcess, server_process, vllm_server_process
 
 PROFILES: dict[str, dict[str, str]] = {
     "deployed": {"MERGESERVE_ENGINE__COMPILE": "true"},  # the deploy files' setting
@@ -249,41 +250,27 @@ def main() -> None:
             t = args.logs
             t.mkdir(parents=True, exist_ok=True)
         serve = ["--experts-dir", str(experts)]
-        urls: dict[str, str] = {}
-        if "M" in need:
-            m = stack.enter_context(server_process(serve, t / "mixture.log", env))
-            urls["M"] = m.base_url
-        if "P" in need:
-            pm = stack.enter_context(
-                server_process(
-                    serve,
-                    t / "materialize.log",
-                    {
-                        **env,
-                        "MERGESERVE_ENGINE__MIXTURE": "false",
-                        "MERGESERVE_ENGINE__MAX_LORAS": str(
-                            args.max_loras or max(8, args.concurrency)
-                        ),
-                    },
-                )
-            )
-            urls["P"] = pm.base_url
-        if "O" in need:
-            o = stack.enter_context(
-                vllm_server_process(
-                    model,
-                    t / "lora-off.log",
-                    off_args,
-                    {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"},
-                    timeout_s=900,
-                )
-            )
-            urls["O"] = o.base_url
+        materialize_env = {
+            **env,
+            "MERGESERVE_ENGINE__MIXTURE": "false",
+            "MERGESERVE_ENGINE__MAX_LORAS": str(args.max_loras or max(8, args.concurrency)),
+        }
+        starts: dict[str, Callable[[], AbstractContextManager[ServerProcess]]] = {
+            "M": lambda: server_process(serve, t / "mixture.log", env),
+            "P": lambda: server_process(serve, t / "materialize.log", materialize_env),
+            "O": lambda: vllm_server_process(
+                model,
+                t / "lora-off.log",
+                off_args,
+                {**bind, "MERGESERVE_MIXTURE_PLUGIN": "0"},
+                timeout_s=900,
+            ),
+        }
+        urls = {k: stack.enter_context(go()).base_url for k, go in starts.items() if k in need}
         result = asyncio.run(bench(urls, args))
     result["profile"] = args.profile
-    skip = ("logs",) if set(args.arms) == set(ARMS) else ("logs", "arms")
-    result["command"] = command_line("serve_throughput.py", args, skip=skip)
-    if skip == ("logs", "arms"):
+    result["command"] = command_line("serve_throughput.py", args, skip=("logs", "arms"))
+    if set(args.arms) != set(ARMS):  # the default (every arm) goes without the flag
         result["command"] += ' --arms "' + ",".join(args.arms) + '"'
     print(json.dumps(result, indent=2))
 
