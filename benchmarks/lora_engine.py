@@ -128,24 +128,36 @@ class BundleEngine:
         ]
         return cls(llm, bundle, bundle_dir, experts, prompts)
 
-    def params(self, max_tokens: int, mix: bool) -> list[Any]:
-        """Greedy, `ignore_eos` sampling params, one per prompt; with `mix`, each with its
-        own weighting of the bundle's blocks (fresh from this engine's seeded rng)."""
+    def random_weightings(self) -> list[dict[str, float]]:
+        """A distinct weighting of the bundle's blocks per prompt (this engine's seeded
+        rng: the same sequence run after run)."""
+        names = self.bundle.names
+        return [
+            dict(zip(names, [round(self.rng.uniform(0.05, 1.0), 4) for _ in names], strict=True))
+            for _ in self.prompts
+        ]
+
+    def params(
+        self, max_tokens: int, weightings: list[dict[str, float]] | None = None
+    ) -> list[Any]:
+        """Greedy, `ignore_eos` sampling params, one per prompt; with `weightings` (one per
+        prompt), each carries its weighting of the bundle's blocks as the mixture."""
         from vllm import SamplingParams
 
-        out = []
-        for _ in self.prompts:
-            extra = None
-            if mix:
-                names = self.bundle.names
-                w = [round(self.rng.uniform(0.05, 1.0), 4) for _ in names]
-                extra = self.bundle.spec(dict(zip(names, w, strict=True))).extra_args()
-            out.append(
-                SamplingParams(
-                    max_tokens=max_tokens, ignore_eos=True, temperature=0, extra_args=extra
-                )
+        per_prompt: list[dict[str, float] | None] = (
+            [None] * len(self.prompts) if weightings is None else list(weightings)
+        )
+        if len(per_prompt) != len(self.prompts):
+            raise ValueError(f"{len(per_prompt)} weightings for {len(self.prompts)} prompts")
+        return [
+            SamplingParams(
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                temperature=0,
+                extra_args=None if w is None else self.bundle.spec(w).extra_args(),
             )
-        return out
+            for w in per_prompt
+        ]
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -181,7 +193,7 @@ def main() -> None:
 
     def arm(kind: str, before: bool) -> Any:
         async def run(_r: int) -> dict[str, float]:
-            sp = eng.params(args.max_tokens, kind == "mixture")
+            sp = eng.params(args.max_tokens, eng.random_weightings() if kind == "mixture" else None)
             lr = loras[kind]
             ctx = plugin_as_before() if before else contextlib.nullcontext()
             with ctx:

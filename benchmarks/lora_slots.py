@@ -34,15 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import add_workload_args, command_line
-from remote_fleet import (
-    PROFILES,
-    demo_paths,
-    distinct_weightings,
-    mergeserve_env,
-    plugin_env,
-    serve_in,
-    vllm_args,
-)
+from profiles import PROFILES, mergeserve_env
+from remote_fleet import demo_paths, distinct_weightings, plugin_env, serve_in, vllm_args
 
 from mergeserve.testing import vllm_server_process
 

@@ -49,6 +49,7 @@ from typing import Any
 import openai
 from harness import add_workload_args, command_line, run_arms
 from llamacpp_peer import LlamaCppPeer, available, chat_ids, prepare_assets, serial_round
+from profiles import PROFILES
 from serve_throughput import EXPERTS, RoundWeights, distinct_weights
 from stream_clients import bench_client, mixed_prompts, run_round
 
@@ -56,13 +57,6 @@ from mergeserve.config import LLAMA_PROJECTIONS, Settings, default_experts_dir
 from mergeserve.runtime.base_model import ensure_embedded_model, find_embedded_gguf
 from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.testing import server_process, vllm_server_process
-
-PROFILES: dict[str, dict[str, str]] = {
-    # the deploy files' settings: the compiled model
-    "deployed": {"MERGESERVE_ENGINE__COMPILE": "true"},
-    # what `make serve` runs
-    "make-serve": {},
-}
 
 
 async def top1_experts(client: openai.AsyncOpenAI, prompts: list[str]) -> list[str]:

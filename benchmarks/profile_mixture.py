@@ -44,7 +44,7 @@ def main() -> None:
     lora = LoRARequest("bundle", 1, str(eng.bundle_dir))
 
     def generate(kind: str) -> float:
-        params = eng.params(args.max_tokens, kind == "mixture")
+        params = eng.params(args.max_tokens, eng.random_weightings() if kind == "mixture" else None)
         t0 = time.perf_counter()
         outs = eng.llm.generate(
             eng.prompts,

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import add_workload_args, command_line, run_arms
+from profiles import PLUGIN_PROFILES, PROFILES, mergeserve_env
 from serve_throughput import RoundWeights
 from stream_clients import bench_client, mixed_prompts, run_round
 
@@ -58,10 +59,6 @@ from mergeserve.testing import server_process, vllm_server_process
 
 # Compiled or eager on both sides alike: mergeserve's engine setting and the plugin's
 # switch in the vLLM servers.
-PROFILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "make-serve": ({"MERGESERVE_ENGINE__COMPILE": "false"}, {"MERGESERVE_LORA_COMPILE": "0"}),
-    "deployed": ({"MERGESERVE_ENGINE__COMPILE": "true"}, {"MERGESERVE_LORA_COMPILE": "1"}),
-}
 ARMS = {"local:mixture": "L", "remote:mixture": "R1", "remote:materialized": "RP"}
 ARMS |= {"remote2:mixture": "R2", "remote-half:mixture": "RH"}
 RATIOS = {
@@ -117,22 +114,6 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
     }
 
 
-def mergeserve_env(profile: str, concurrency: int, slots: int) -> dict[str, str]:
-    """A `mergeserve serve` of these benchmarks: a fixed concurrency (no admission), rank-64
-    slots, `slots` of them, exact merges on a fine grid, room for every materialized merge."""
-    return {
-        **PROFILES[profile][0],
-        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",  # a fixed concurrency, not admission
-        "MERGESERVE_ENGINE__MAX_NUM_SEQS": str(max(16, concurrency)),
-        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
-        "MERGESERVE_ENGINE__MAX_LORAS": str(slots),
-        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
-        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
-        "MERGESERVE_ROUTER__GRID": "0.001",
-        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
-    }
-
-
 def vllm_args(concurrency: int, slots: int) -> list[str]:
     """vLLM's own server with the same limits, runtime LoRA on the projections."""
     out = ["--dtype", "float32", "--max-model-len", "2048"]
@@ -144,7 +125,7 @@ def vllm_args(concurrency: int, slots: int) -> list[str]:
 def plugin_env(profile: str, cores: list[int] | None = None) -> dict[str, str]:
     """A vLLM server's environment: mergeserve's plugin on, bound to `cores` (None: the
     binding mergeserve's engine uses, every core)."""
-    plugin = {**PROFILES[profile][1], "MERGESERVE_MIXTURE_PLUGIN": "1"}
+    plugin = {**PLUGIN_PROFILES[profile], "MERGESERVE_MIXTURE_PLUGIN": "1"}
     b = cpu_binding(None if cores is None else len(cores), cores)  # exactly these cores
     return {**plugin, CPU_BIND_ENV: b} if b else plugin
 

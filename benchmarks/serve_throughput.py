@@ -56,6 +56,7 @@ from typing import Any
 
 import httpx
 from harness import add_workload_args, command_line, run_arms
+from profiles import PROFILES, mergeserve_env
 from prometheus_client.parser import text_string_to_metric_families
 from stream_clients import bench_client, mixed_prompts, run_round
 
@@ -64,11 +65,6 @@ from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.tasks import generate
 from mergeserve.testing import ServerProcess, server_process, vllm_server_process
-
-PROFILES: dict[str, dict[str, str]] = {
-    "deployed": {"MERGESERVE_ENGINE__COMPILE": "true"},  # the deploy files' setting
-    "make-serve": {},  # what `make serve` runs
-}
 
 EXPERTS = ("add", "capital", "reverse_words", "sentiment", "sort_numbers", "to_json")
 
@@ -226,20 +222,7 @@ def main() -> None:
         raise SystemExit("run from a checkout: the demo experts are in examples/experts")
     model = ensure_embedded_model(Settings().cache)
     seqs = str(max(16, args.concurrency))
-    env = {
-        **PROFILES[args.profile],
-        # Throughput at a fixed concurrency: admission control would cap it (load.py
-        # measures that).
-        "MERGESERVE_SERVER__QUEUE_BUDGET_S": "0",
-        "MERGESERVE_ENGINE__MAX_NUM_SEQS": seqs,
-        "MERGESERVE_ENGINE__MAX_LORA_RANK": "64",
-        "MERGESERVE_ENGINE__MAX_LORAS": "8",
-        "MERGESERVE_MERGE__DEFAULT_MODE": "exact",
-        "MERGESERVE_MERGE__STATIC_METHODS": '["linear"]',
-        "MERGESERVE_ROUTER__GRID": "0.001",
-        # Materialized merges live until evicted: room for every distinct weighting.
-        "MERGESERVE_MERGE__CACHE_MAX_ENTRIES": "512",
-    }
+    env = mergeserve_env(args.profile, args.concurrency, 8)
     off_args = ["--dtype", "float32", "--max-model-len", "2048", "--served-model-name", "base"]
     off_args += ["--max-num-seqs", seqs]
     # vLLM's own server: the thread binding mergeserve's engine uses by default

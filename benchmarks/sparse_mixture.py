@@ -74,7 +74,6 @@ def main() -> None:
     args = p.parse_args()
 
     eng = BundleEngine.start(compile=args.compile, requests=args.requests)
-    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     names = eng.bundle.names
@@ -84,33 +83,18 @@ def main() -> None:
     order = list(TASKS)
     tasks = [order[i % len(order)] for i in range(len(eng.prompts))]
 
-    def params(weights: list[dict[str, float]]) -> list[Any]:
-        return [
-            SamplingParams(
-                max_tokens=args.max_tokens,
-                ignore_eos=True,
-                temperature=0,
-                extra_args=eng.bundle.spec(w).extra_args(),
-            )
-            for w in weights
-        ]
-
     def weights_of(kind: str) -> list[dict[str, float]]:
         if kind == "routed":
             return [one_hot(names, t) for t in tasks]
         if kind == "one-task":
             return [one_hot(names, "add")] * len(tasks)
-        return [{n: round(eng.rng.uniform(0.05, 1.0), 4) for n in names} for _ in tasks]
+        return eng.random_weightings()
 
     def generate(kind: str, every_column: bool) -> tuple[list[list[int]], float]:
         if kind == "expert":
-            sp = [
-                SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0)
-                for _ in tasks
-            ]
-            lora = expert
+            sp, lora = eng.params(args.max_tokens), expert
         else:
-            sp, lora = params(weights_of(kind)), bundle
+            sp, lora = eng.params(args.max_tokens, weights_of(kind)), bundle
         ctx = all_columns() if every_column else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()

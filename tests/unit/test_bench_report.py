@@ -143,12 +143,56 @@ def test_fleet_benchmarks_give_both_sides_the_same_slots(slots: int) -> None:
     of which it runs agree on the slots (mergeserve keeps its adapters in flight within
     its own count), and the profile reaches both sides."""
     import remote_fleet
+    from profiles import mergeserve_env
 
-    env = remote_fleet.mergeserve_env("deployed", 16, slots)
+    from mergeserve.config import EngineSettings
+
+    env = mergeserve_env("deployed", 16, slots)
     args = remote_fleet.vllm_args(16, slots)
     assert env["MERGESERVE_ENGINE__MAX_LORAS"] == args[args.index("--max-loras") + 1]
     assert int(env["MERGESERVE_ENGINE__MAX_LORAS"]) == slots
     assert env["MERGESERVE_ENGINE__COMPILE"] == "true"
+    # make-serve leaves the engine at what `make serve` gets: the default, eager
+    assert "MERGESERVE_ENGINE__COMPILE" not in mergeserve_env("make-serve", 16, slots)
+    assert EngineSettings().compile is False
     assert remote_fleet.plugin_env("deployed")["MERGESERVE_LORA_COMPILE"] == "1"
     assert remote_fleet.plugin_env("make-serve")["MERGESERVE_LORA_COMPILE"] == "0"
     assert remote_fleet.plugin_env("make-serve")["MERGESERVE_MIXTURE_PLUGIN"] == "1"
+
+
+def test_bundle_engine_params_carry_one_weighting_per_prompt() -> None:
+    """lora_engine.py / sparse_mixture.py: `params` gives greedy ignore_eos params, one per
+    prompt, each carrying its own weighting as the mixture (none without weightings); a
+    wrong count is refused; `random_weightings` is one seeded draw per prompt."""
+    import lora_engine
+
+    from mergeserve.runtime.mixture import MixtureSpec
+
+    class Bundle:  # the part of MixtureBundle params reads: names and spec()
+        names = ("a", "b")
+
+        def spec(self, weights: dict[str, float]) -> MixtureSpec:
+            return MixtureSpec((8, 8), tuple(weights.get(n, 0.0) for n in self.names))
+
+    def engine() -> Any:
+        return lora_engine.BundleEngine(None, Bundle(), Path(), Path(), ["p0", "p1", "p2"])
+
+    eng = engine()
+    ws = eng.random_weightings()
+    assert len(ws) == 3
+    assert all(set(w) == {"a", "b"} for w in ws)
+    assert all(0.05 <= v <= 1.0 for w in ws for v in w.values())
+    assert len({tuple(w.values()) for w in ws}) == 3  # distinct per prompt
+    assert engine().random_weightings() == ws  # seeded: the same sequence run after run
+    plain = eng.params(7)
+    assert [(p.max_tokens, p.ignore_eos, p.temperature, p.extra_args) for p in plain] == [
+        (7, True, 0.0, None)
+    ] * 3
+    mixed = eng.params(7, ws)
+    got = [MixtureSpec.from_extra_args(p.extra_args) for p in mixed]
+    assert [s.weights if s else None for s in got] == [
+        pytest.approx((w["a"], w["b"]), rel=1e-6)
+        for w in ws  # float32 on the way
+    ]
+    with pytest.raises(ValueError, match="2 weightings for 3 prompts"):
+        eng.params(7, ws[:2])
