@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -102,7 +103,7 @@ def main() -> None:
         time.sleep(args.idle_s)
         for n, s in servers.items():
             idle[n] = round((tree_cpu_s(s.pid) - before[n]) / args.idle_s, 3)
-        print(f"idle CPU (cores busy): {idle}", flush=True)
+        print(f"idle CPU (cores busy): {idle}", file=sys.stderr, flush=True)
         clients = {n: bench_client(s.base_url) for n, s in servers.items()}
 
         def arm(n: str) -> Any:

@@ -196,3 +196,50 @@ def test_bundle_engine_params_carry_one_weighting_per_prompt() -> None:
     ]
     with pytest.raises(ValueError, match="2 weightings for 3 prompts"):
         eng.params(7, ws[:2])
+
+
+def bench_sh_benchmarks() -> list[str]:
+    """The benchmarks scripts/bench.sh runs by default (its `all=(...)` list)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "scripts" / "bench.sh").read_text()
+    m = re.search(r"^all=\(([^)]*)\)", text, re.M)
+    assert m is not None, "scripts/bench.sh has no all=(...) list"
+    return m.group(1).split()
+
+
+def stdout_prints(source: str) -> list[int]:
+    """Lines of `print(...)` calls that write to stdout something other than one
+    `json.dumps(...)` (a `file=` keyword sends a print elsewhere)."""
+    import ast
+
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"):
+            continue
+        if any(k.arg == "file" for k in node.keywords):
+            continue
+        arg = node.args[0] if node.args else None
+        dumps = (
+            isinstance(arg, ast.Call)
+            and isinstance(arg.func, ast.Attribute)
+            and arg.func.attr == "dumps"
+        )
+        if not dumps:
+            bad.append(node.lineno)
+    return bad
+
+
+def test_stdout_print_check_tells_json_from_progress() -> None:
+    assert stdout_prints('print(json.dumps({"a": 1}, indent=2))') == []
+    assert stdout_prints('print("round 1", file=sys.stderr)') == []
+    assert stdout_prints('x = 1\nprint(f"idle CPU: {x}", flush=True)') == [2]
+
+
+@pytest.mark.parametrize("name", bench_sh_benchmarks())
+def test_bench_sh_benchmarks_print_nothing_but_their_json(name: str) -> None:
+    """bench.sh writes each benchmark's stdout to its result file: a progress line on
+    stdout makes the file unreadable and report.py (and `make bench`) fail — threads.py
+    printed its idle-CPU line there."""
+    src = (Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py").read_text()
+    assert stdout_prints(src) == [], f"{name}.py prints to stdout at these lines"

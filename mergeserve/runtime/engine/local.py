@@ -137,11 +137,12 @@ def cpu_binding(threads: int | None, cores: Sequence[int] | None = None) -> str 
 
     `auto` reserves one core for vLLM's scheduler process and binds the worker's threads
     to the rest, ignoring OMP_NUM_THREADS. On 2 cores that leaves the worker one thread:
-    binding it to both cores served 1.33x the tokens/s (1.14-1.44 over 8 rounds) at a
-    lower TTFT, while OMP_NUM_THREADS=2 changed nothing (benchmarks/threads.py, routed
-    dynamic at concurrency 16; docs/benchmarks.md). So: `threads` set, the first `threads`
-    of the cores this process may use (`engine.cpu_threads` is then really the worker's
-    thread count, e.g. a container's CPU limit); unset, every usable core on a machine of
+    binding it to both cores served 1.28x the tokens/s (1.17-1.52 over 8 rounds; 1.33x
+    in the run before) at a lower TTFT, while OMP_NUM_THREADS=2 changed nothing
+    (benchmarks/threads.py, routed dynamic at concurrency 16; docs/benchmarks.md). So:
+    `threads` set, the first `threads` of the cores this process may use
+    (`engine.cpu_threads` is then really the worker's thread count, e.g. a container's
+    CPU limit); unset, every usable core on a machine of
     up to SMALL_MACHINE_CORES cores, and vLLM's `auto` on larger ones, where the reserved
     core costs 1/n of the compute (not measured here)."""
     usable = sorted(cores if cores is not None else os.sched_getaffinity(0))
