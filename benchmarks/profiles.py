@@ -4,7 +4,8 @@ A `--profile` names what a user runs: `make-serve` (what `make serve` starts: ea
 `deployed` (what the deploy files start: the model compiled). `PROFILES` is the
 `mergeserve serve` side, `PLUGIN_PROFILES` a vLLM OpenAI server with mergeserve's plugin
 (the plugin compiles the model in a vLLM server unless told not to, so `make-serve` says
-so), and `mergeserve_env` the server every throughput benchmark measures.
+so); a benchmark with both sides gives them the same profile, compiled or eager alike.
+`mergeserve_env` is the server every throughput benchmark measures.
 """
 
 from __future__ import annotations

@@ -57,8 +57,6 @@ from mergeserve.runtime.base_model import ensure_embedded_model
 from mergeserve.runtime.engine import CPU_BIND_ENV, cpu_binding
 from mergeserve.testing import server_process, vllm_server_process
 
-# Compiled or eager on both sides alike: mergeserve's engine setting and the plugin's
-# switch in the vLLM servers.
 ARMS = {"local:mixture": "L", "remote:mixture": "R1", "remote:materialized": "RP"}
 ARMS |= {"remote2:mixture": "R2", "remote-half:mixture": "RH"}
 RATIOS = {

@@ -142,9 +142,9 @@ def cpu_binding(threads: int | None, cores: Sequence[int] | None = None) -> str 
     (benchmarks/threads.py, routed dynamic at concurrency 16; docs/benchmarks.md). So:
     `threads` set, the first `threads` of the cores this process may use
     (`engine.cpu_threads` is then really the worker's thread count, e.g. a container's
-    CPU limit); unset, every usable core on a machine of
-    up to SMALL_MACHINE_CORES cores, and vLLM's `auto` on larger ones, where the reserved
-    core costs 1/n of the compute (not measured here)."""
+    CPU limit); unset, every usable core on a machine of up to SMALL_MACHINE_CORES cores,
+    and vLLM's `auto` on larger ones, where the reserved core costs 1/n of the compute
+    (not measured here)."""
     usable = sorted(cores if cores is not None else os.sched_getaffinity(0))
     if threads is not None:
         chosen = usable[: max(1, threads)]
