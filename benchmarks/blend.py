@@ -12,7 +12,15 @@ Strategies, per composition of skills (s₁, s₂):
   expert, not a softmax across experts), the two most likely pinned at their membership
   (two skills present: both near 1), computed in process by the same router;
 - `pair@λ`: the oracle pair {s₁: λ, s₂: λ} pinned (λ = 0.5: the average; λ = 1: task
-  arithmetic with both skills at full strength), the best any router could give.
+  arithmetic with both skills at full strength), the best any router could give;
+  `pair@λ₁/λ₂`: the same pair with one skill leading, {s₁: λ₁, s₂: λ₂}.
+
+Besides exact match, every reply is split into the two halves of its request
+(`mergeserve.tasks.open_world.two_skill_parts`): *content*, the first skill's work in
+any shape (the right numbers, the right value), and *form*, the second skill's shape
+with any content (numbers largest first, a JSON object with the one key asked for). The
+rates of each half and of both say why a blend fails: whether it does one skill's job
+and drops the other, or neither.
 
 Pick on `--split dev`; report `--split test` once.
 
@@ -36,10 +44,11 @@ from mergeserve.router.open_world import GateConfig, make_gate
 from mergeserve.router.prototype import PrototypeRouter
 from mergeserve.tasks.base import Sample
 from mergeserve.tasks.generators import generate
-from mergeserve.tasks.open_world import COMPOSED_OF, TWO_SKILL
+from mergeserve.tasks.open_world import COMPOSED_OF, TWO_SKILL, two_skill_parts
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBDAS = (0.5, 0.75, 1.0, 1.5)
+LEADING = ((1.0, 0.5), (0.5, 1.0))
 
 
 def multilabel_weights(prompts: Sequence[str], threads: int) -> list[dict[str, float]]:
@@ -97,13 +106,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["multilabel"] = ("dynamic:exact", "multilabel")
         for lam in LAMBDAS:
             out[f"pair@{lam:g}"] = ("dynamic:exact", {s1: lam, s2: lam})
+        for l1, l2 in LEADING:
+            out[f"pair@{l1:g}/{l2:g}"] = ("dynamic:exact", {s1: l1, s2: l2})
         return out
 
     results: dict[str, dict[str, float]] = {}
-    examples: dict[str, dict[str, list[str]]] = {}
+    halves: dict[str, dict[str, dict[str, float]]] = {}
+    replies_of: dict[str, dict[str, list[str]]] = {}
     for comp, ss in samples.items():
         task = TWO_SKILL[comp]
-        results[comp], examples[comp] = {}, {}
+        results[comp], halves[comp], replies_of[comp] = {}, {}, {}
         for name, (model, weights) in strategies(comp).items():
 
             def pinned(prompt: str, w: Any = weights) -> dict[str, float] | None:
@@ -114,7 +126,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             replies = await asyncio.gather(*(ask(model, s.prompt, pinned(s.prompt)) for s in ss))
             ok = [task.matches(r, s.answer) for r, s in zip(replies, ss, strict=True)]
             results[comp][name] = round(sum(ok) / len(ok), 4)
-            examples[comp][name] = replies[:2]
+            parts = [two_skill_parts(comp, r, s.answer) for r, s in zip(replies, ss, strict=True)]
+            halves[comp][name] = {
+                "content": round(sum(c for c, _ in parts) / len(parts), 4),
+                "form": round(sum(f for _, f in parts) / len(parts), 4),
+                "both": round(sum(c and f for c, f in parts) / len(parts), 4),
+            }
+            replies_of[comp][name] = replies
             print(f"{comp:16s} {name:26s} {100 * results[comp][name]:5.1f}", flush=True)
     await client.close()
     mean = {
@@ -128,8 +146,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "composed_of": {c: list(p) for c, p in COMPOSED_OF.items()},
         "exact_match": results,
         "mean": mean,
+        "halves": halves,
         "multilabel_blends": sum(len(w) == 2 for w in ml.values()) / len(ml),
-        "examples": examples,
+        "replies": replies_of,
     }
 
 

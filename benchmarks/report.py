@@ -235,6 +235,19 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
                 f"{fmt(r['min'])} – {fmt(r['max'])} | {fmt(r['ratio_of_medians'])} | "
                 f"{verdict(name, bench, r)} |"
             )
+    routed = {a: v for a, v in data["arms"].items() if "router_busy_share" in v}
+    if routed:
+        parts = [
+            f"`{a}` {v['router_busy_share']:.1%} of the round's wall time, "
+            f"{1000 * v['router_wait_mean_s']:.0f} ms a request"
+            for a, v in routed.items()
+        ]
+        lines += [
+            "",
+            "What routing cost (the server's `mergeserve_router_compute_seconds_total` and "
+            "`mergeserve_router_latency_seconds`, medians over rounds): the router's worker "
+            f"busy, and a request's wait for its routing: {'; '.join(parts)}.",
+        ]
     agree = data.get("agreement")
     if agree:
         parts = [

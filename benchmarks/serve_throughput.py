@@ -35,7 +35,9 @@ Prints one JSON object: tokens/s per arm (median, min, max), the paired ratios
                            (`…_one_task`: where the merge is that one expert);
 * `mixture_over_materialized_*`  the mixture against materializing, worst case and routed;
 
-and each materializing arm's merge-cache hit rate (from the server's metrics).
+each materializing arm's merge-cache hit rate, and for the routed arms what routing cost
+(`router_busy_share`: the share of a round's wall time the router's worker was busy;
+`router_wait_mean_s`: a request's mean wait for its routing), from the server's metrics.
 
     python benchmarks/serve_throughput.py [--concurrency 16] [--requests 32]
         [--max-tokens 32] [--rounds 5] [--profile deployed|make-serve] [--arms A,B,…]
@@ -98,7 +100,12 @@ class RoundWeights:
 
 def scrape(base_url: str) -> dict[str, float]:
     """mergeserve metrics this benchmark reads, summed over their labels."""
-    want = {"mergeserve_materialized_adapters"}
+    want = {
+        "mergeserve_materialized_adapters",
+        "mergeserve_router_compute_seconds_total",
+        "mergeserve_router_latency_seconds_sum",
+        "mergeserve_router_latency_seconds_count",
+    }
     out: dict[str, float] = {}
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     for fam in text_string_to_metric_families(text):
@@ -109,6 +116,17 @@ def scrape(base_url: str) -> dict[str, float]:
                 key = f"merge_{s.labels['cache']}"
                 out[key] = out.get(key, 0.0) + s.value
     return out
+
+
+def router_cost(d: dict[str, float], wall_s: float) -> dict[str, float]:
+    """From a round's change in the metrics: the share of its wall time the router's worker
+    was busy (embedding and routing, CPU taken from generation on these cores) and the
+    mean seconds a request waited for its routing (queue + batch)."""
+    n = d.get("mergeserve_router_latency_seconds_count", 0.0)
+    return {
+        "router_busy_share": d.get("mergeserve_router_compute_seconds_total", 0.0) / wall_s,
+        "router_wait_mean_s": d.get("mergeserve_router_latency_seconds_sum", 0.0) / n if n else 0.0,
+    }
 
 
 ARMS: dict[str, tuple[str, str, bool, bool]] = {
@@ -169,6 +187,8 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
                 n = d.get("merge_hit", 0.0) + d.get("merge_miss", 0.0)
                 if n and r >= 0:
                     hits.setdefault(name, []).append(d.get("merge_hit", 0.0) / n)
+                if model == "dynamic":  # what routing cost this round
+                    got.update(router_cost(d, got["wall_s"]))
             return got
 
         return run

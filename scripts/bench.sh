@@ -34,8 +34,9 @@ for b in "${@:-${all[@]}}"; do
     if [ "$b" = sparse_mixture ]; then  # again compiled, as the deploy files run it
         run sparse_mixture sparse_mixture.compiled --compile
     fi
-    if [ "$b" = serve_throughput ]; then  # the one-task arms again, beside the pinned merge
-        run serve_throughput serve_throughput.one-task \
+    if [ "$b" = serve_throughput ]; then  # the one-task arms again, beside the pinned merge,
+        # over more rounds (three arms: ~20 s a round) to tell a few % from the noise
+        run serve_throughput serve_throughput.one-task --rounds 24 \
             --arms "expert one-task,dynamic:routed one-task,dynamic:pinned one-task"
     fi
     if [ "$b" = remote_fleet ]; then  # again compiled, as the deploy files run it

@@ -63,6 +63,7 @@ def build_state(settings: Settings, engine: Engine | None) -> AppState:
 
     def on_batch(size: int, seconds: float) -> None:
         metrics.router_batch.observe(size)
+        metrics.router_seconds.inc(seconds)
 
     live = LiveSet(
         settings,

@@ -105,6 +105,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.router_seconds = Counter(
+            "mergeserve_router_compute_seconds",
+            "Seconds the router's worker spent embedding and routing batches: the CPU "
+            "routing takes from generation (with router.threads threads).",
+            registry=r,
+        )
         self.router_entropy = Histogram(
             "mergeserve_router_entropy_nats",
             "Entropy of the router's distribution over experts (0: one expert).",

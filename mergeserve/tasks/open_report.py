@@ -150,6 +150,27 @@ def blend_table(blend: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def halves_table(blend: dict[str, Any]) -> str:
+    """Per strategy and composition, `content / form` % on dev (two_skill_parts), and the
+    share with both halves right; '' when the run predates the split into halves."""
+    dev = blend["dev"]
+    halves = dev.get("halves")
+    if not halves:
+        return ""
+    comps = list(halves)
+    head = ["strategy", *(f"{c}: content / form" for c in comps), "mean: content / form / both"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in halves[comps[0]]:
+        cells = [halves[c][name] for c in comps]
+        mean = {k: sum(h[k] for h in cells) / len(cells) for k in ("content", "form", "both")}
+        row = [f"{100 * h['content']:.0f} / {100 * h['form']:.0f}" for h in cells]
+        row.append(
+            f"{100 * mean['content']:.0f} / {100 * mean['form']:.0f} / {100 * mean['both']:.0f}"
+        )
+        lines.append(f"| `{name}` | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gates_table(gates: dict[str, Any]) -> str:
     lines = [
         "| gate | AUROC | general → none | general exactly base | skills kept | skills top-1 "
@@ -235,6 +256,24 @@ def report(root: Path) -> str:
             "",
             blend_table(data["blend"]),
         ]
+        if halves := halves_table(data["blend"]):
+            parts += [
+                "### Why the blends miss: the two halves of each request (dev, %)",
+                "",
+                "Each reply split into *content*, the first skill's work in any shape (the",
+                "input's numbers; the capital, sum or label anywhere in the reply), and",
+                "*form*, the second skill's shape with any content (numbers largest first; a",
+                "JSON object whose one key is the one asked for):",
+                "`mergeserve.tasks.open_world.two_skill_parts`. *both* can exceed exact match",
+                'by spacing (`{"sum":5}`).',
+                "",
+                *(
+                    [(root / "BLEND_NOTE.md").read_text().strip(), ""]
+                    if (root / "BLEND_NOTE.md").is_file()
+                    else []
+                ),
+                halves,
+            ]
     if data["gates"] is not None:
         parts += [
             "## Open-world gates, test split",

@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from itertools import pairwise
 from typing import Literal
 
 from mergeserve.tasks.base import Task, make_add, make_capital, make_sentiment
@@ -212,3 +214,39 @@ COMPOSED_OF: dict[str, tuple[str, str]] = {
     "sum_json": ("add", "to_json"),
     "sentiment_json": ("sentiment", "to_json"),
 }
+
+
+def two_skill_parts(composition: str, reply: str, answer: str) -> tuple[bool, bool]:
+    """Which half of a two-skill request a reply got right: `(content, form)`.
+
+    *content* is the first skill's work, whatever the shape: the same numbers as the
+    input (`sort_descending`: the answer holds the input's numbers), or the right value
+    (the capital, casefolded; the sum; the sentiment label) somewhere in the reply.
+    *form* is the second skill's shape, whatever the content: the numbers in
+    non-increasing order (at least two of them), or a JSON object whose only key is the
+    one asked for. A reply that matches `answer` exactly has both; one with both can still
+    miss it by spacing (`{"sum":5}`), which the exact-match score counts as wrong.
+    """
+    if composition not in COMPOSED_OF:
+        raise ValueError(f"unknown composition {composition!r}; known: {', '.join(COMPOSED_OF)}")
+    text = reply.strip().removesuffix(".")
+    if composition == "sort_descending":
+        want = [int(x) for x in answer.split()]
+        try:
+            got = [int(x) for x in text.replace(",", " ").split()]
+        except ValueError:
+            return False, False
+        content = sorted(got) == sorted(want)
+        form = len(got) >= 2 and all(a >= b for a, b in pairwise(got))
+        return content, form
+    ((key, value),) = json.loads(answer).items()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    form = isinstance(obj, dict) and list(obj) == [key]
+    if isinstance(value, int):
+        content = str(value) in re.findall(r"-?\d+", text)
+    else:
+        content = str(value).casefold() in text.casefold()
+    return content, form

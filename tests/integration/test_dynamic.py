@@ -220,6 +220,10 @@ async def test_concurrent_requests_batch_routing_and_build_each_adapter_once(
     routed = metric_samples(text, "mergeserve_router_batch_size_sum")[()]
     assert routed == 16
     assert batches < 16
+    # the router's worker time, at most the waits it caused (each batch is waited on)
+    compute = metric_samples(text, "mergeserve_router_compute_seconds_total")[()]
+    waited = metric_samples(text, "mergeserve_router_latency_seconds_sum")[()]
+    assert 0 < compute <= waited
     assert metric_samples(text, "mergeserve_router_latency_seconds_count")[()] == 16
     merge = metric_samples(text, "mergeserve_merge_latency_seconds_count")
     assert merge[(("cache", "hit"),)] + merge[(("cache", "miss"),)] == 16

@@ -169,3 +169,18 @@ def test_machine_facts_name_the_commit_measured_and_the_cpu() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "model name" in cpuinfo.read_text():
         assert facts["cpu_model"]
+
+
+def test_serve_throughput_reads_what_routing_cost_from_the_metrics() -> None:
+    from serve_throughput import router_cost
+
+    d = {
+        "mergeserve_router_compute_seconds_total": 0.5,
+        "mergeserve_router_latency_seconds_sum": 2.0,
+        "mergeserve_router_latency_seconds_count": 16.0,
+    }
+    assert router_cost(d, 10.0) == pytest.approx(
+        {"router_busy_share": 0.05, "router_wait_mean_s": 0.125}
+    )
+    # a round that routed nothing (or a server without the counter)
+    assert router_cost({}, 10.0) == {"router_busy_share": 0.0, "router_wait_mean_s": 0.0}

@@ -243,3 +243,25 @@ def test_bench_sh_benchmarks_print_nothing_but_their_json(name: str) -> None:
     printed its idle-CPU line there."""
     src = (Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py").read_text()
     assert stdout_prints(src) == [], f"{name}.py prints to stdout at these lines"
+
+
+def test_section_says_what_routing_cost_where_the_arms_measured_it(tmp_path: Path) -> None:
+    res = Results(
+        orders=[["a", "b"], ["b", "a"]],
+        rounds={
+            "a": [
+                {"tokens_per_s": 90.0, "router_busy_share": 0.01, "router_wait_mean_s": 0.02},
+                {"tokens_per_s": 92.0, "router_busy_share": 0.03, "router_wait_mean_s": 0.04},
+            ],
+            "b": [{"tokens_per_s": 100.0}, {"tokens_per_s": 100.0}],
+        },
+        warmup={"a": [], "b": []},
+        wall_s=1.0,
+    )
+    data = {"benchmark": "serve_throughput", **res.summary("tokens_per_s")}
+    text = "\n".join(report.section("x", data, tmp_path, tmp_path / "page.md"))
+    assert "`a` 2.0% of the round's wall time, 30 ms a request." in text
+    assert "`b`" not in text.split("What routing cost")[1]
+    del data["arms"]["a"]["router_busy_share"]
+    text = "\n".join(report.section("x", data, tmp_path, tmp_path / "page.md"))
+    assert "What routing cost" not in text

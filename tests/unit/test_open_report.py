@@ -77,3 +77,41 @@ def test_report_writes_the_table_and_the_chart(root: Path) -> None:
     assert f"| {ORACLE} | 95.0 | 90.0 | 80.0 | 40.0 | 100.0 | 1.000 |" in text
     assert "| `base` | 0.0 | 0.0 | – | – | 100.0 | 1.000 |" in text
     assert (root / "open_world.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _blend(halves: bool) -> dict[str, object]:
+    out: dict[str, object] = {
+        "exact_match": {
+            "sum_json": {"expert:s1": 0.0, "pair@0.5": 0.25},
+            "sort_descending": {"expert:s1": 0.0, "pair@0.5": 0.0},
+        },
+        "mean": {"expert:s1": 0.0, "pair@0.5": 0.125},
+    }
+    if halves:
+        out["halves"] = {
+            "sum_json": {
+                "expert:s1": {"content": 1.0, "form": 0.0, "both": 0.0},
+                "pair@0.5": {"content": 0.5, "form": 0.5, "both": 0.25},
+            },
+            "sort_descending": {
+                "expert:s1": {"content": 0.9, "form": 0.1, "both": 0.0},
+                "pair@0.5": {"content": 0.2, "form": 0.6, "both": 0.0},
+            },
+        }
+    return out
+
+
+def test_report_explains_the_blends_by_their_halves(root: Path) -> None:
+    results = root.parents[2] / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "blend.dev.cpu-2core.json").write_text(json.dumps(_blend(halves=True)))
+    text = report(root)
+    assert "| `pair@0.5` | 25 | 0 | 12.5 | – |" in text
+    assert "| strategy | sum_json: content / form | sort_descending: content / form |" in text
+    assert "| `expert:s1` | 100 / 0 | 90 / 10 | 95 / 5 / 0 |" in text
+    assert "| `pair@0.5` | 50 / 50 | 20 / 60 | 35 / 55 / 12 |" in text
+    # a run from before the halves: the exact-match table only
+    (results / "blend.dev.cpu-2core.json").write_text(json.dumps(_blend(halves=False)))
+    text = report(root)
+    assert "| `pair@0.5` | 25 | 0 | 12.5 | – |" in text
+    assert "content / form" not in text

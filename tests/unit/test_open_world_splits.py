@@ -17,6 +17,7 @@ from mergeserve.tasks.open_world import (
     GeneralPrompt,
     general_prompts,
     parse_general,
+    two_skill_parts,
 )
 
 # Phrasing of the six demo skills (TASKS.md). It flags every prompt of their templates
@@ -201,3 +202,45 @@ def test_two_skill_splits(name: str) -> None:
     if task.casefold:
         s = dev[0]
         assert task.matches(s.answer.upper(), s.answer)
+
+
+@pytest.mark.parametrize(
+    ("composition", "reply", "answer", "halves"),
+    [
+        # the answer itself has both halves; spacing and a trailing period do not matter
+        ("sort_descending", "75 67 42 18 9", "75 67 42 18 9", (True, True)),
+        ("sort_descending", "75, 67, 42, 18, 9.", "75 67 42 18 9", (True, True)),
+        # sort_numbers alone: the right numbers, smallest first
+        ("sort_descending", "9 18 42 67 75", "75 67 42 18 9", (True, False)),
+        # descending but a number lost or made up
+        ("sort_descending", "75 67 42 9", "75 67 42 18 9", (False, True)),
+        ("sort_descending", "81 62 42 18 9", "75 67 42 18 9", (False, True)),
+        ("sort_descending", "42", "42", (True, False)),  # one number has no order
+        ("sort_descending", "the numbers are 9 18", "18 9", (False, False)),
+        ("sum_json", '{"sum": 57}', '{"sum": 57}', (True, True)),
+        ("sum_json", '{"sum":57}', '{"sum": 57}', (True, True)),  # exact match says no
+        ("sum_json", "57", '{"sum": 57}', (True, False)),  # add alone
+        ("sum_json", "157", '{"sum": 57}', (False, False)),
+        ("sum_json", '{"total": 57}', '{"sum": 57}', (True, False)),  # the wrong key
+        ("sum_json", '{"sum": 57, "a": 1}', '{"sum": 57}', (True, False)),  # another key
+        ("sum_json", '{"sum": 75}', '{"sum": 57}', (False, True)),
+        ("sum_json", '["sum", 57]', '{"sum": 57}', (True, False)),  # JSON, not an object
+        ("capital_json", "Rabat", '{"capital": "Rabat"}', (True, False)),
+        ("capital_json", '{"capital": "rabat"}', '{"capital": "Rabat"}', (True, True)),
+        ("capital_json", '{"capital": "..."}', '{"capital": "Rabat"}', (False, True)),
+        ("sentiment_json", '{"sentiment": "negative"}', '{"sentiment": "positive"}', (False, True)),
+    ],
+)
+def test_two_skill_parts_splits_a_reply_into_content_and_form(
+    composition: str, reply: str, answer: str, halves: tuple[bool, bool]
+) -> None:
+    assert two_skill_parts(composition, reply, answer) == halves
+
+
+def test_two_skill_parts_agrees_with_exact_match_and_knows_every_composition() -> None:
+    for name in TWO_SKILL:
+        for s in generate(name, "dev", 10):
+            assert two_skill_parts(name, s.answer, s.answer) == (True, True)
+            assert two_skill_parts(name, "", s.answer) == (False, False)
+    with pytest.raises(ValueError, match="unknown composition"):
+        two_skill_parts("add", "1", "1")
