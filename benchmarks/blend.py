@@ -25,6 +25,7 @@ and drops the other, or neither.
 Pick on `--split dev`; report `--split test` once.
 
     python benchmarks/blend.py --base-url http://127.0.0.1:8000 [--split dev] [--n 50]
+    python benchmarks/blend.py --rescore benchmarks/results/blend.dev.cpu-2core.json
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     halves: dict[str, dict[str, dict[str, float]]] = {}
     replies_of: dict[str, dict[str, list[str]]] = {}
     for comp, ss in samples.items():
-        task = TWO_SKILL[comp]
         results[comp], halves[comp], replies_of[comp] = {}, {}, {}
         for name, (model, weights) in strategies(comp).items():
 
@@ -124,32 +124,56 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 return w if isinstance(w, dict) else None
 
             replies = await asyncio.gather(*(ask(model, s.prompt, pinned(s.prompt)) for s in ss))
-            ok = [task.matches(r, s.answer) for r, s in zip(replies, ss, strict=True)]
-            results[comp][name] = round(sum(ok) / len(ok), 4)
-            parts = [two_skill_parts(comp, r, s.answer) for r, s in zip(replies, ss, strict=True)]
-            halves[comp][name] = {
-                "content": round(sum(c for c, _ in parts) / len(parts), 4),
-                "form": round(sum(f for _, f in parts) / len(parts), 4),
-                "both": round(sum(c and f for c, f in parts) / len(parts), 4),
-            }
+            results[comp][name], halves[comp][name] = score(comp, replies, ss)
             replies_of[comp][name] = replies
             print(f"{comp:16s} {name:26s} {100 * results[comp][name]:5.1f}", flush=True)
     await client.close()
-    mean = {
-        name: round(sum(results[c][name] for c in results) / len(results), 4)
-        for name in next(iter(results.values()))
-    }
     return {
         "split": args.split,
         "n_per_composition": args.n,
         "max_tokens": args.max_tokens,
         "composed_of": {c: list(p) for c, p in COMPOSED_OF.items()},
         "exact_match": results,
-        "mean": mean,
+        "mean": mean_over(results),
         "halves": halves,
         "multilabel_blends": sum(len(w) == 2 for w in ml.values()) / len(ml),
         "replies": replies_of,
     }
+
+
+def score(comp: str, replies: Sequence[str], samples: Sequence[Sample]) -> tuple[float, Any]:
+    """Exact match of `replies` to `samples`, and the rates of their halves."""
+    task = TWO_SKILL[comp]
+    pairs = list(zip(replies, samples, strict=True))
+    ok = [task.matches(r, s.answer) for r, s in pairs]
+    parts = [two_skill_parts(comp, r, s.answer) for r, s in pairs]
+    n = len(pairs)
+    halves = {
+        "content": round(sum(c for c, _ in parts) / n, 4),
+        "form": round(sum(f for _, f in parts) / n, 4),
+        "both": round(sum(c and f for c, f in parts) / n, 4),
+    }
+    return round(sum(ok) / n, 4), halves
+
+
+def mean_over(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {
+        name: round(sum(results[c][name] for c in results) / len(results), 4)
+        for name in next(iter(results.values()))
+    }
+
+
+def rescore(path: Path) -> dict[str, Any]:
+    """Score a run's stored replies again (after a change to the scoring): no server."""
+    out: dict[str, Any] = json.loads(path.read_text())
+    if "replies" not in out:
+        raise SystemExit(f"{path} stores no replies (a run from before they were kept)")
+    for comp, by_arm in out["replies"].items():
+        ss = generate(comp, out["split"], out["n_per_composition"])
+        for name, replies in by_arm.items():
+            out["exact_match"][comp][name], out["halves"][comp][name] = score(comp, replies, ss)
+    out["mean"] = mean_over(out["exact_match"])
+    return out
 
 
 def main() -> None:
@@ -161,8 +185,18 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="JSON",
+        help="score the replies stored in this result file again and rewrite it (no server)",
+    )
     args = ap.parse_args()
-    out = asyncio.run(run(args))
+    if args.rescore is not None:
+        args.out = args.rescore
+        out = rescore(args.rescore)
+    else:
+        out = asyncio.run(run(args))
     text = json.dumps(out, indent=2)
     print(json.dumps(out["mean"], indent=2))
     if args.out:

@@ -252,7 +252,8 @@ def report(root: Path) -> str:
             "",
             "`python benchmarks/blend.py --split dev` (then `--split test` once): each skill's",
             "expert alone, the routed arms, per-expert (multi-label) memberships pinned as",
-            "weights, and the oracle pair of each composition's two skills pinned at λ each.",
+            "weights, and the oracle pair of each composition's two skills pinned at λ each",
+            "(`pair@λ`) or with one skill leading (`pair@λ₁/λ₂`: s₁ at λ₁, s₂ at λ₂).",
             "",
             blend_table(data["blend"]),
         ]
@@ -261,18 +262,18 @@ def report(root: Path) -> str:
                 "### Why the blends miss: the two halves of each request (dev, %)",
                 "",
                 "Each reply split into *content*, the first skill's work in any shape (the",
-                "input's numbers; the capital, sum or label anywhere in the reply), and",
-                "*form*, the second skill's shape with any content (numbers largest first; a",
-                "JSON object whose one key is the one asked for):",
-                "`mergeserve.tasks.open_world.two_skill_parts`. *both* can exceed exact match",
-                'by spacing (`{"sum":5}`).',
+                "input's numbers, each once; the right capital, sum or label: the asked key's",
+                "value in a JSON reply, else anywhere in it), and *form*, the second skill's",
+                "shape with any content (numbers largest first; a JSON object with the asked",
+                "key and no other): `mergeserve.tasks.open_world.two_skill_parts`. *both* can",
+                'exceed exact match by spacing (`{"sum":5}`).',
                 "",
+                halves,
                 *(
                     [(root / "BLEND_NOTE.md").read_text().strip(), ""]
                     if (root / "BLEND_NOTE.md").is_file()
                     else []
                 ),
-                halves,
             ]
     if data["gates"] is not None:
         parts += [

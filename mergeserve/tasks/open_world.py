@@ -219,12 +219,14 @@ COMPOSED_OF: dict[str, tuple[str, str]] = {
 def two_skill_parts(composition: str, reply: str, answer: str) -> tuple[bool, bool]:
     """Which half of a two-skill request a reply got right: `(content, form)`.
 
-    *content* is the first skill's work, whatever the shape: the same numbers as the
-    input (`sort_descending`: the answer holds the input's numbers), or the right value
-    (the capital, casefolded; the sum; the sentiment label) somewhere in the reply.
+    *content* is the first skill's work, whatever the shape: the input's numbers, each
+    once (`sort_descending`), or the right value (the capital, casefolded; the sum; the
+    sentiment label) and no other: as the value of the asked key when the reply is a JSON
+    object that has it (every value it gives that key, when the key repeats), else
+    anywhere in the reply (a sentiment reply naming both labels has none).
     *form* is the second skill's shape, whatever the content: the numbers in
-    non-increasing order (at least two of them), or a JSON object whose only key is the
-    one asked for. A reply that matches `answer` exactly has both; one with both can still
+    non-increasing order (at least two of them), or a JSON object with the asked key once
+    and no other. A reply that matches `answer` exactly has both; one with both can still
     miss it by spacing (`{"sum":5}`), which the exact-match score counts as wrong.
     """
     if composition not in COMPOSED_OF:
@@ -241,12 +243,31 @@ def two_skill_parts(composition: str, reply: str, answer: str) -> tuple[bool, bo
         return content, form
     ((key, value),) = json.loads(answer).items()
     try:
-        obj = json.loads(text)
+        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)
     except ValueError:
-        obj = None
-    form = isinstance(obj, dict) and list(obj) == [key]
-    if isinstance(value, int):
+        pairs = None
+    is_object = isinstance(pairs, list) and all(isinstance(p, tuple) for p in pairs)
+    form = is_object and [k for k, _ in pairs] == [key]
+    given = [v for k, v in pairs if k == key] if is_object else []
+    if given:
+        content = all(_same_value(v, value) for v in given)
+    elif isinstance(value, int):
         content = str(value) in re.findall(r"-?\d+", text)
     else:
         content = str(value).casefold() in text.casefold()
+        if value in SENTIMENT_LABELS:  # naming both labels answers nothing
+            content = content and not any(
+                w in text.casefold() for w in SENTIMENT_LABELS if w != value
+            )
     return content, form
+
+
+SENTIMENT_LABELS = ("positive", "negative")
+
+
+def _same_value(got: object, want: str | int) -> bool:
+    if isinstance(want, int):
+        return not isinstance(got, bool) and (
+            got == want or (isinstance(got, str) and got.strip() == str(want))
+        )
+    return isinstance(got, str) and got.strip().casefold() == want.casefold()

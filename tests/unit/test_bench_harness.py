@@ -184,3 +184,35 @@ def test_serve_throughput_reads_what_routing_cost_from_the_metrics() -> None:
     )
     # a round that routed nothing (or a server without the counter)
     assert router_cost({}, 10.0) == {"router_busy_share": 0.0, "router_wait_mean_s": 0.0}
+
+
+def test_blend_rescore_scores_the_stored_replies_again(tmp_path: Path) -> None:
+    import json
+
+    from blend import rescore
+
+    from mergeserve.tasks import generate
+
+    ss = generate("sum_json", "dev", 4)
+    right = [s.answer for s in ss]
+    bare = [str(next(iter(json.loads(s.answer).values()))) for s in ss]  # add alone
+    f = tmp_path / "blend.dev.json"
+    f.write_text(
+        json.dumps(
+            {
+                "split": "dev",
+                "n_per_composition": 4,
+                "exact_match": {"sum_json": {"a": 0.0, "b": 0.0}},
+                "halves": {"sum_json": {}},
+                "replies": {"sum_json": {"a": right, "b": bare}},
+            }
+        )
+    )
+    out = rescore(f)
+    assert out["exact_match"] == {"sum_json": {"a": 1.0, "b": 0.0}}
+    assert out["mean"] == {"a": 1.0, "b": 0.0}
+    assert out["halves"]["sum_json"]["a"] == {"content": 1.0, "form": 1.0, "both": 1.0}
+    assert out["halves"]["sum_json"]["b"] == {"content": 1.0, "form": 0.0, "both": 0.0}
+    f.write_text(json.dumps({"split": "dev", "n_per_composition": 4}))
+    with pytest.raises(SystemExit, match="stores no replies"):
+        rescore(f)

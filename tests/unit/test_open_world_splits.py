@@ -229,6 +229,20 @@ def test_two_skill_splits(name: str) -> None:
         ("capital_json", '{"capital": "rabat"}', '{"capital": "Rabat"}', (True, True)),
         ("capital_json", '{"capital": "..."}', '{"capital": "Rabat"}', (False, True)),
         ("sentiment_json", '{"sentiment": "negative"}', '{"sentiment": "positive"}', (False, True)),
+        # the key twice: two answers, neither given; nor is the form one key
+        (
+            "sentiment_json",
+            '{"sentiment": "positive", "sentiment": "negative"}',
+            '{"sentiment": "negative"}',
+            (False, False),
+        ),
+        ("sentiment_json", "positive or negative", '{"sentiment": "negative"}', (False, False)),
+        ("sentiment_json", "negative", '{"sentiment": "negative"}', (True, False)),
+        # the asked key's value decides, not a number elsewhere in the object
+        ("sum_json", '{"sum": 744, "num": 57}', '{"sum": 57}', (False, False)),
+        ("sum_json", '{"sum": "57"}', '{"sum": 57}', (True, True)),
+        ("capital_json", '{"capital": " Beijing" }', '{"capital": "Beijing"}', (True, True)),
+        ("capital_json", '{"city": "Bern"}', '{"capital": "Bern"}', (True, False)),
     ],
 )
 def test_two_skill_parts_splits_a_reply_into_content_and_form(
