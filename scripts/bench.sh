@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate the benchmark results on the harness (benchmarks/harness.py) and
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
-# run nothing else). Durations on the 2-core machine, first start compiled (threads,
-# remote_fleet and startup from earlier runs, the rest from fresh clones of cd5c859, 79da0be):
-#   threads ~15 min, peers ~23 min, cpu_lora ~23 min, lora_engine ~13 min (twice: the
+# run nothing else). Durations on the 2-core machine, first start compiled, every one from a
+# fresh clone (of cd5c859, 79da0be or 5be7775):
+#   threads ~13 min, peers ~23 min, cpu_lora ~23 min, lora_engine ~13 min (twice: the
 #   projections, vLLM's default targets), lora_op ~1 min, sparse_mixture ~8 min (twice:
-#   eager, compiled), serve_throughput ~24 min (twice: all arms, one-task arms),
-#   remote_fleet ~30 min (twice: eager, compiled), lora_slots ~12 min, merge_math ~16 min,
-#   hot_add ~3 min, load ~12 min (5 fresh servers), startup ~45 min; plus ~8 min for the
-#   venv and llama.cpp the first time: about 4 h in all.
+#   eager, compiled), serve_throughput ~28 min (twice: all arms ~19 min, the one-task arms
+#   over 24 rounds ~9 min), remote_fleet ~26 min (twice: eager, compiled), lora_slots
+#   ~12 min, merge_math ~16 min, hot_add ~3 min, load ~12 min (5 fresh servers), startup
+#   ~45 min; plus ~8 min for the venv and llama.cpp the first time: about 4 h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
