@@ -216,6 +216,10 @@ COMPOSED_OF: dict[str, tuple[str, str]] = {
 }
 
 
+SENTIMENT_LABELS = ("positive", "negative")
+"""The sentiment task's labels: a reply naming both answers neither."""
+
+
 def two_skill_parts(composition: str, reply: str, answer: str) -> tuple[bool, bool]:
     """Which half of a two-skill request a reply got right: `(content, form)`.
 
@@ -254,15 +258,11 @@ def two_skill_parts(composition: str, reply: str, answer: str) -> tuple[bool, bo
     elif isinstance(value, int):
         content = str(value) in re.findall(r"-?\d+", text)
     else:
-        content = str(value).casefold() in text.casefold()
+        folded = text.casefold()
+        content = value.casefold() in folded
         if value in SENTIMENT_LABELS:  # naming both labels answers nothing
-            content = content and not any(
-                w in text.casefold() for w in SENTIMENT_LABELS if w != value
-            )
+            content = content and not any(w in folded for w in SENTIMENT_LABELS if w != value)
     return content, form
-
-
-SENTIMENT_LABELS = ("positive", "negative")
 
 
 def _same_value(got: object, want: str | int) -> bool:
