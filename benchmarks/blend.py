@@ -193,6 +193,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.rescore is not None:
+        if not args.rescore.is_file():
+            ap.error(f"--rescore: no result file at {args.rescore}")
         args.out = args.rescore
         out = rescore(args.rescore)
     else:
