@@ -14,7 +14,11 @@ round: upload the sixth expert (`POST /admin/experts`), keep the load on for
 * `first_token_s`: from the POST's start to the first content token of a request routed
   to the new expert (client-observed: routing, merge, the engine's queue and prefill
   under the load). From the POST on, a probe of the new task is sent every 0.1 s, so this
-  times the server, not when the mixed load happens to ask for the new task;
+  times the server, not when the mixed load happens to ask for the new task; a probe not
+  routed to the new expert is closed at its `merge` chunk, before it generates (probes
+  left to run added up to 10 prefills a second, more than the engine serves here, and
+  the first routed probe's TTFT then timed the queue the earlier probes made: 1-1.9 s
+  against the load's 0.5 s);
 * `first_routed_s`: the same to that request's `merge` chunk (routed and adapter leased,
   sent before the request queues in the engine: the routing alone);
 * `new_task_routed_after`: share of the new task's prompts sent after the POST returned
@@ -33,7 +37,7 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +71,16 @@ class Done:
     """time.perf_counter() of the first content chunk (or of the end, if none had text)."""
 
 
-async def one(client: openai.AsyncOpenAI, task: str, prompt: str, max_tokens: int) -> Done:
+async def one(
+    client: openai.AsyncOpenAI,
+    task: str,
+    prompt: str,
+    max_tokens: int,
+    keep: Callable[[dict[str, float]], bool] | None = None,
+) -> Done:
+    """One streamed `dynamic` request. With `keep`, a request whose routing (the `merge`
+    chunk) it rejects is closed there, before it generates: a probe that missed the new
+    expert leaves the engine at once instead of queueing a prefill (ok, no token)."""
     t0 = time.perf_counter()
     first, weights, token = None, None, None
     try:
@@ -83,6 +96,9 @@ async def one(client: openai.AsyncOpenAI, task: str, prompt: str, max_tokens: in
             extra = chunk.model_extra or {}
             if first is None and "merge" in extra:
                 first, weights = time.perf_counter(), extra["merge"]["weights"]
+                if keep is not None and not keep(weights or {}):
+                    await stream.close()  # the server aborts it in the engine
+                    return Done(task, t0, first, weights, True)
             if "error" in extra:
                 return Done(task, t0, first, weights, False, str(extra["error"]), token)
             if chunk.choices and token is None and chunk.choices[0].delta.content:
@@ -127,7 +143,7 @@ async def bench(server: HotAddServer, args: argparse.Namespace) -> dict[str, Any
         probing = asyncio.Event()
         probe_task = asyncio.create_task(
             probe_until_routed(
-                lambda p: one(client, args.expert, p, 1),
+                lambda p: one(client, args.expert, p, 1, keep=lambda w: args.expert in w),
                 served_new,
                 probe_prompts,
                 probing,

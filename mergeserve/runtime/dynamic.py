@@ -405,4 +405,5 @@ class DynamicMerger:
 
     async def close(self) -> None:
         await self._batcher.close()
+        await self.pins.close()
         await self.cache.close()

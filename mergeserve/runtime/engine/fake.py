@@ -41,6 +41,8 @@ class FakeEngine(Engine):
     mixtures_seen: list[MixtureSpec] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
     """Names of the adapters pinned now."""
+    pin_delay_s: float = 0.0
+    """How long a pin takes (as vLLM's, which waits for the engine's current step)."""
     mixtures_checked: list[tuple[str, MixtureSpec, str]] = field(default_factory=list)
     """(bundle, spec, reference) of each self-check asked of it."""
     reply_fn: Callable[[str | None, str], str] | None = None
@@ -107,6 +109,8 @@ class FakeEngine(Engine):
         return None if self.mixture_live else "the fake engine's mixture is marked not live"
 
     async def pin_adapter(self, lora: LoRATarget) -> None:
+        if self.pin_delay_s:
+            await asyncio.sleep(self.pin_delay_s)
         self.pinned.append(lora.name)
 
     async def unpin_adapter(self, lora: LoRATarget) -> None:
