@@ -26,13 +26,13 @@ Arms (each round runs the arm's operation `runs` times and records the median, i
                   `concat_truncate`: `truncate_adapter(merge_adapters(6 experts, w), 8)`,
                   the same rank-8 adapter (checked: relative difference in the JSON);
 * `dense_svd`     rank-8 truncation of the rank-56 merge by SVD of each dense B@A, against
-                  `qr_truncate`: mergeserve's `truncate` (thin QR + r×r SVD) of every
+                  `factored_truncate`: mergeserve's `truncate` (r×r Gram + SVD) of every
                   kind's whole stack. On 7B shapes one layer of each distinct (out, in)
                   shape is SVD'd per round and the time scaled to all layers and kinds
                   (`dense_svd_scaled_from` in the JSON).
 
 The ratios the targets are judged on are those whose both sides yield a servable adapter:
-dense / materialized, peft_svd / concat_truncate, dense_svd / qr_truncate. The view's
+dense / materialized, peft_svd / concat_truncate, dense_svd / factored_truncate. The view's
 ratios are reported beside them, marked as such.
 
     python benchmarks/merge_math.py [--threads 2] [--rounds 5] [--quick]
@@ -76,7 +76,7 @@ TARGETS = {
     "materialized_over_dense_7b": 1000.0,
     "materialized_over_dense_smollm2": 100.0,
     "concat_truncate_over_peft_svd_smollm2": 1000.0,
-    "qr_truncate_over_dense_svd_7b": 50.0,
+    "factored_truncate_over_dense_svd_7b": 50.0,
 }
 
 
@@ -338,13 +338,13 @@ def shape_arms(
             total += count * (time.perf_counter() - t0) * 1e3
         return {"ms": total}
 
-    def qr_truncate() -> None:
+    def factored_truncate() -> None:
         for lr in merged.groups.values():
             truncate(lr, rank=TRUNC_RANK)
 
     arms["dense_svd"] = dense_svd
-    arms["qr_truncate"] = timed_arm(qr_truncate, 1 if quick or not small else 2)
-    ratios[f"qr_truncate_over_dense_svd_{s}"] = ("dense_svd", "qr_truncate")
+    arms["factored_truncate"] = timed_arm(factored_truncate, 1 if quick or not small else 2)
+    ratios[f"factored_truncate_over_dense_svd_{s}"] = ("dense_svd", "factored_truncate")
     info["dense_svd_scaled_from"] = how
     info["truncation_check"] = truncation_check(merged, plan)
     return (

@@ -33,7 +33,7 @@ TARGETS: dict[str, dict[str, float]] = {
         "materialized_over_dense_7b": 1000.0,
         "materialized_over_dense_smollm2": 100.0,
         "concat_truncate_over_peft_svd_smollm2": 1000.0,
-        "qr_truncate_over_dense_svd_7b": 50.0,
+        "factored_truncate_over_dense_svd_7b": 50.0,
     },
 }
 
@@ -136,7 +136,7 @@ DESCRIPTIONS: dict[str, str] = {
         "(over the terms concatenated once per expert set); `dense` sums the seven B@A "
         "products, as a runtime merging dense weights does; `concat` concatenates from "
         "scratch; `peft_svd` is PEFT's `add_weighted_adapter(svd, rank 8)` against "
-        "`concat_truncate`, the same rank-8 adapter; `dense_svd` / `qr_truncate` truncate "
+        "`concat_truncate`, the same rank-8 adapter; `dense_svd` / `factored_truncate` truncate "
         "the rank-56 merge to rank 8. The targets are judged on those, which yield a "
         "servable adapter. `view` is a lazy view that builds no adapter at all: its rows "
         "(`view_over_*`) are not comparable work and meet no target. The in-engine mixture "
@@ -304,7 +304,7 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
 
 
 OURS = ("mergeserve", "plugin", "dynamic", "default", "hot_add")
-OURS_ROWS = ("materialized", "concat", "view", "concat_truncate", "qr_truncate")
+OURS_ROWS = ("materialized", "concat", "view", "concat_truncate", "factored_truncate")
 
 
 def is_ours(arm: str) -> bool:

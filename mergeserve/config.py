@@ -117,7 +117,7 @@ class EngineSettings(BaseModel):
     slot rank 64 serves a rank-8 adapter ~5x slower than slot rank 8: benchmarks/cpu_lora.py);
     the plugin computes each adapter at its own rank. 16 holds every expert and the default
     dynamic:exact merge (top-2 of rank-8 experts) exactly; materialized Twin merges above
-    it are truncated to it (thin QR-SVD). Static merges are served at the rank they were
+    it are truncated to it (factored SVD). Static merges are served at the rank they were
     built, up to `slot_rank` (64 while the mixture is on: rank 48 for six rank-8 experts
     fits); with the mixture off they are truncated to this rank too."""
 

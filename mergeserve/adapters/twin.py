@@ -1,7 +1,7 @@
 """Twin decomposition of an expert set: one shared adapter and compressed exclusives.
 
     S   = merge(Δ_1..Δ_T)               default task arithmetic, S = λ Σ Δ_t, λ = 0.3
-    X_t = truncate_k(Δ_t − S)           rank k, thin QR-SVD (LoRA experts) or SVD (dense)
+    X_t = truncate_k(Δ_t − S)           rank k, factored SVD (LoRA experts) or SVD (dense)
 
 Per request, `merged(w)` = S + Σ w_t X_t, built by rank concatenation (exact given S and
 the X_t; the approximation is all in truncate_k, and the report measures it). Next to it,
@@ -44,8 +44,8 @@ from mergeserve.adapters.lowrank import (
     stack_svd,
     subtract,
     top_singular,
-    truncate,
     truncate_adapter,
+    truncate_spectrum,
     union_layout,
 )
 from mergeserve.adapters.merging import METHODS, MergeOptions, merge
@@ -280,11 +280,11 @@ def _exclusive(
         d = aligned_or_empty(delta, kind, lay, like)
         s = aligned_or_empty(shared, kind, lay, like)
         own = subtract(d, s).astype(torch.float64)
-        x = truncate(own, cfg.exclusive_rank, cfg.exclusive_energy)
-        # x is own's best rank-k approximation, so own − x ⟂ x (Eckart–Young):
-        # ‖own − x‖² = ‖own‖² − ‖x‖², all from Gram matrices of the factors.
-        own_sq = float(frobenius_sq(own).sum())
-        num += max(0.0, own_sq - float(frobenius_sq(x).sum()))
+        x, sigma = truncate_spectrum(own, cfg.exclusive_rank, cfg.exclusive_energy)
+        # x is own's best rank-k approximation: ‖own‖² = Σσ², ‖own − x‖² = Σ_{i≥k} σ².
+        sq = sigma**2
+        own_sq = float(sq.sum())
+        num += float(sq[:, x.rank :].sum())
         den_own += own_sq
         den_delta += float(frobenius_sq(d.astype(torch.float64)).sum())
         groups[kind] = x.astype(d.A.dtype)

@@ -5,7 +5,7 @@ Two modes over one expert set (DESIGN.md, "Two kinds of experts"):
 * `twin`:  S + Σ wᵢ Xᵢ, the shared adapter plus the compressed exclusives;
 * `exact`: Σ wᵢ Δᵢ of the uncompressed experts.
 Either merge is built by rank concatenation. A merge whose rank exceeds the engine's
-slot rank (`max_rank`) is truncated to it by the thin QR-SVD, and says so (`truncated`).
+slot rank (`max_rank`) is truncated to it by the factored SVD, and says so (`truncated`).
 
 Two ways to serve a merge:
 * the *mixture* (when the engine supports it and the bundle fits `mixture_rank`): every

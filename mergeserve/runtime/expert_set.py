@@ -211,7 +211,7 @@ def static_merge(
     """The static merge of every expert with `method`, as a PEFT dir of rank ≤ max_rank.
 
     Methods with an exact low-rank result whose rank exceeds `max_rank`, and dense methods
-    (TIES, DARE, PCB, Fisher), are truncated to `max_rank` by the thin QR-SVD; a warning
+    (TIES, DARE, PCB, Fisher), are truncated to `max_rank` by the factored SVD; a warning
     says so. Data-aware methods need `context`; its content is part of the cache key. The
     build's wall time is written beside the adapter (`build.json`).
     """

@@ -115,7 +115,7 @@ def real_server(
     make_random_lora(base, experts / "rand2", rank=4, seed=2)
     # Adapters written by `mergeserve merge` (scaling folded, rank/alpha patterns) must load
     # in vLLM as they do in PEFT: one re-saved expert, and one merge of two experts: TIES
-    # (dense, then SVD) on the tiny llama, truncated task arithmetic (QR-SVD) on SmolLM2,
+    # (dense, then SVD) on the tiny llama, truncated task arithmetic (factored SVD) on SmolLM2,
     # where a dense merge of 210 modules would cost CI minutes.
     mergeserve_cli(
         "merge",

@@ -13,6 +13,7 @@ from mergeserve.adapters.lowrank import (
     subtract,
     truncate,
     truncate_adapter,
+    truncate_spectrum,
     weighted_sum,
 )
 from mergeserve.errors import AdapterError
@@ -83,6 +84,27 @@ def test_truncate_matches_dense_svd(k: int) -> None:
     t = truncate(x, rank=k)
     assert t.rank == k
     torch.testing.assert_close(t.to_dense(), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_truncate_spectrum_gives_every_singular_value() -> None:
+    x = rand_lr(12, 7)
+    t, s = truncate_spectrum(x, rank=3)
+    ref = torch.linalg.svdvals(x.to_dense())[:, :12]
+    torch.testing.assert_close(s, ref, rtol=1e-9, atol=1e-9)
+    # what the truncation drops is the tail of the spectrum (Eckart-Young)
+    dropped = (x.to_dense() - t.to_dense()).pow(2).sum(dim=(1, 2))
+    torch.testing.assert_close(dropped, s[:, 3:].pow(2).sum(1), rtol=1e-9, atol=1e-9)
+
+
+def test_truncate_of_nothing_is_nothing() -> None:
+    zero = LowRank(torch.zeros(L, 4, IN, dtype=torch.float64), torch.zeros(L, OUT, 4))
+    t, s = truncate_spectrum(zero, rank=2)
+    assert t.rank == 2
+    assert not t.to_dense().any()
+    assert not s.any()
+    empty = LowRank(torch.zeros(L, 0, IN), torch.zeros(L, OUT, 0))
+    t, s = truncate_spectrum(empty, rank=2)
+    assert (t.rank, tuple(s.shape)) == (0, (L, 0))
 
 
 def test_truncate_of_a_sum_of_low_rank_terms_is_exact_at_the_true_rank() -> None:

@@ -18,7 +18,7 @@ static arms follow from the declaration. Families:
 
 * exact in low-rank form — `linear`, `task_arithmetic`, `cat`, `slerp`: the result is a
   linear combination of the experts' deltas, so it is built by rank concatenation (see
-  `lowrank.py`) with no error, then optionally truncated to a rank by thin QR-SVD.
+  `lowrank.py`) with no error, then optionally truncated to a rank by factored SVD.
   SLERP is exact too: its two coefficients per module need only ⟨Δ_0, Δ_1⟩ and the norms,
   which come from r×r Gram matrices.
 * dense — `ties`, `dare_linear`, `dare_ties`, `pcb`: trimming, random dropping and sign election

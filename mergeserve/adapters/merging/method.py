@@ -231,7 +231,7 @@ def check_options(m: MergeMethod, experts: Sequence[AdapterFactors], o: MergeOpt
 
 
 def truncated(merged: AdapterFactors, o: MergeOptions) -> AdapterFactors:
-    """An exact result truncated to `rank` / `energy` when given (thin QR-SVD)."""
+    """An exact result truncated to `rank` / `energy` when given (factored SVD)."""
     if o.rank is None and o.energy is None:
         return merged
     if o.energy is None and all(r <= (o.rank or 0) for r in merged.ranks.values()):
