@@ -194,7 +194,8 @@ def truncation_check(merged: AdapterFactors, plan: list[tuple[str, int, int]]) -
     worst = max(diff64.get(k, v) for k, v in diff32.items())
     return {
         "what": (
-            "|dense_svd8 - qr_svd8|_F / |dense_svd8|_F per SVD'd layer (fp64 where fp32 > 1e-4)"
+            "|dense_svd8 - factored_svd8|_F / |dense_svd8|_F per SVD'd layer "
+            "(fp64 where fp32 > 1e-4)"
         ),
         "fp32": diff32,
         "fp64": diff64 or None,

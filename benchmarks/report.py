@@ -317,13 +317,23 @@ def absolute_target(data: dict[str, Any], key: str, want: Any) -> str:
     of a metric, or a count the run's `totals` must equal)."""
     if isinstance(want, str) and want.startswith("<"):
         bound = float(want[1:])
-        meds = []
+        meds: list[float | None] = []
+        tops: list[float | None] = []
         for v in data["arms"].values():
             m = v.get(key)
             meds.append(m["median"] if isinstance(m, dict) else m)
+            tops.append(m.get("max") if isinstance(m, dict) else None)  # None: no spread
         ok = all(m is not None and m < bound for m in meds)
         got = ", ".join(fmt(m) for m in meds if m is not None)
-        return f"{key} {want} (median {got}): {'met' if ok else '**not met**'}"
+        if not ok:
+            verdict = "**not met**"
+        elif any(t is None for t in tops):
+            verdict = "met"
+        elif all(t is not None and t < bound for t in tops):
+            verdict = "met (every round)"
+        else:
+            verdict = "met by the median; the spread straddles it"
+        return f"{key} {want} (median {got}): {verdict}"
     got = data.get("totals", {}).get(key)
     if got is None:
         return f"{key} = {want}: not measured"

@@ -282,8 +282,8 @@ class ServerSettings(BaseModel):
     request whose expected wait is over it gets 503 with Retry-After at once. 0: off
     (only max_pending_requests holds). On 2 CPU cores, 200 clients arriving at once
     (benchmarks/load.py) got an accepted TTFT p99 of 2.07-3.58 s at 1 s (16.6-18.4x the
-    unloaded TTFT, medians of two runs), all of it in the first 10 s while the limit grows
-    from 4; requests sent later waited at most 0.6-1.7 s."""
+    unloaded TTFT, medians of three runs), all of it in the first 10 s while the limit
+    grows from 4; requests sent later waited at most 0.6-1.7 s."""
 
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none (bounded by the context window)."""

@@ -43,6 +43,22 @@ async def pinned(s: Served) -> list[str]:
     return s.engine.pinned
 
 
+async def add_gamma_and_ask_it(s: Served, settings: Settings) -> dict[str, Any]:
+    """Hot-add the expert `gamma`, then ask `dynamic` with it weighted alone: that reply's
+    merge object."""
+    root = settings.admin.allowed_roots[0]
+    write_fake_lora_dir(root / "gamma", examples=GAMMA_PROMPTS)
+    r = await s.http.post(
+        "/admin/experts", headers=AUTH, json={"name": "gamma", "path": str(root / "gamma")}
+    )
+    assert r.status_code == 201, r.text
+    return merge_of(
+        await s.client.chat.completions.create(
+            model="dynamic", messages=SUM, extra_body={"merge_weights": {"gamma": 1.0}}
+        )
+    )
+
+
 def expected_spec(weights: dict[str, float], names: list[str], ranks: list[int]) -> MixtureSpec:
     return MixtureSpec(tuple(ranks), tuple(weights.get(n, 0.0) for n in names))
 
@@ -108,17 +124,7 @@ async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
         )
     )
     await asyncio.sleep(0.3)
-    root = admin_settings.admin.allowed_roots[0]
-    write_fake_lora_dir(root / "gamma", examples=GAMMA_PROMPTS)
-    r = await mixed.http.post(
-        "/admin/experts", headers=AUTH, json={"name": "gamma", "path": str(root / "gamma")}
-    )
-    assert r.status_code == 201, r.text
-    new = merge_of(
-        await mixed.client.chat.completions.create(
-            model="dynamic", messages=SUM, extra_body={"merge_weights": {"gamma": 1.0}}
-        )
-    )
+    new = await add_gamma_and_ask_it(mixed, admin_settings)
     assert new["adapter_id"] != first["adapter_id"]
     assert engine.mixtures_seen[-1].weights == (0.0, 0.0, 1.0)  # alpha, beta, gamma
     # The old bundle is still held by the slow request: pinned beside the new one.
@@ -139,17 +145,7 @@ async def test_a_new_bundles_first_request_does_not_wait_for_its_pin(
     # engine loads it on demand) and the pin follows in the background.
     await mixed.client.chat.completions.create(model="dynamic", messages=SUM)
     mixed.engine.pin_delay_s = 2.0
-    root = admin_settings.admin.allowed_roots[0]
-    write_fake_lora_dir(root / "gamma", examples=GAMMA_PROMPTS)
-    r = await mixed.http.post(
-        "/admin/experts", headers=AUTH, json={"name": "gamma", "path": str(root / "gamma")}
-    )
-    assert r.status_code == 201, r.text
-    new = merge_of(
-        await mixed.client.chat.completions.create(
-            model="dynamic", messages=SUM, extra_body={"merge_weights": {"gamma": 1.0}}
-        )
-    )
+    new = await add_gamma_and_ask_it(mixed, admin_settings)
     bundle = f"dynamic-{new['adapter_id']}"
     assert mixed.engine.loras_seen[-1] == bundle  # served by the new bundle
     assert bundle not in mixed.engine.pinned  # answered while its pin was still running

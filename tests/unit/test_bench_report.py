@@ -132,6 +132,12 @@ def test_absolute_targets_read_each_arms_median_and_the_run_totals() -> None:
     assert report.absolute_target(data, "first_token_s", "< 2").endswith("**not met**")
     assert report.absolute_target(data, "first_routed_s", "< 2").endswith(": met")
     assert report.absolute_target(data, "failed", 0) == "failed = 0 (got 0): met"
+    data["arms"]["hot_add"]["first_token_s"] = {"median": 1.8, "min": 1.6, "max": 2.8}
+    assert report.absolute_target(data, "first_token_s", "< 2").endswith(
+        "met by the median; the spread straddles it"
+    )
+    data["arms"]["hot_add"]["first_token_s"] = {"median": 1.8, "min": 1.6, "max": 1.9}
+    assert report.absolute_target(data, "first_token_s", "< 2").endswith("met (every round)")
     data["totals"] = {"failed": 3}
     assert report.absolute_target(data, "failed", 0).endswith("**not met**")
     assert report.absolute_target(data, "hung", 0).endswith("not measured")
