@@ -42,8 +42,8 @@ class BundlePins:
         self._max_pinned = 3
         self._current: dict[str, MaterializedAdapter] = {}
         """The bundle of each mode's latest state."""
-        self._to_pin: dict[str, MaterializedAdapter] = {}
-        """Bundles that became current and are not pinned yet, by mode."""
+        self._refused: set[str] = set()
+        """Keys of bundles the engine failed to pin (not asked again)."""
         self._engine_pinned: dict[str, MaterializedAdapter] = {}
         """Bundles pinned in the engine now, by key."""
         self._retiring: list[MaterializedAdapter] = []
@@ -74,7 +74,6 @@ class BundlePins:
             self._retiring = [a for a in self._retiring if a.key != adapter.key]
             if cur is not None:
                 self._retiring.append(cur)
-            self._to_pin[mode] = adapter
             self._kick()
         elif self._retiring:
             self._kick()
@@ -83,7 +82,6 @@ class BundlePins:
         """No bundle serves any mode any more: unpin each once no request holds it."""
         self._retiring.extend(self._current.values())
         self._current.clear()
-        self._to_pin.clear()
         self._kick()
         await self.settled()
 
@@ -110,15 +108,16 @@ class BundlePins:
             self._again = False
             async with self._lock:
                 await self._sweep()
-                for mode, adapter in list(self._to_pin.items()):
-                    del self._to_pin[mode]
+                # Every current bundle not pinned yet: a new one, or one that found every
+                # pinnable slot taken by bundles still draining (swept above since).
+                for mode, adapter in list(self._current.items()):
                     if self._current.get(mode) is adapter:  # not superseded meanwhile
                         await self._pin(mode, adapter)
             if not self._again:
                 return
 
     async def _pin(self, mode: str, adapter: MaterializedAdapter) -> None:
-        if adapter.key in self._engine_pinned:
+        if adapter.key in self._engine_pinned or adapter.key in self._refused:
             return
         if self._pin_fn is None or len(self._engine_pinned) >= self._max_pinned:
             return
@@ -126,6 +125,7 @@ class BundlePins:
             await self._pin_fn(adapter.target)
         except Exception as e:  # the engine loads it on demand instead
             log.warning("could not pin %s: %s", adapter.target.name, e)
+            self._refused.add(adapter.key)
             return
         self._engine_pinned[adapter.key] = adapter
         log.info("pinned the %s bundle %s", mode, adapter.target.name)

@@ -145,3 +145,37 @@ async def test_close_stops_a_pending_pin() -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(pins.close(), 1)
     assert engine.pinned == []
+
+
+async def test_a_bundle_kept_out_by_draining_ones_is_pinned_once_they_go() -> None:
+    # One pinnable slot: the new bundle waits for the old one to drain, then takes it.
+    engine, leases = Engine(), Leases()
+    pins = make(engine, leases, max_pinned=1)
+    await pins.serve("exact", bundle("b1"))
+    await pins.settled()
+    leases.held["b1"] = 1
+    await pins.serve("exact", bundle("b2"))
+    await pins.settled()
+    assert engine.pinned == ["b1"]  # b1 still generating: b2 served unpinned
+    leases.held["b1"] = 0
+    await pins.serve("exact", bundle("b2"))
+    await pins.settled()
+    assert engine.pinned == ["b2"]
+
+
+async def test_a_pin_the_engine_refused_is_not_asked_again() -> None:
+    engine, leases = Engine(), Leases()
+    calls = 0
+
+    async def refuse(lora: LoRATarget) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("no slot")
+
+    pins = make(engine, leases)
+    pins.configure(refuse, engine.unpin)
+    await pins.serve("exact", bundle("b1"))
+    await pins.serve("twin", bundle("t1"))  # another change: b1 is not tried again
+    await pins.settled()
+    assert calls == 2  # once each
+    assert pins.pinned == []
