@@ -8,7 +8,7 @@ bundle; the old one is unpinned once no request holds it (its cache lease count 
 Pinning and unpinning run in the background: a request never waits on them. Each is a
 call into the engine that, under load, waits for the engine's current step (vLLM handles
 adapter calls between steps); on 2 CPU cores a hot-added expert's first request waited
-1.2-1.6 s for the pin of the new bundle (add + pin), against ~25 ms unloaded. A request
+1.2-1.8 s for the pin of the new bundle (add + pin), against ~25 ms unloaded. A request
 on a bundle not pinned yet is served as any adapter is: the engine loads it on demand
 (vLLM from its path, within the step that schedules it; a remote server registers it
 first), and the pin then keeps it.

@@ -140,7 +140,7 @@ async def test_hot_add_makes_a_new_bundle_and_unpins_the_old_when_drained(
 async def test_a_new_bundles_first_request_does_not_wait_for_its_pin(
     mixed: Served, admin_settings: Settings
 ) -> None:
-    # Under load a pin waits for the engine's current step (1-1.6 s on 2 cores, with
+    # Under load a pin waits for the engine's current step (1.2-1.8 s on 2 cores, with
     # vLLM): the first request of a hot-added expert goes to its bundle unpinned (the
     # engine loads it on demand) and the pin follows in the background.
     await mixed.client.chat.completions.create(model="dynamic", messages=SUM)
