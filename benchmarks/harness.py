@@ -262,9 +262,14 @@ def _cpu_model() -> str | None:
     return None
 
 
-def _commit() -> str | None:
-    """The checkout's commit, `+dirty` when it has uncommitted changes: what was measured."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATED = ("benchmarks/results", "docs")
+"""What the benchmarks and report.py write: changes there leave the measured code clean."""
+
+
+def _commit(root: str | None = None) -> str | None:
+    """The checkout's commit, `+dirty` when its code has uncommitted changes: what was
+    measured. Results and docs (`GENERATED`) do not count: a benchmark run writes them."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args: str) -> str:
         run = subprocess.run(
@@ -274,7 +279,14 @@ def _commit() -> str | None:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            *(f":(exclude){p}" for p in GENERATED),
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
@@ -304,3 +316,28 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
     }
     facts.update(extra)
     return facts
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """`python benchmarks/harness.py commit [RESULT.json]`: the checkout's commit as the
+    results record it, or the commit a result file was measured on (empty if none);
+    scripts/bench.sh compares the two to resume (`RESUME=1`)."""
+    import json
+
+    p = argparse.ArgumentParser(prog="harness.py", description=_main.__doc__)
+    p.add_argument("what", choices=["commit"])
+    p.add_argument("result", nargs="?", help="a result JSON (default: this checkout)")
+    args = p.parse_args(argv)
+    if args.result is None:
+        print(_commit() or "")
+        return
+    try:
+        with open(args.result) as f:
+            machine = json.load(f).get("machine")
+    except (OSError, ValueError):
+        machine = None
+    print(machine.get("commit") or "" if isinstance(machine, dict) else "")
+
+
+if __name__ == "__main__":
+    _main()

@@ -10,17 +10,27 @@
 #   ~12 min, merge_math ~16 min, hot_add ~3 min, load ~12 min (5 fresh servers), startup
 #   ~45 min; plus ~8 min for the venv and llama.cpp the first time: about 4 h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
+# RESUME=1 continues an interrupted run: a result already measured on this very commit (a
+# clean checkout: benchmarks/harness.py's `commit`, results and docs not counted) is kept,
+# every other one is measured again. A dirty checkout resumes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bench_deps.sh
 out=benchmarks/results
 mkdir -p "$out"
+commit="$(.venv/bin/python benchmarks/harness.py commit)"
 all=(threads peers cpu_lora lora_engine lora_op sparse_mixture serve_throughput remote_fleet
     lora_slots merge_math hot_add load startup)
 declare -A extra=([load]="--rounds 5" [startup]="--rounds 5")
 run() {  # run NAME RESULT [ARGS...]: benchmarks/NAME.py ARGS > results/RESULT.cpu-2core.json
     local name=$1 result=$2
     shift 2
+    local file="$out/$result.cpu-2core.json"
+    if [[ -n "${RESUME:-}" && -f "$file" && -n "$commit" && "$commit" != *+dirty ]] &&
+        [[ "$(.venv/bin/python benchmarks/harness.py commit "$file")" == "$commit" ]]; then
+        echo "bench: $result kept (measured on $commit)" >&2
+        return
+    fi
     .venv/bin/python "benchmarks/$name.py" "$@" > "$out/$result.cpu-2core.json.part"
     mv "$out/$result.cpu-2core.json.part" "$out/$result.cpu-2core.json"
 }

@@ -216,3 +216,89 @@ def test_blend_rescore_scores_the_stored_replies_again(tmp_path: Path) -> None:
     f.write_text(json.dumps({"split": "dev", "n_per_composition": 4}))
     with pytest.raises(SystemExit, match="stores no replies"):
         rescore(f)
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    for f in ("mergeserve/a.py", "benchmarks/results/x.json", "docs/benchmarks.md"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("v1\n")
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    return root
+
+
+def test_the_commit_measured_is_dirty_for_code_changes_not_for_results(tmp_path: Path) -> None:
+    from harness import _commit
+
+    root = _repo(tmp_path)
+    head = _git(root, "rev-parse", "--short", "HEAD")
+    assert _commit(str(root)) == head
+    # a benchmark run writes its results and the report: the code it measured is clean
+    (root / "benchmarks/results/x.json").write_text("v2\n")
+    (root / "docs/benchmarks.md").write_text("v2\n")
+    assert _commit(str(root)) == head
+    (root / "mergeserve/a.py").write_text("v2\n")
+    assert _commit(str(root)) == head + "+dirty"
+
+
+BENCH_STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for .venv/bin/python: the harness's `commit`, the benchmarks, report.py
+if [[ "$1" == benchmarks/harness.py ]]; then
+    if [[ $# -eq 2 ]]; then echo "$FAKE_COMMIT"; else
+        sed -n 's/.*"commit": "\\([^"]*\\)".*/\\1/p' "$3"; fi
+    exit 0
+fi
+echo "$*" >> "$CALLS"
+echo '{"machine": {"commit": "'"$FAKE_COMMIT"'"}}'
+"""
+
+
+@pytest.mark.parametrize("commit", ["abc1234", "abc1234+dirty"])
+def test_bench_sh_resumes_only_what_this_clean_commit_measured(tmp_path: Path, commit: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "clone"
+    (fake / "scripts").mkdir(parents=True)
+    (fake / ".venv/bin").mkdir(parents=True)
+    (fake / "benchmarks/results").mkdir(parents=True)
+    (fake / "scripts/bench.sh").write_text((root / "scripts/bench.sh").read_text())
+    (fake / "scripts/bench_deps.sh").write_text("#!/usr/bin/env bash\n")
+    (fake / ".venv/bin/python").write_text(BENCH_STUB_PYTHON)
+    for f in ("scripts/bench.sh", "scripts/bench_deps.sh", ".venv/bin/python"):
+        (fake / f).chmod(0o755)
+    results = fake / "benchmarks/results"
+    # hot_add was measured on this commit, load on an older one, lora_op never
+    (results / "hot_add.cpu-2core.json").write_text('{"machine": {"commit": "abc1234"}}')
+    (results / "load.cpu-2core.json").write_text('{"machine": {"commit": "0ld0ld0"}}')
+    calls = tmp_path / "calls"
+    env = {"PATH": "/usr/bin:/bin", "FAKE_COMMIT": commit, "CALLS": str(calls), "RESUME": "1"}
+    run = subprocess.run(
+        ["bash", "scripts/bench.sh", "hot_add", "load", "lora_op"],
+        cwd=fake,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    ran = [line.split()[0] for line in calls.read_text().splitlines()]
+    if commit.endswith("+dirty"):  # the code is not what was measured: nothing is kept
+        assert ran == [
+            "benchmarks/hot_add.py",
+            "benchmarks/load.py",
+            "benchmarks/lora_op.py",
+            "benchmarks/report.py",
+        ]
+        assert "kept" not in run.stderr
+    else:
+        assert ran == ["benchmarks/load.py", "benchmarks/lora_op.py", "benchmarks/report.py"]
+        assert "bench: hot_add kept (measured on abc1234)" in run.stderr
+    # every result now records a run; nothing half-written is left
+    assert not list(results.glob("*.part"))
+    assert '"abc1234' in (results / "load.cpu-2core.json").read_text()
