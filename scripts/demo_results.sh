@@ -19,13 +19,15 @@
 # RESUME=1 keeps the replies of earlier runs: they are keyed by each model's content
 # digest (GET /v1/models), so a retrained expert or a new router is asked again.
 # ARMS_B overrides pass B's models (e.g. without dynamic:twin, the slowest arm).
+# REPORT_ONLY=1 serves nothing: docs/results.md again from docs/results/results.{json,md}
+# and docs/results/open_world.md (after scripts/open_world_results.sh, whose table it quotes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-50}"
 PORT="${PORT:-8765}"
 ms=.venv/bin/mergeserve
 out=docs/results
-[[ -n "${RESUME:-}" ]] || rm -f "$out/replies.jsonl"
+[[ -n "${RESUME:-}${REPORT_ONLY:-}" ]] || rm -f "$out/replies.jsonl"
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -43,12 +45,14 @@ evaluate() {  # evaluate MODELS
 
 ARMS_A='base,expert:*,dynamic:exact'
 ARMS_B="${ARMS_B:-base,expert:*,static:*,dynamic:exact,dynamic:twin}"
-serve 16 '[]'
-evaluate "$ARMS_A"
-stop
-serve 64 "$STATIC"
-evaluate "$ARMS_B"
-stop
+if [[ -z "${REPORT_ONLY:-}" ]]; then
+  serve 16 '[]'
+  evaluate "$ARMS_A"
+  stop
+  serve 64 "$STATIC"
+  evaluate "$ARMS_B"
+  stop
+fi
 
 open_traffic_section() {  # every arm on open traffic, from docs/results/open_world.md
   echo "## Every arm on open traffic"

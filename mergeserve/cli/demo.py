@@ -56,6 +56,12 @@ def _train_expert_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train on the task's train-only paraphrases too (never in dev or test)",
     )
+    p.add_argument(
+        "--composed",
+        action="store_true",
+        help="give a third of the training prompts to phrasings composed from parts "
+        "(mergeserve.tasks.composed; train-only, sort_numbers)",
+    )
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +153,7 @@ def _train_expert(args: argparse.Namespace) -> None:
         dev_n=args.dev_n,
         init_from=str(args.init) if args.init else None,
         paraphrases=args.paraphrases,
+        composed=args.composed,
     )
     try:
         card = train_expert(base, args.out, config)

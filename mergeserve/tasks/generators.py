@@ -28,7 +28,11 @@ from mergeserve.tasks.base import (
     make_sort,
     make_to_json,
 )
+from mergeserve.tasks.composed import COMPOSERS
 from mergeserve.tasks.open_world import TWO_SKILL
+
+COMPOSED = -1
+"""The round-robin slot of a composed prompt (`generate(..., composed=True)`)."""
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -185,15 +189,30 @@ def _in_split(split: Split, prompt: str, held_out: bool) -> bool:
     return {"dev": b == 0, "test": b == 1, "train": b >= 2}[split]
 
 
-def _candidates(task: Task, split: Split, seed: int, paraphrases: bool) -> Iterator[Sample]:
+def _candidates(
+    task: Task, split: Split, seed: int, paraphrases: bool, composed: bool = False
+) -> Iterator[Sample]:
     rng = random.Random(f"{task.name}:{split}:{seed}")
     allowed = list(range(len(task.templates))) if split == "test" else list(task.seen_templates)
     if paraphrases:
         allowed += range(len(task.templates), len(task.templates) + len(task.paraphrases))
+    if composed:  # a third of the round robin (COMPOSED marks the slot)
+        allowed += [COMPOSED] * max(1, len(allowed) // 2)
+        compose = COMPOSERS[task.name]
+        taken = _evaluation_phrasings(task)
     i = 0
     while True:
         t = allowed[i % len(allowed)]  # round robin: every template gets its share
         i += 1
+        if t == COMPOSED:
+            while True:  # drawn again while it restates an evaluation phrasing
+                template = compose(rng)
+                if template.casefold() not in taken:
+                    break
+            fields, answer = task.make(rng)
+            slot = len(task.templates) + len(task.paraphrases)
+            yield Sample(task.name, template.format(**fields), answer, slot, False)
+            continue
         held = len(task.seen_templates) <= t < len(task.templates)
         while True:  # redraw the fields until this template's prompt falls in the split
             fields, answer = task.make(rng)
@@ -203,6 +222,14 @@ def _candidates(task: Task, split: Split, seed: int, paraphrases: bool) -> Itera
         yield Sample(task.name, prompt, answer, t, held)
 
 
+def _evaluation_phrasings(task: Task) -> set[str]:
+    """Every template a composition must not restate: the task's own (held-out included)
+    and its probe phrasings, casefolded."""
+    from mergeserve.tasks.phrasings import PHRASINGS  # phrasings imports this module
+
+    return {p.casefold() for p in (*task.templates, *PHRASINGS.get(task.name, ()))}
+
+
 def generate(
     task: Task | str,
     split: Split,
@@ -210,16 +237,25 @@ def generate(
     seed: int | None = None,
     *,
     paraphrases: bool = False,
+    composed: bool = False,
 ) -> list[Sample]:
     """`n` samples of `task` in `split` (seeded by the split unless `seed` is given).
 
     `paraphrases=True` (train split only) adds the task's train-only phrasings to the
-    round robin; without it the split is exactly what it was before they existed.
+    round robin; `composed=True` (train split only, tasks in `composed.COMPOSERS`) gives a
+    third of it to prompts composed from parts. Without them the split is exactly what it
+    was before they existed.
     """
     t = get_task(task) if isinstance(task, str) else task
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     if paraphrases and split != "train":
         raise ValueError(f"paraphrases are train-only; asked for them in the {split!r} split")
-    it = _candidates(t, split, SPLITS[split] if seed is None else seed, paraphrases)
+    if composed and split != "train":
+        raise ValueError(f"composed prompts are train-only; asked for them in the {split!r} split")
+    if composed and t.name not in COMPOSERS:
+        raise ValueError(
+            f"task {t.name!r} has no composer; tasks with one: {', '.join(sorted(COMPOSERS))}"
+        )
+    it = _candidates(t, split, SPLITS[split] if seed is None else seed, paraphrases, composed)
     return [next(it) for _ in range(n)]

@@ -50,6 +50,9 @@ class TrainConfig:
     and wall time are carried into the new card's totals."""
     paraphrases: bool = False
     """Train on the task's train-only paraphrases too (`Task.paraphrases`)."""
+    composed: bool = False
+    """Give a third of the training prompts to phrasings composed from parts
+    (`mergeserve.tasks.composed`; tasks with a composer only)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,6 +147,7 @@ def train_expert(
         config.steps * config.batch_size,
         seed=1000 + config.seed,
         paraphrases=config.paraphrases,
+        composed=config.composed,
     )
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=config.lr)
 

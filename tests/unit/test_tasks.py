@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
@@ -54,6 +55,59 @@ def test_paraphrases_are_train_only(name: str) -> None:
     assert not test_prompts & {s.prompt for s in generate(task, "train", 2000, paraphrases=True)}
     with pytest.raises(ValueError, match="train-only"):
         generate(task, "test", 5, paraphrases=True)
+
+
+def test_composed_prompts_are_train_only_varied_and_never_an_evaluation_phrasing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergeserve.tasks.composed import COMPOSERS
+    from mergeserve.tasks.generators import COMPOSED
+    from mergeserve.tasks.phrasings import PHRASINGS
+
+    task = TASKS["sort_numbers"]
+    plain = generate(task, "train", 300, paraphrases=True)
+    mixed = generate(task, "train", 3000, paraphrases=True, composed=True)
+    assert mixed == generate(task, "train", 3000, paraphrases=True, composed=True)
+    slot = len(task.templates) + len(task.paraphrases)
+    composed = [s for s in mixed if s.template == slot]
+    # a third of the round robin, the rest exactly the templates and paraphrases as before
+    assert len(composed) / len(mixed) == pytest.approx(1 / 3, abs=0.02)
+    assert {s.template for s in mixed} - {slot} == {s.template for s in plain}
+    assert not any(s.held_out for s in mixed)
+    # varied: nearly every composed prompt is worded differently (numbers stripped)
+    wording = {re.sub(r"\d+", "#", s.prompt) for s in composed}
+    assert len(wording) > 0.8 * len(composed)
+    for s in composed:  # answers follow the spec whatever the wording
+        nums = [int(x) for x in s.answer.split(" ")]
+        assert nums == sorted(int(x) for x in re.findall(r"\d+", s.prompt))
+    # never an evaluation phrasing: no template (held-out included) or probe, filled in
+    evaluation = {t.casefold() for t in (*task.templates, *PHRASINGS[task.name])}
+    rng = random.Random(0)
+    drawn = {COMPOSERS[task.name](rng).casefold() for _ in range(20000)}
+    assert len(drawn) > 5000
+    assert all("{c}" in t or "{s}" in t for t in drawn)
+    forbidden = {"list", "biggest"}  # the held-out template's words stay unseen
+    assert not any(forbidden & set(re.findall(r"[a-z]+", t)) for t in drawn)
+    # the raw composer does restate some (the first template, a probe or two), and
+    # generate draws those again: a composer that restates the held-out template or a
+    # probe half of the time never gets one through
+    assert drawn & evaluation
+    restated = (task.templates[-1], PHRASINGS[task.name][0], PHRASINGS[task.name][-1])
+    fresh = "Sort me {c}"
+
+    def rigged(r: random.Random) -> str:
+        return r.choice(restated) if r.random() < 0.5 else fresh
+
+    monkeypatch.setitem(COMPOSERS, task.name, rigged)
+    got = generate(task, "train", 600, paraphrases=True, composed=True)
+    rigged_prompts = [s.prompt for s in got if s.template == slot]
+    assert len(rigged_prompts) == 27 * 7  # 27 whole rounds of 22 slots: 5 + 10 + 7 composed
+    assert all(p.startswith("Sort me ") for p in rigged_prompts)
+    assert COMPOSED not in {s.template for s in mixed}  # the slot is a real index
+    with pytest.raises(ValueError, match="train-only"):
+        generate(task, "dev", 5, composed=True)
+    with pytest.raises(ValueError, match="no composer"):
+        generate("capital", "train", 5, composed=True)
 
 
 def test_splits_are_deterministic_and_seeded() -> None:
