@@ -11,7 +11,7 @@ sees and none is seen often enough to be learned as a sentence.
 Composed prompts are train-only (`generate(..., composed=True)` with the train split), like
 paraphrases. They never restate an evaluation phrasing: a composition equal to a template,
 a held-out template or a probe phrasing (`mergeserve.tasks.phrasings`), compared
-case-insensitively after the fields are filled, is drawn again. The parts were written
+case-insensitively as templates (before the numbers go in), is drawn again. The parts were written
 without the words of the task's held-out template ("list", "biggest"), so that template
 still measures wording the expert never saw.
 """

@@ -30,6 +30,7 @@ from mergeserve.tasks.base import (
 )
 from mergeserve.tasks.composed import COMPOSERS
 from mergeserve.tasks.open_world import TWO_SKILL
+from mergeserve.tasks.probe_texts import PROBE_PHRASINGS
 
 COMPOSED = -1
 """The round-robin slot of a composed prompt (`generate(..., composed=True)`)."""
@@ -225,9 +226,7 @@ def _candidates(
 def _evaluation_phrasings(task: Task) -> set[str]:
     """Every template a composition must not restate: the task's own (held-out included)
     and its probe phrasings, casefolded."""
-    from mergeserve.tasks.phrasings import PHRASINGS  # phrasings imports this module
-
-    return {p.casefold() for p in (*task.templates, *PHRASINGS.get(task.name, ()))}
+    return {p.casefold() for p in (*task.templates, *PROBE_PHRASINGS.get(task.name, ()))}
 
 
 def generate(
