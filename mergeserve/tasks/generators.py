@@ -201,6 +201,7 @@ def _candidates(
         allowed += [COMPOSED] * max(1, len(allowed) // 2)
         compose = COMPOSERS[task.name]
         taken = _evaluation_phrasings(task)
+        slot = len(task.templates) + len(task.paraphrases)  # Sample.template of a composed one
     i = 0
     while True:
         t = allowed[i % len(allowed)]  # round robin: every template gets its share
@@ -211,7 +212,6 @@ def _candidates(
                 if template.casefold() not in taken:
                     break
             fields, answer = task.make(rng)
-            slot = len(task.templates) + len(task.paraphrases)
             yield Sample(task.name, template.format(**fields), answer, slot, False)
             continue
         held = len(task.seen_templates) <= t < len(task.templates)
