@@ -262,14 +262,18 @@ def _cpu_model() -> str | None:
     return None
 
 
-GENERATED = ("benchmarks/results", "docs")
-"""What the benchmarks and report.py write: changes there leave the measured code clean."""
+NOT_MEASURED = ("benchmarks/results", "docs", "tests", "README.md")
+"""Paths that change no figure: what the benchmarks and report.py write (results, docs),
+the tests and the README. A commit touching only these leaves the measured code as it was."""
 
 
 def _commit(root: str | None = None) -> str | None:
-    """The checkout's commit, `+dirty` when its code has uncommitted changes: what was
-    measured. Results and docs (`GENERATED`) do not count: a benchmark run writes them."""
+    """The code a benchmark measured: the last commit that changed anything outside
+    `NOT_MEASURED` (so committing results, docs or tests keeps a result current, and
+    `RESUME=1 scripts/bench.sh` keeps it), `+dirty` when that code has uncommitted
+    changes. Falls back to HEAD where git cannot tell (a shallow clone)."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outside = (".", *(f":(exclude){p}" for p in NOT_MEASURED))
 
     def git(*args: str) -> str:
         run = subprocess.run(
@@ -279,17 +283,27 @@ def _commit(root: str | None = None) -> str | None:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git(
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-            "--",
-            ".",
-            *(f":(exclude){p}" for p in GENERATED),
+        code = git("log", "-1", "--format=%h", "HEAD", "--", *outside) or head
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *outside)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return code + ("+dirty" if dirty else "")
+
+
+def _head(root: str | None = None) -> str | None:
+    """The checkout's HEAD (the commit the result file itself was written at)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return head + ("+dirty" if dirty else "")
+    return run.stdout.strip()
 
 
 def machine_facts(**extra: Any) -> dict[str, Any]:
@@ -299,6 +313,7 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
         "commit": _commit(),
+        "head": _head(),
         "processor": platform.processor() or platform.machine(),
         "platform": platform.platform(),
         "python": platform.python_version(),

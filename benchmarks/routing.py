@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import command_line, machine_facts
 
 from mergeserve.router.arrow import ArrowRouter
 from mergeserve.router.base import Router, experts_examples, route
@@ -41,6 +41,7 @@ from mergeserve.tasks.base import Sample
 from mergeserve.tasks.generators import generate
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EXPERTS = ROOT / "examples/experts"
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -132,7 +133,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--experts-dir", type=Path, default=ROOT / "examples/experts")
+    ap.add_argument("--experts-dir", type=Path, default=DEFAULT_EXPERTS)
     ap.add_argument("--split", default="test", choices=["dev", "test"])
     ap.add_argument("--n", type=int, default=100, help="prompts per task")
     ap.add_argument("--threads", type=int, default=2)
@@ -183,7 +184,7 @@ def main() -> None:
             if r_name == "mlp":
                 row["train_s"] = round(train_s, 2)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "confusion"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "confusion"}), file=sys.stderr)
         if args.loo and emb_name == "minilm-int8":  # the default embedder
             loo = leave_one_out(embedder, examples, samples)
     if not args.no_arrow:
@@ -193,7 +194,7 @@ def main() -> None:
         row.update(accuracy(arrow, samples))
         row.update(latency(arrow, policy, lat_prompts[: max(20, args.latency_n // 4)], args.batch))
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "confusion"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "confusion"}), file=sys.stderr)
 
     best = max(rows, key=lambda r: (r["top1"], -r["single_p50_ms"]))
     result = {
@@ -202,18 +203,21 @@ def main() -> None:
         "n_per_task": args.n,
         "experts": experts,
         "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "torch": torch.__version__,
+        "machine": machine_facts(threads=args.threads),
+        "command": command_line(
+            "routing.py",
+            args,
+            skip=("out", *(["experts_dir"] if args.experts_dir == DEFAULT_EXPERTS else [])),
+        ),
         "rows": rows,
         "best": {k: best[k] for k in ("router", "embedder", "top1", "single_p50_ms")},
         "leave_one_out": loo,
     }
     result["table"] = markdown(rows)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@
 #   eager, compiled), serve_throughput ~28 min (twice: all arms ~19 min, the one-task arms
 #   over 24 rounds ~9 min), remote_fleet ~26 min (twice: eager, compiled), lora_slots
 #   ~12 min, merge_math ~16 min, hot_add ~3 min, load ~12 min (5 fresh servers), startup
-#   ~45 min; plus ~8 min for the venv and llama.cpp the first time: about 4 h in all.
+#   ~45 min, routing (accuracy and latency of every router) ~3 min; plus ~8 min for the
+#   venv and llama.cpp the first time: about 4 h in all.
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
-# RESUME=1 continues an interrupted run: a result already measured on this very commit (a
-# clean checkout: benchmarks/harness.py's `commit`, results and docs not counted) is kept,
-# every other one is measured again. A dirty checkout resumes nothing.
+# RESUME=1 continues an interrupted run, in this clone or a later one: a result measured on
+# this very code is kept (benchmarks/harness.py's `commit`: the last commit that changed
+# code, so committing results, docs, tests or the README keeps results current), every
+# other one is measured again. A checkout with uncommitted code changes resumes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bench_deps.sh
@@ -20,8 +22,8 @@ out=benchmarks/results
 mkdir -p "$out"
 commit="$(.venv/bin/python benchmarks/harness.py commit)"
 all=(threads peers cpu_lora lora_engine lora_op sparse_mixture serve_throughput remote_fleet
-    lora_slots merge_math hot_add load startup)
-declare -A extra=([load]="--rounds 5" [startup]="--rounds 5")
+    lora_slots merge_math hot_add load startup routing)
+declare -A extra=([load]="--rounds 5" [startup]="--rounds 5" [routing]="--threads 2 --loo")
 run() {  # run NAME RESULT [ARGS...]: benchmarks/NAME.py ARGS > results/RESULT.cpu-2core.json
     local name=$1 result=$2
     shift 2

@@ -139,22 +139,25 @@ def _train_expert(args: argparse.Namespace) -> None:
     from mergeserve.runtime.base_model import resolve_base_model
     from mergeserve.tasks.training import TrainConfig, train_expert
 
+    try:  # bad flags are refused before the base model is loaded
+        config = TrainConfig(
+            task=args.task,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            rank=args.rank,
+            alpha=args.alpha,
+            targets=tuple(args.targets.split(",")) if args.targets else LLAMA_PROJECTIONS,
+            seed=args.seed,
+            threads=args.threads,
+            dev_n=args.dev_n,
+            init_from=str(args.init) if args.init else None,
+            paraphrases=args.paraphrases,
+            composed=args.composed,
+        )
+    except ValueError as e:
+        raise MergeserveError(str(e)) from e
     base = resolve_base_model(args.base, Settings().cache)
-    config = TrainConfig(
-        task=args.task,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=tuple(args.targets.split(",")) if args.targets else LLAMA_PROJECTIONS,
-        seed=args.seed,
-        threads=args.threads,
-        dev_n=args.dev_n,
-        init_from=str(args.init) if args.init else None,
-        paraphrases=args.paraphrases,
-        composed=args.composed,
-    )
     try:
         card = train_expert(base, args.out, config)
     except (ValueError, FileExistsError) as e:

@@ -135,6 +135,7 @@ class MLPRouter:
         new.trained = self.trained - {name}
         return new
 
+    @torch.inference_mode()
     def logits(self, texts: Sequence[str]) -> Tensor:
         return self._logits(self.embedder.embed(texts))
 

@@ -26,6 +26,7 @@ from mergeserve.adapters.calibration import Example, answer_logits, chat_head, e
 from mergeserve.adapters.peft_io import model_name
 from mergeserve.config import LLAMA_PROJECTIONS
 from mergeserve.tasks.base import Sample, Task, score
+from mergeserve.tasks.composed import COMPOSERS
 from mergeserve.tasks.generators import generate, get_task
 
 
@@ -54,6 +55,15 @@ class TrainConfig:
     """Give a third of the training prompts to phrasings composed from parts
     (`mergeserve.tasks.composed`; tasks with a composer only)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse what training would refuse, before a base model is loaded."""
+        get_task(self.task)  # ValueError: an unknown task, naming the known ones
+        if self.composed and self.task not in COMPOSERS:
+            raise ValueError(
+                f"task {self.task!r} has no composer (--composed); tasks with one: "
+                f"{', '.join(sorted(COMPOSERS))}"
+            )
 
 
 def _batch(

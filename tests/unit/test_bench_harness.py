@@ -163,7 +163,12 @@ def test_machine_facts_name_the_commit_measured_and_the_cpu() -> None:
             text=True,
             check=True,
         ).stdout.strip()
-        assert facts["commit"].removesuffix("+dirty") == head
+        assert facts["head"] == head
+        # the code measured: HEAD or an ancestor of it (the last commit changing code)
+        code = facts["commit"].removesuffix("+dirty")
+        subprocess.run(
+            ["git", "-C", str(root), "merge-base", "--is-ancestor", code, head], check=True
+        )
     assert facts["threads"] == 2
     assert facts["cpus"] >= 1
     cpuinfo = Path("/proc/cpuinfo")
@@ -230,9 +235,14 @@ def _repo(tmp_path: Path) -> Path:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text("v1\n")
     _git(root, "init", "-q")
-    _git(root, "add", ".")
-    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    _commit_all(root, "one")
     return root
+
+
+def _commit_all(root: Path, message: str) -> str:
+    _git(root, "add", ".")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message)
+    return _git(root, "rev-parse", "--short", "HEAD")
 
 
 def test_the_commit_measured_is_dirty_for_code_changes_not_for_results(tmp_path: Path) -> None:
@@ -247,6 +257,31 @@ def test_the_commit_measured_is_dirty_for_code_changes_not_for_results(tmp_path:
     assert _commit(str(root)) == head
     (root / "mergeserve/a.py").write_text("v2\n")
     assert _commit(str(root)) == head + "+dirty"
+
+
+def test_the_commit_measured_is_the_last_one_that_changed_code(tmp_path: Path) -> None:
+    from harness import _commit, _head
+
+    root = _repo(tmp_path)
+    code = _git(root, "rev-parse", "--short", "HEAD")
+    # committing results, the report, tests or the README changes no figure
+    (root / "benchmarks/results/x.json").write_text("v2\n")
+    (root / "docs/benchmarks.md").write_text("v2\n")
+    (root / "tests").mkdir()
+    (root / "tests/test_a.py").write_text("v1\n")
+    (root / "README.md").write_text("v1\n")
+    later = _commit_all(root, "results")
+    assert later != code
+    assert _head(str(root)) == later
+    assert _commit(str(root)) == code
+    # a commit that changes code is what later results measure
+    (root / "mergeserve/a.py").write_text("v2\n")
+    newer = _commit_all(root, "code")
+    assert _commit(str(root)) == newer
+    (root / "scripts").mkdir()
+    (root / "scripts/bench.sh").write_text("v1\n")  # scripts are code too
+    newest = _commit_all(root, "script")
+    assert _commit(str(root)) == newest
 
 
 BENCH_STUB_PYTHON = """#!/usr/bin/env bash

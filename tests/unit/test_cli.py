@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,23 @@ def test_top_level_help_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "statically merge LoRA experts" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "loaded:"
+
+
+def test_train_expert_refuses_composed_for_a_task_without_a_composer_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mergeserve.runtime.base_model as base_model
+    from mergeserve.cli import main
+
+    def loaded(*args: object) -> None:
+        raise AssertionError("the base model was resolved before the flags were checked")
+
+    monkeypatch.setattr(base_model, "resolve_base_model", loaded)
+    out = tmp_path / "expert"
+    with pytest.raises(SystemExit) as e:
+        main(["train-expert", "--task", "capital", "--composed", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "task 'capital' has no composer (--composed)" in err
+    assert "sort_numbers" in err
+    assert not out.exists()

@@ -271,7 +271,9 @@ def test_with_expert_on_an_mlp_routes_the_new_expert_by_prototypes(
 
 
 @needs_demo
-def test_mlp_router_trains_saves_loads(minilm: Memo, tmp_path: Path) -> None:
+def test_mlp_router_trains_saves_loads(
+    minilm: Memo, sentence: SentenceEmbedder, tmp_path: Path
+) -> None:
     config = MLPTrainConfig(epochs=60, seed=0)
     router = train_mlp_router(minilm, DEMO, config)
     assert accuracy(router, list(DEMO)) >= 0.98
@@ -282,6 +284,10 @@ def test_mlp_router_trains_saves_loads(minilm: Memo, tmp_path: Path) -> None:
     loaded = MLPRouter.load(tmp_path / "r", minilm)
     prompts = [s.prompt for s in generate(next(iter(DEMO)), "test", 8)]
     assert torch.allclose(loaded.logits(prompts), router.logits(prompts), atol=1e-5)
+    # on the embedder itself, whose vectors are inference tensors (benchmarks/routing.py
+    # calls logits() outside any inference_mode: it used to fail in autograd)
+    raw = MLPRouter.load(tmp_path / "r", sentence)
+    assert torch.allclose(raw.logits(prompts), router.logits(prompts), atol=1e-4)
     # Another embedder's vectors mean nothing to it.
     with pytest.raises(ConfigurationError, match="trained on embedder 'minilm'"):
         MLPRouter.load(tmp_path / "r", SentenceEmbedder(quantize=True))
