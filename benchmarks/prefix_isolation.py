@@ -45,6 +45,7 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -197,7 +198,7 @@ async def bench(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any
                 )
             del res["replies"]
             rounds[f"{arm}/{server}"].append(res)
-            print(f"round {r} {arm}/{server}: {res}", flush=True)
+            print(f"round {r} {arm}/{server}: {res}", file=sys.stderr, flush=True)
 
     def summary(v: list[dict[str, Any]], key: str) -> dict[str, float | None]:
         xs = [x[key] for x in v if x.get(key) is not None]

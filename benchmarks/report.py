@@ -123,10 +123,7 @@ DESCRIPTIONS: dict[str, str] = {
         "split its cores (and their batches), so these ratios show what balancing costs "
         "here, not what a second machine adds. The main file runs both sides eagerly (the "
         "`make-serve` profile); `deployed` compiles both (what the deploy files run: the "
-        "plugin compiles the model in a vLLM server unless told not to). The `shared-cores` "
-        "file is the first run (the script at the commit its JSON names), with both servers "
-        "bound to every core and 8 slots, which held the materializing arm back (0.78x what "
-        "16 slots gave it, measured later): read only its two-endpoint row."
+        "plugin compiles the model in a vLLM server unless told not to)."
     ),
     "merge_math": (
         "What building one request's merge costs (`benchmarks/merge_math.py`): shared + "
@@ -165,7 +162,7 @@ DESCRIPTIONS: dict[str, str] = {
         "demo experts, default settings) to `/health`, to the first answered chat on `base` "
         "and on `dynamic`, and to every static arm built; `first` on empty caches (a new "
         "machine), `second` on the same caches (a restart); compiled and eager alternate "
-        "in order by round."
+        "in order by round. `make bench` runs `python benchmarks/startup.py --rounds 5`."
     ),
     "threads": (
         "The engine's threads (`benchmarks/threads.py`): `make serve`'s default against "
@@ -288,19 +285,25 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
         ]
     m = data.get("machine", {})
     if m:
-        v = m.get("versions", {})
-        lines += [
-            "",
-            f"Machine: {m.get('cpus')} CPUs ({m.get('processor')}), "
-            + ", ".join(f"{k} {x}" for k, x in v.items())
-            + f"; wall {data.get('wall_s', '?')} s.",
-        ]
+        lines += ["", machine_line(m, data.get("wall_s"))]
     if data.get("command"):
         lines += ["", f"Command: `{data['command']}`"]
     png = plot(stem, data, plots)
     if png is not None:
         lines += ["", f"![{stem}]({png.relative_to(page.parent).as_posix()})"]
     return [*lines, ""]
+
+
+def machine_line(m: dict[str, Any], wall_s: object = None) -> str:
+    """The section's machine: CPUs and model, the code measured (`machine.commit`: the
+    last commit that changed code), the versions, the wall time."""
+    cpu = f"{m.get('cpus')} CPUs ({m.get('cpu_model') or m.get('processor')})"
+    facts = [cpu]
+    if m.get("commit"):
+        facts.append(f"code {m['commit']}")
+    versions = ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items())
+    wall = f"; wall {wall_s} s" if wall_s is not None else ""
+    return f"Machine: {', '.join(facts)}; {versions}{wall}."
 
 
 OURS = ("mergeserve", "plugin", "dynamic", "default", "hot_add")
@@ -357,6 +360,8 @@ def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
             + f" — {'met in every round' if met else '**not met in every round**'} "
             f"({data['rounds_n']} rounds, each on a fresh server).",
         ]
+    if data.get("machine"):
+        lines += ["", machine_line(data["machine"], data.get("wall_s"))]
     if data.get("command"):
         lines += ["", f"Command: `{data['command']}`"]
     return [*lines, ""]
@@ -390,6 +395,10 @@ def startup_section(stem: str, data: dict[str, Any]) -> list[str]:
             )
             + ".",
         ]
+    if data.get("machine"):
+        lines += ["", machine_line(data["machine"], data.get("wall_s"))]
+    if data.get("command"):
+        lines += ["", f"Command: `{data['command']}`"]
     return [*lines, ""]
 
 
@@ -441,16 +450,21 @@ def main() -> None:
         elif f.name.startswith(QUALITY):
             quality.append(f.name)
         else:
-            older.append(f.name)
+            machine = data.get("machine")
+            older.append(
+                f"- `benchmarks/results/{f.name}`"
+                + (f" ({machine_line(machine)})" if isinstance(machine, dict) else "")
+            )
     if older:
         lines += [
-            "## Timings not yet re-run on the harness",
+            "## Timings not on the harness",
             "",
-            "These files were made before the harness (two rounds, rotating order, or a lazy",
-            "arm as the headline); their figures stand as the README words them until they",
-            "are re-run:",
+            "These files come from a benchmark that does not run on the harness (one rotating",
+            "order, no warm-up round: `benchmarks/prefix_isolation.py` compares the servers of",
+            "two commits and is not part of `make bench`) or from an older script; the README",
+            "words their figures:",
             "",
-            *[f"- `benchmarks/results/{n}`" for n in older],
+            *older,
             "",
         ]
     if quality:

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Regenerate the benchmark results on the harness (benchmarks/harness.py) and
 # docs/benchmarks.md. Outside CI: each benchmark owns the machine while it runs (2 cores:
-# run nothing else). Durations on the 2-core machine, first start compiled, every one from a
-# fresh clone (of cd5c859, 79da0be or 5be7775):
-#   threads ~13 min, peers ~23 min, cpu_lora ~23 min, lora_engine ~13 min (twice: the
+# run nothing else). Durations on the 2-core AMD EPYC of the last full run (code d5ac5d1,
+# bench.sh's log timestamps; first start compiled):
+#   threads ~10 min, peers ~26 min, cpu_lora ~18 min, lora_engine ~10 min (twice: the
 #   projections, vLLM's default targets), lora_op ~1 min, sparse_mixture ~8 min (twice:
-#   eager, compiled), serve_throughput ~28 min (twice: all arms ~19 min, the one-task arms
-#   over 24 rounds ~9 min), remote_fleet ~26 min (twice: eager, compiled), lora_slots
-#   ~12 min, merge_math ~16 min, hot_add ~3 min, load ~12 min (5 fresh servers), startup
-#   ~45 min, routing (accuracy and latency of every router) ~3 min; plus ~8 min for the
-#   venv and llama.cpp the first time: about 4 h in all.
+#   eager, compiled), serve_throughput ~28 min (twice: all arms, then the one-task
+#   arms over 24 rounds), remote_fleet ~23 min (twice: eager, compiled), lora_slots
+#   ~12 min, merge_math ~15 min, hot_add ~3 min, load ~10 min (5 fresh servers), startup
+#   ~31 min, routing (accuracy and latency of every router) ~3 min: about 3 h 20 min, plus
+#   the venv and llama.cpp's build the first time (scripts/bench_deps.sh).
 # Usage: scripts/bench.sh [name ...]   (default: all, in this order)
 # RESUME=1 continues an interrupted run, in this clone or a later one: a result measured on
 # this very code is kept (benchmarks/harness.py's `commit`: the last commit that changed

@@ -94,10 +94,45 @@ def test_report_places_harness_fresh_round_quality_and_older_files(
     assert "Command: `python benchmarks/load.py --rounds 5`" in page
     quality, older = (
         page.split("## Accuracy and behaviour results")[1],
-        page.split("## Timings not yet")[1],
+        page.split("## Timings not on the harness")[1],
     )
     assert "routing.cpu-2core.json" in quality
     assert "mystery.cpu-2core.json" in older.split("## Accuracy")[0]
+
+
+def test_every_kind_of_section_names_the_cpu_and_the_code_it_measured(tmp_path: Path) -> None:
+    """Results from two machines (and two codes) can sit on one page: each section says
+    which, whichever renderer makes it."""
+    machine = {
+        "cpus": 2,
+        "cpu_model": "AMD EPYC",
+        "commit": "d5ac5d1",
+        "processor": "x86_64",
+        "versions": {"torch": "2.13.0+cpu"},
+    }
+    want = "Machine: 2 CPUs (AMD EPYC), code d5ac5d1; torch 2.13.0+cpu; wall 12.5 s."
+    harness = {**harness_file("tokens_per_s", [1.0] * 5, [1.0] * 5), "machine": machine}
+    harness["wall_s"] = 12.5
+    fresh = {
+        "benchmark": "load",
+        "rounds_n": 5,
+        "summary": {"failed": {"median": 0.0, "min": 0.0, "max": 0.0}},
+        "machine": machine,
+        "wall_s": 12.5,
+    }
+    startup = {
+        "figures": {"eager.first": {"first_chat_s": {"median": 85, "min": 82, "max": 93}}},
+        "starts": [{"round": 0}],
+        "machine": machine,
+        "wall_s": 12.5,
+    }
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    assert want in report.section("serve_throughput", harness, plots, tmp_path / "b.md")
+    assert want in report.fresh_rounds_section("load", fresh)
+    assert want in report.startup_section("startup", startup)
+    older = {**machine, "cpu_model": None, "commit": None}
+    assert report.machine_line(older) == "Machine: 2 CPUs (x86_64); torch 2.13.0+cpu."
 
 
 def test_ours_is_mergeserve_rows_and_arms_only() -> None:
@@ -242,11 +277,26 @@ def test_stdout_print_check_tells_json_from_progress() -> None:
     assert stdout_prints('x = 1\nprint(f"idle CPU: {x}", flush=True)') == [2]
 
 
-@pytest.mark.parametrize("name", bench_sh_benchmarks())
+def stdout_result_benchmarks() -> list[str]:
+    """Every benchmark whose result file is its stdout: bench.sh's, and any other that
+    prints its JSON there with no `--out` to write it elsewhere (prefix_isolation.py)."""
+    names = set(bench_sh_benchmarks())
+    for f in (Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"):
+        src = f.read_text()
+        if "print(json.dumps(" in src and '"--out"' not in src:
+            names.add(f.stem)
+    return sorted(names)
+
+
+def test_every_benchmark_of_bench_sh_and_the_isolation_one_prints_its_result() -> None:
+    assert {"prefix_isolation", "serve_throughput", "routing"} <= set(stdout_result_benchmarks())
+
+
+@pytest.mark.parametrize("name", stdout_result_benchmarks())
 def test_bench_sh_benchmarks_print_nothing_but_their_json(name: str) -> None:
-    """bench.sh writes each benchmark's stdout to its result file: a progress line on
+    """A benchmark's stdout is its result file (bench.sh, or `> FILE`): a progress line on
     stdout makes the file unreadable and report.py (and `make bench`) fail — threads.py
-    printed its idle-CPU line there."""
+    printed its idle-CPU line there, prefix_isolation.py its rounds."""
     src = (Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py").read_text()
     assert stdout_prints(src) == [], f"{name}.py prints to stdout at these lines"
 
