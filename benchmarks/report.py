@@ -283,11 +283,7 @@ def section(stem: str, data: dict[str, Any], plots: Path, page: Path) -> list[st
             f"measured round is within {abs(worst[1] - 1):.0%} of each arm's median "
             f"(largest: `{worst[0]}` at {worst[1]}×).{drift}",
         ]
-    m = data.get("machine", {})
-    if m:
-        lines += ["", machine_line(m, data.get("wall_s"))]
-    if data.get("command"):
-        lines += ["", f"Command: `{data['command']}`"]
+    lines += footer(data)
     png = plot(stem, data, plots)
     if png is not None:
         lines += ["", f"![{stem}]({png.relative_to(page.parent).as_posix()})"]
@@ -304,6 +300,16 @@ def machine_line(m: dict[str, Any], wall_s: object = None) -> str:
     versions = ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items())
     wall = f"; wall {wall_s} s" if wall_s is not None else ""
     return f"Machine: {', '.join(facts)}; {versions}{wall}."
+
+
+def footer(data: dict[str, Any]) -> list[str]:
+    """Every section's last lines: the machine and code it measured, and its command."""
+    lines: list[str] = []
+    if isinstance(data.get("machine"), dict):
+        lines += ["", machine_line(data["machine"], data.get("wall_s"))]
+    if data.get("command"):
+        lines += ["", f"Command: `{data['command']}`"]
+    return lines
 
 
 OURS = ("mergeserve", "plugin", "dynamic", "default", "hot_add")
@@ -360,11 +366,7 @@ def fresh_rounds_section(stem: str, data: dict[str, Any]) -> list[str]:
             + f" — {'met in every round' if met else '**not met in every round**'} "
             f"({data['rounds_n']} rounds, each on a fresh server).",
         ]
-    if data.get("machine"):
-        lines += ["", machine_line(data["machine"], data.get("wall_s"))]
-    if data.get("command"):
-        lines += ["", f"Command: `{data['command']}`"]
-    return [*lines, ""]
+    return [*lines, *footer(data), ""]
 
 
 def startup_section(stem: str, data: dict[str, Any]) -> list[str]:
@@ -395,11 +397,7 @@ def startup_section(stem: str, data: dict[str, Any]) -> list[str]:
             )
             + ".",
         ]
-    if data.get("machine"):
-        lines += ["", machine_line(data["machine"], data.get("wall_s"))]
-    if data.get("command"):
-        lines += ["", f"Command: `{data['command']}`"]
-    return [*lines, ""]
+    return [*lines, *footer(data), ""]
 
 
 def plot(stem: str, data: dict[str, Any], plots: Path) -> Path | None:
